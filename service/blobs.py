@@ -1,0 +1,65 @@
+"""The blob store: uploaded files and training outputs, by key, in a local folder.
+
+Keys are built by the services from generated ids only; `_path` still refuses anything
+that would leave the root, so no user input can name a path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK_BYTES = 1024 * 1024
+
+
+class BlobTooLarge(Exception):
+    pass
+
+
+class LocalBlobStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ValueError(f"blob key {key!r} escapes the store")
+        return path
+
+    def local_path(self, key: str) -> Path:
+        """A path the trainer can read; for a remote store this would be a cached copy."""
+        return self._path(key)
+
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], max_bytes: int) -> int:
+        """Write chunks to `key` atomically; refuse (and keep nothing) past `max_bytes`."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        written = 0
+        try:
+            with open(partial, "wb") as out:
+                async for chunk in chunks:
+                    written += len(chunk)
+                    if written > max_bytes:
+                        raise BlobTooLarge(f"larger than {max_bytes} bytes")
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return written
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self._path(key), "rb")
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

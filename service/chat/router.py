@@ -1,0 +1,55 @@
+"""/v1/chat/completions and /v1/completions: authorise the model, then let serving answer.
+
+The request body is passed through as JSON: vLLM's own protocol models validate it, so
+every field vLLM honours works and its errors come back in OpenAI's envelope.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.deps import GatewayDep, ModelsDep, TenantDep
+from service.errors import InvalidRequest
+
+router = APIRouter(prefix="/v1", tags=["inference"])
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidRequest("you must provide a model parameter", param="model")
+    return body
+
+
+async def _answer(
+    kind: str, request: Request, tenant: Any, models: Any, gateway: Any
+) -> JSONResponse | StreamingResponse:
+    body = await _json_body(request)
+    target = models.inference_target(tenant, body["model"])
+    head, rest = await gateway.respond(kind, target, body)
+    if head["stream"]:
+        return StreamingResponse(rest, media_type="text/event-stream")
+    return JSONResponse(head["body"], status_code=head["status"])
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    request: Request, tenant: TenantDep, models: ModelsDep, gateway: GatewayDep
+) -> JSONResponse | StreamingResponse:
+    return await _answer("chat", request, tenant, models, gateway)
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    request: Request, tenant: TenantDep, models: ModelsDep, gateway: GatewayDep
+) -> JSONResponse | StreamingResponse:
+    return await _answer("completion", request, tenant, models, gateway)

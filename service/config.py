@@ -1,0 +1,98 @@
+"""All settings in one object, read from `FTAAS_*` variables and validated at start-up."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.tiny_model import TINY_MODEL_ID, TINY_MODEL_LEARNING_RATE, TINY_MODEL_MAX_LENGTH
+
+
+class BaseModelConfig(BaseModel):
+    """One base model that can be tuned and served."""
+
+    id: str = Field(description="the name clients use, e.g. `llama-3.2-1b-instruct`")
+    path: str = Field(description="local directory or Hugging Face id of the weights")
+    max_length: int = Field(default=2048, description="tokens per training example and context")
+    learning_rate: float = Field(
+        default=2e-4, description="recommended LoRA learning rate (multiplier 1.0)"
+    )
+    max_lora_rank: int = Field(default=64, description="largest adapter rank the engine accepts")
+    max_loras: int = Field(default=8, description="adapters held at once by one engine")
+    dtype: str = Field(default="auto", description="engine dtype: auto, float32, bfloat16...")
+    chat_template: str | None = Field(
+        default=None, description="Jinja template overriding the tokenizer's own"
+    )
+    num_replicas: int = Field(default=1, description="serving replicas of this base model")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FTAAS_", extra="ignore")
+
+    home: Path = Field(default=Path(".ftaas"), description="where all local state lives")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, validation_alias=AliasChoices("FTAAS_PORT", "PORT"))
+    api_keys: str | None = Field(
+        default=None,
+        description="comma-separated `key:organization` pairs; unset accepts any key on loopback",
+    )
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite by default")
+    base_models_file: Path | None = Field(
+        default=None, description="JSON list of BaseModelConfig; unset serves ftaas-tiny"
+    )
+    ray_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("FTAAS_RAY_ADDRESS", "RAY_ADDRESS")
+    )
+    ray_num_cpus: int = Field(default=8, description="logical CPUs of the embedded Ray head")
+    max_running_jobs: int = Field(default=1, description="training jobs run at once")
+    training_num_workers: int = Field(default=1, description="Ray Train workers per job")
+    training_use_gpu: bool = False
+    max_upload_bytes: int = 512 * 1024 * 1024
+    serving_enabled: bool = Field(default=True, description="deploy vLLM engines with Ray Serve")
+    serving_kv_cache_gb: int = Field(default=1, description="vLLM CPU KV cache per engine")
+    scheduler_interval_s: float = 1.0
+
+    @model_validator(mode="after")
+    def _absolute_home(self) -> Settings:
+        self.home = self.home.expanduser().resolve()
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'ftaas.db'}"
+
+    @property
+    def open_access(self) -> bool:
+        """No keys configured: any key is accepted, but only while bound to loopback."""
+        return not self.api_keys
+
+    @cached_property
+    def api_key_organizations(self) -> dict[str, str]:
+        pairs = {}
+        for item in (self.api_keys or "").split(","):
+            if item.strip():
+                key, _, organization = item.strip().partition(":")
+                pairs[key] = organization or "default"
+        return pairs
+
+    def load_base_models(self) -> list[BaseModelConfig]:
+        if self.base_models_file is None:
+            return [tiny_base_model(self.home)]
+        raw = json.loads(self.base_models_file.read_text())
+        return [BaseModelConfig.model_validate(item) for item in raw]
+
+
+def tiny_base_model(home: Path) -> BaseModelConfig:
+    return BaseModelConfig(
+        id=TINY_MODEL_ID,
+        path=str(home / "models" / TINY_MODEL_ID),
+        max_length=TINY_MODEL_MAX_LENGTH,
+        learning_rate=TINY_MODEL_LEARNING_RATE,
+        max_lora_rank=16,
+        max_loras=8,
+        dtype="float32",
+    )

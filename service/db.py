@@ -1,0 +1,122 @@
+"""The job store: SQLAlchemy tables for files, jobs, events and models.
+
+SQLite by default, any SQLAlchemy URL (PostgreSQL) by configuration. Every row carries
+its organization; every query in the services filters on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class FileRow(Base):
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128), index=True)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    status: Mapped[str] = mapped_column(String(16))
+    status_details: Mapped[str | None] = mapped_column(Text, default=None)
+    blob_key: Mapped[str] = mapped_column(String(512))
+    n_examples: Mapped[int | None] = mapped_column(Integer, default=None)
+    data_format: Mapped[str | None] = mapped_column(String(32), default=None)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now, index=True)
+    model: Mapped[str] = mapped_column(String(256))
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64), default=None)
+    suffix: Mapped[str | None] = mapped_column(String(64), default=None)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    method: Mapped[dict[str, Any]] = mapped_column(JSON)
+    resolved_hyperparameters: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    integrations: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(512), default=None)
+    model_short_id: Mapped[str] = mapped_column(String(16), unique=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    estimated_finish: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    result_files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    output_dir: Mapped[str | None] = mapped_column(Text, default=None)
+    progress_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    ray_submission_id: Mapped[str | None] = mapped_column(String(96), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class EventRow(Base):
+    __tablename__ = "job_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    message: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16), default="message")
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128), index=True)
+    base_model: Mapped[str] = mapped_column(String(256))
+    job_id: Mapped[str] = mapped_column(String(64))
+    adapter_dir: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+def make_engine(url: str) -> Engine:
+    connect_args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
+    engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+    if url.startswith("sqlite"):
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+            # WAL lets the scheduler write while requests read; fsync on every commit
+            # keeps what was accepted across a crash.
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.close()
+
+    Base.metadata.create_all(engine)
+    return engine
+
+
+class Database:
+    def __init__(self, url: str):
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session

@@ -1,0 +1,46 @@
+"""Typed dependencies: who is asking and which services a route uses, visible in signatures."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service.auth import Tenant, tenant_for
+from service.chat.gateway import ServingGateway
+from service.config import Settings
+from service.files.service import FileService
+from service.fine_tuning.service import FineTuningService
+from service.models.service import ModelService
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    return tenant_for(request.app.state.settings, authorization)
+
+
+def _files(request: Request) -> FileService:
+    return request.app.state.files
+
+
+def _jobs(request: Request) -> FineTuningService:
+    return request.app.state.jobs
+
+
+def _models(request: Request) -> ModelService:
+    return request.app.state.models
+
+
+def _gateway(request: Request) -> ServingGateway:
+    return request.app.state.gateway
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+TenantDep = Annotated[Tenant, Depends(_tenant)]
+FilesDep = Annotated[FileService, Depends(_files)]
+JobsDep = Annotated[FineTuningService, Depends(_jobs)]
+ModelsDep = Annotated[ModelService, Depends(_models)]
+GatewayDep = Annotated[ServingGateway, Depends(_gateway)]

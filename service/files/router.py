@@ -1,0 +1,71 @@
+"""/v1/files: thin HTTP mapping onto FileService."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import FileResponse
+from openai.types import FileDeleted, FileObject
+from pydantic import BaseModel
+
+from service.deps import FilesDep, TenantDep
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(1024 * 1024):
+        yield chunk
+
+
+@router.post("", response_model=FileObject)
+async def create_file(
+    tenant: TenantDep,
+    files: FilesDep,
+    file: UploadFile,
+    purpose: Annotated[str, Form()],
+) -> FileObject:
+    return await files.create(tenant, file.filename or "upload.jsonl", purpose, _chunks(file))
+
+
+@router.get("", response_model=FileList)
+def list_files(
+    tenant: TenantDep,
+    files: FilesDep,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    order: Literal["asc", "desc"] = "desc",
+    after: str | None = None,
+) -> FileList:
+    data, has_more = files.list(tenant, purpose, limit, order, after)
+    return FileList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=has_more,
+    )
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(tenant: TenantDep, files: FilesDep, file_id: str) -> FileObject:
+    return files.retrieve(tenant, file_id)
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(tenant: TenantDep, files: FilesDep, file_id: str) -> FileDeleted:
+    return files.delete(tenant, file_id)
+
+
+@router.get("/{file_id}/content")
+def file_content(tenant: TenantDep, files: FilesDep, file_id: str) -> FileResponse:
+    return FileResponse(files.content_path(tenant, file_id), media_type="application/octet-stream")

@@ -1,0 +1,143 @@
+"""Files: store an upload, validate it line by line, and answer for it per organization."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import BinaryIO
+
+from openai.types import FileDeleted, FileObject
+from sqlalchemy import select
+
+from service.auth import Tenant
+from service.blobs import BlobTooLarge, LocalBlobStore
+from service.db import Database, FileRow, now
+from service.errors import InvalidRequest, NotFound
+from service.ids import file_id
+from training.data.validation import validate_jsonl
+
+FINE_TUNE_PURPOSES = {"fine-tune"}
+ACCEPTED_PURPOSES = {"fine-tune", "assistants", "batch", "vision", "user_data", "evals"}
+# Bounds the memory of the line reader: one JSONL line may not exceed this.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def file_object(row: FileRow) -> FileObject:
+    return FileObject(
+        id=row.id,
+        object="file",
+        bytes=row.bytes,
+        created_at=row.created_at,
+        filename=row.filename,
+        purpose=row.purpose,  # type: ignore[arg-type]
+        status=row.status,  # type: ignore[arg-type]
+        status_details=row.status_details,
+        expires_at=None,
+    )
+
+
+class FileService:
+    def __init__(self, db: Database, blobs: LocalBlobStore, max_upload_bytes: int):
+        self.db = db
+        self.blobs = blobs
+        self.max_upload_bytes = max_upload_bytes
+
+    async def create(
+        self, tenant: Tenant, filename: str, purpose: str, chunks: AsyncIterator[bytes]
+    ) -> FileObject:
+        if purpose not in ACCEPTED_PURPOSES:
+            raise InvalidRequest(
+                f"'{purpose}' is not one of {sorted(ACCEPTED_PURPOSES)} - 'purpose'",
+                param="purpose",
+            )
+        if purpose in FINE_TUNE_PURPOSES and not filename.lower().endswith(".jsonl"):
+            raise InvalidRequest(
+                f"Invalid file format for Fine-Tuning API. Must be .jsonl (got '{filename}')",
+                param="file",
+            )
+        new_id = file_id()
+        key = f"files/{new_id}"
+        try:
+            size = await self.blobs.put_stream(key, chunks, self.max_upload_bytes)
+        except BlobTooLarge:
+            raise InvalidRequest(
+                f"File is larger than the {self.max_upload_bytes} byte limit", param="file"
+            ) from None
+        row = FileRow(
+            id=new_id,
+            created_at=now(),
+            organization=tenant.organization,
+            filename=filename,
+            purpose=purpose,
+            bytes=size,
+            status="uploaded",
+            blob_key=key,
+        )
+        if purpose in FINE_TUNE_PURPOSES:
+            self._validate_training_file(row)
+        else:
+            row.status = "processed"
+        with self.db.session() as session:
+            session.add(row)
+        return file_object(row)
+
+    def _validate_training_file(self, row: FileRow) -> None:
+        with self.blobs.open(row.blob_key) as stream:
+            report = validate_jsonl(_lines(stream))
+        row.status = "processed" if report.ok else "error"
+        row.status_details = None if report.ok else report.summary()
+        row.n_examples = report.n_examples
+        row.data_format = report.data_format
+
+    def get_row(self, tenant: Tenant, id_: str) -> FileRow:
+        with self.db.session() as session:
+            row = session.get(FileRow, id_)
+        if row is None or row.organization != tenant.organization:
+            raise NotFound(f"No such File object: {id_}", param="file_id")
+        return row
+
+    def retrieve(self, tenant: Tenant, id_: str) -> FileObject:
+        return file_object(self.get_row(tenant, id_))
+
+    def list(
+        self, tenant: Tenant, purpose: str | None, limit: int, order: str, after: str | None
+    ) -> tuple[list[FileObject], bool]:
+        with self.db.session() as session:
+            query = select(FileRow).where(FileRow.organization == tenant.organization)
+            if purpose:
+                query = query.where(FileRow.purpose == purpose)
+            descending = order == "desc"
+            ordering = (FileRow.created_at, FileRow.id)
+            query = query.order_by(*(c.desc() if descending else c.asc() for c in ordering))
+            if after:
+                anchor = session.get(FileRow, after)
+                if anchor is None or anchor.organization != tenant.organization:
+                    raise NotFound(f"No such File object: {after}", param="after")
+                key = (anchor.created_at, anchor.id)
+                if descending:
+                    query = query.where(
+                        (FileRow.created_at < key[0])
+                        | ((FileRow.created_at == key[0]) & (FileRow.id < key[1]))
+                    )
+                else:
+                    query = query.where(
+                        (FileRow.created_at > key[0])
+                        | ((FileRow.created_at == key[0]) & (FileRow.id > key[1]))
+                    )
+            rows = list(session.scalars(query.limit(limit + 1)))
+        return [file_object(r) for r in rows[:limit]], len(rows) > limit
+
+    def delete(self, tenant: Tenant, id_: str) -> FileDeleted:
+        row = self.get_row(tenant, id_)
+        with self.db.session() as session:
+            session.delete(session.get(FileRow, row.id))
+        self.blobs.delete(row.blob_key)
+        return FileDeleted(id=row.id, object="file", deleted=True)
+
+    def content_path(self, tenant: Tenant, id_: str) -> str:
+        return str(self.blobs.local_path(self.get_row(tenant, id_).blob_key))
+
+
+def _lines(stream: BinaryIO) -> Iterator[bytes]:
+    """Lines of a binary stream, each bounded so one huge line cannot exhaust memory."""
+    while line := stream.readline(MAX_LINE_BYTES):
+        yield line

@@ -1,0 +1,83 @@
+"""Wire shapes of /v1/fine_tuning: the request we accept and the objects we return.
+
+Responses reuse the official SDK's models; the job adds what OpenAI's live API returns
+beyond its published enum (`paused`) and fields (`user_provided_suffix`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.fine_tuning.naming import SUFFIX_PATTERN
+from training.hyperparameters import SupervisedHyperparameters
+
+MAX_METADATA_PAIRS = 16
+T = TypeVar("T")
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class CreateFineTuningJobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    training_file: str = Field(min_length=1)
+    validation_file: str | None = None
+    suffix: Annotated[str, Field(pattern=SUFFIX_PATTERN)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2_147_483_647)] | None = None
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+    integrations: list[dict[str, Any]] | None = None
+    hyperparameters: SupervisedHyperparameters | None = Field(
+        default=None, description="deprecated: use method.supervised.hyperparameters"
+    )
+    method: Method | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            if len(value) > MAX_METADATA_PAIRS:
+                raise ValueError(f"at most {MAX_METADATA_PAIRS} metadata pairs")
+            if any(len(key) > 64 for key in value):
+                raise ValueError("metadata keys are at most 64 characters")
+        return value
+
+    def supervised_hyperparameters(self) -> SupervisedHyperparameters:
+        if self.method and self.method.supervised:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or SupervisedHyperparameters()
+
+
+class FineTuningJobObject(FineTuningJob):
+    status: Literal[  # type: ignore[assignment]
+        "validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"
+    ]
+    user_provided_suffix: str | None = None
+
+
+class ListPage(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+
+
+class JobList(ListPage[FineTuningJobObject]):
+    pass
+
+
+class EventList(ListPage[FineTuningJobEvent]):
+    pass

@@ -1,0 +1,142 @@
+"""A vLLM engine with LoRA enabled, answering through vLLM's own OpenAI serving classes.
+
+vLLM's `init_app_state` builds the chat and completion handlers exactly as `vllm serve`
+does (chat templates, sampling fields, streaming chunks, usage), so this module only adds
+what ftaas needs on top: adapters loaded by name on demand, and plain-data results that
+can cross a Ray Serve handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Literal
+
+RequestKind = Literal["chat", "completion"]
+# Loaded adapters kept in host memory per engine; beyond it vLLM evicts the least used and
+# reloads from disk when asked again.
+CPU_LORA_SLOTS_PER_GPU_SLOT = 4
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_id: str
+    model_path: str
+    max_model_len: int
+    max_lora_rank: int
+    max_loras: int
+    dtype: str = "auto"
+    chat_template: str | None = None
+
+    def cli_args(self) -> list[str]:
+        args = [
+            "--model", self.model_path,
+            "--served-model-name", self.model_id,
+            "--max-model-len", str(self.max_model_len),
+            "--dtype", self.dtype,
+            "--enable-lora",
+            "--max-lora-rank", str(self.max_lora_rank),
+            "--max-loras", str(self.max_loras),
+            "--max-cpu-loras", str(self.max_loras * CPU_LORA_SLOTS_PER_GPU_SLOT),
+            "--disable-log-stats",
+        ]  # fmt: skip
+        if self.chat_template:
+            args += ["--chat-template", self.chat_template]
+        return args
+
+
+def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+def _from_vllm_error(error: Any) -> tuple[int, dict[str, Any]]:
+    info = error.error
+    return int(info.code), openai_error(int(info.code), info.message, info.param)
+
+
+class OpenAIEngine:
+    def __init__(self, engine: Any, state: Any):
+        self.engine = engine
+        self.models = state.openai_serving_models
+        self.chat_handler = state.openai_serving_chat
+        self.completion_handler = state.openai_serving_completion
+        self._adapter_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @classmethod
+    async def start(cls, config: EngineConfig) -> OpenAIEngine:
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(config.cli_args())
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        state = State()
+        tasks = await engine.get_supported_tasks()
+        await init_app_state(engine, state, args, supported_tasks=tasks)
+        return cls(engine, state)
+
+    def loaded_adapters(self) -> list[str]:
+        return sorted(self.models.lora_requests)
+
+    async def load_adapter(self, name: str, path: str) -> tuple[int, dict[str, Any]] | None:
+        """Make `name` servable; None when it is (already) loaded, else an error reply."""
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        async with self._adapter_locks[name]:
+            if name in self.models.lora_requests:
+                return None
+            result = await self.models.load_lora_adapter(
+                LoadLoRAAdapterRequest(lora_name=name, lora_path=path)
+            )
+            if isinstance(result, str):
+                return None
+            status, body = _from_vllm_error(result)
+            # A broken adapter is a server-side fault, not the caller's bad request.
+            return max(status, HTTPStatus.INTERNAL_SERVER_ERROR.value), body
+
+    async def unload_adapter(self, name: str) -> bool:
+        async with self._adapter_locks[name]:
+            lora = self.models.lora_requests.pop(name, None)
+            if lora is None:
+                return False
+            await self.engine.remove_lora(lora.lora_int_id)
+            return True
+
+    async def respond(self, kind: RequestKind, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """First a head `{"status", "body"?, "stream"}`; for streams, then SSE strings."""
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        request_type = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        try:
+            request = request_type.model_validate(body)
+        except ValidationError as error:
+            first = error.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or None
+            yield {"status": 400, "body": openai_error(400, first["msg"], param), "stream": False}
+            return
+        if kind == "chat":
+            result = await self.chat_handler.create_chat_completion(request, None)
+        else:
+            result = await self.completion_handler.create_completion(request, None)
+        if isinstance(result, ErrorResponse):
+            status, error_body = _from_vllm_error(result)
+            yield {"status": status, "body": error_body, "stream": False}
+        elif hasattr(result, "__aiter__"):
+            yield {"status": 200, "stream": True}
+            async for chunk in result:
+                yield chunk
+        else:
+            yield {"status": 200, "body": result.model_dump(mode="json"), "stream": False}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

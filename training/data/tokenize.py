@@ -1,0 +1,107 @@
+"""Examples → token ids and labels, learning only the tokens a user asked to be learned.
+
+For chat examples the base model's own chat template renders the conversation; the
+characters each weighted assistant turn adds to the rendering become the targets. Working
+on characters (with the tokenizer's offsets) instead of tokenising prefixes separately
+keeps the result exact when BPE merges cross a turn boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from training.data.schema import (
+    AssistantMessage,
+    ChatExample,
+    PromptCompletionExample,
+    content_text,
+)
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(ValueError):
+    """The chat template does not render a conversation as a sequence of growing prefixes."""
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def n_target_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def _template_message(message: Any) -> dict[str, Any]:
+    rendered: dict[str, Any] = {"role": message.role, "content": content_text(message.content)}
+    for key in ("name", "tool_call_id"):
+        if getattr(message, key, None) is not None:
+            rendered[key] = getattr(message, key)
+    if getattr(message, "tool_calls", None):
+        rendered["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    return rendered
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Any, *, prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=prompt
+    )
+
+
+def _target_spans(example: ChatExample, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    tools = [tool.model_dump() for tool in example.tools] if example.tools else None
+    messages = [_template_message(m) for m in example.messages]
+    full_text = _render(tokenizer, messages, tools, prompt=False)
+    spans = []
+    for index, message in enumerate(example.messages):
+        if not isinstance(message, AssistantMessage) or message.weight == 0:
+            continue
+        before = _render(tokenizer, messages[:index], tools, prompt=True)
+        through = _render(tokenizer, messages[: index + 1], tools, prompt=False)
+        if not (through.startswith(before) and full_text.startswith(through)):
+            raise TemplateError(
+                "the chat template does not render conversations as growing prefixes, "
+                "so assistant turns cannot be located"
+            )
+        spans.append((len(before), len(through)))
+    return full_text, spans
+
+
+def _label_by_spans(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], max_length: int
+) -> TokenizedExample:
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for position, (start, _end) in enumerate(encoding["offset_mapping"]):
+        if any(low <= start < high for low, high in spans):
+            labels[position] = input_ids[position]
+    truncated = len(input_ids) > max_length
+    return TokenizedExample(input_ids[:max_length], labels[:max_length], truncated)
+
+
+def tokenize_chat(example: ChatExample, tokenizer: Any, max_length: int) -> TokenizedExample:
+    text, spans = _target_spans(example, tokenizer)
+    return _label_by_spans(tokenizer, text, spans, max_length)
+
+
+def tokenize_prompt_completion(
+    example: PromptCompletionExample, tokenizer: Any, max_length: int
+) -> TokenizedExample:
+    bos = tokenizer.bos_token or ""
+    eos = tokenizer.eos_token or ""
+    text = bos + example.prompt + example.completion + eos
+    start = len(bos) + len(example.prompt)
+    return _label_by_spans(tokenizer, text, [(start, len(text))], max_length)
+
+
+def tokenize_example(example: Any, tokenizer: Any, max_length: int) -> TokenizedExample:
+    if isinstance(example, ChatExample):
+        return tokenize_chat(example, tokenizer, max_length)
+    if isinstance(example, PromptCompletionExample):
+        return tokenize_prompt_completion(example, tokenizer, max_length)
+    raise TypeError(f"supervised training cannot use {type(example).__name__} rows")

@@ -1,0 +1,150 @@
+"""Streaming validation of a JSONL training file: every problem names its line and field.
+
+The file is read line by line, so memory stays bounded whatever its size. The same
+function runs when a file is uploaded and again when a job starts (against the method's
+expected format).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from pydantic import BaseModel, ValidationError
+
+from training.data.schema import EXAMPLE_MODELS, DataFormat, detect_format
+
+MIN_EXAMPLES = 10
+MAX_REPORTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class LineProblem:
+    line: int
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" + (f", field `{self.field}`" if self.field else "")
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    n_examples: int = 0
+    data_format: DataFormat | None = None
+    problems: list[LineProblem] = field(default_factory=list)
+    n_problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.n_problems == 0 and self.n_examples > 0
+
+    def summary(self) -> str:
+        """One human sentence, used as a file's `status_details` and in job errors."""
+        if self.n_problems:
+            first = "; ".join(str(p) for p in self.problems[:3])
+            more = f" (and {self.n_problems - 3} more)" if self.n_problems > 3 else ""
+            return f"Invalid file: {first}{more}"
+        if self.n_examples == 0:
+            return "Invalid file: it holds no examples"
+        return f"{self.n_examples} {self.data_format} examples"
+
+    def add(self, problem: LineProblem) -> None:
+        self.n_problems += 1
+        if len(self.problems) < MAX_REPORTED_PROBLEMS:
+            self.problems.append(problem)
+
+
+def _field_path(location: Iterable[Any]) -> str:
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not path:
+            path = str(part)
+        elif part in {"system", "developer", "user", "assistant", "tool", "function"}:
+            continue  # the discriminator tag pydantic adds: not a field the user wrote
+        else:
+            path += f".{part}"
+    return path or None  # type: ignore[return-value]
+
+
+def _pydantic_problems(line: int, error: ValidationError) -> Iterator[LineProblem]:
+    for item in error.errors():
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unrecognised key"
+        elif item["type"] == "union_tag_invalid":
+            message = f"unknown role {item['input']!r}"
+        elif item["type"] == "union_tag_not_found":
+            message = "message has no `role`"
+        yield LineProblem(line, _field_path(item["loc"]), message.removeprefix("Value error, "))
+
+
+def iter_rows(lines: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any] | LineProblem]]:
+    """(line number, row or problem) for every non-blank line."""
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield number, LineProblem(number, None, f"not valid UTF-8 ({error.reason})")
+            continue
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield number, LineProblem(number, None, f"not valid JSON ({error.msg})")
+            continue
+        if not isinstance(row, dict):
+            yield number, LineProblem(number, None, "each line must be a JSON object")
+            continue
+        yield number, row
+
+
+def parse_example(row: dict[str, Any], data_format: DataFormat) -> BaseModel:
+    return EXAMPLE_MODELS[data_format].model_validate(row)
+
+
+def validate_jsonl(
+    stream: BinaryIO | Iterable[bytes], expected_format: DataFormat | None = None
+) -> ValidationReport:
+    """Check every line; the file's format is the first row's unless one is expected."""
+    report = ValidationReport(data_format=expected_format)
+    for number, row in iter_rows(stream):
+        if isinstance(row, LineProblem):
+            report.add(row)
+            continue
+        row_format = detect_format(row)
+        if report.data_format is None:
+            report.data_format = row_format
+        if row_format != report.data_format:
+            report.add(
+                LineProblem(
+                    number,
+                    None,
+                    f"a {row_format} example in a file of {report.data_format} examples",
+                )
+            )
+            continue
+        try:
+            parse_example(row, report.data_format)
+        except ValidationError as error:
+            for problem in _pydantic_problems(number, error):
+                report.add(problem)
+            continue
+        report.n_examples += 1
+    return report
+
+
+def read_examples(path: str, data_format: DataFormat) -> list[BaseModel]:
+    """All examples of an already validated file (the trainer's view of it)."""
+    with open(path, "rb") as stream:
+        return [
+            parse_example(row, data_format)
+            for _, row in iter_rows(stream)
+            if not isinstance(row, LineProblem)
+        ]

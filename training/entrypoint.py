@@ -1,0 +1,68 @@
+"""The Ray job's entrypoint: `python -m training.entrypoint SPEC.json`.
+
+Runs the recipe under a Ray Train `TorchTrainer`, then records the outcome in the job's
+progress log. A failure is recorded with a message a user can act on and the process exits
+non-zero, so Ray's own job status agrees with the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from training.progress import ProgressLog
+from training.spec import TrainingSpec
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _user_message(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    if "out of memory" in text.lower():
+        return (
+            "Training ran out of memory. Lower batch_size, shorten the examples or use a "
+            f"smaller base model. ({text.splitlines()[0]})"
+        )
+    return f"Training failed: {text.splitlines()[0] if text else type(error).__name__}"
+
+
+def run(spec: TrainingSpec) -> None:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from training.sft import train_loop_per_worker
+
+    ray.init(ignore_reinit_error=True, log_to_driver=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu),
+        run_config=RunConfig(name=spec.job_id, storage_path=str(Path(spec.output_dir) / "ray")),
+    )
+    trainer.fit()
+    missing = [name for name in ADAPTER_FILES if not (spec.adapter_dir / name).exists()]
+    if missing:
+        raise RuntimeError(f"the trainer finished without writing {', '.join(missing)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("spec", help="path of the job's TrainingSpec JSON")
+    args = parser.parse_args(argv)
+    spec = TrainingSpec.load(args.spec)
+    progress = ProgressLog(spec.progress_path)
+    try:
+        run(spec)
+    except BaseException as error:
+        traceback.print_exc()
+        progress.write("failed", code="training_error", message=_user_message(error))
+        return 1
+    progress.write("succeeded", adapter_dir=str(spec.adapter_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

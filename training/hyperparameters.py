@@ -1,0 +1,92 @@
+"""The hyperparameter model: what a job may ask for, and how "auto" becomes numbers.
+
+Defined once here; the API's request schema, the job object and the trainer all use it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Auto = Literal["auto"]
+
+# OpenAI's published rule (cookbook "Chat_finetuning_data_prep"): 3 epochs, adjusted so
+# that examples × epochs stays within [100, 25000], and never outside [1, 25].
+TARGET_EPOCHS = 3
+MIN_TARGET_EXAMPLES = 100
+MAX_TARGET_EXAMPLES = 25_000
+MIN_DEFAULT_EPOCHS = 1
+MAX_DEFAULT_EPOCHS = 25
+# LoRA prefers small effective batches (TRL "LoRA without regret": keep it under 32).
+MAX_AUTO_BATCH_SIZE = 16
+
+
+class SupervisedHyperparameters(BaseModel):
+    """What the user sends in `method.supervised.hyperparameters` (each may be "auto")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = Field(
+        default="auto", description="passes over the training file (1-50)"
+    )
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = Field(
+        default="auto", description="examples per optimizer step (1-256)"
+    )
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = Field(
+        default="auto", description="multiplies the base model's recommended LoRA learning rate"
+    )
+
+
+class ResolvedHyperparameters(BaseModel):
+    """Concrete values a run uses; stored with the job and echoed in its object."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+    learning_rate: float
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+def auto_n_epochs(n_examples: int) -> int:
+    n_epochs = TARGET_EPOCHS
+    if n_examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        n_epochs = min(MAX_DEFAULT_EPOCHS, MIN_TARGET_EXAMPLES // max(n_examples, 1))
+    elif n_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+        n_epochs = max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
+    return n_epochs
+
+
+def auto_batch_size(n_examples: int) -> int:
+    """About 0.2% of the examples (OpenAI's legacy rule), between 1 and MAX_AUTO_BATCH_SIZE."""
+    return max(1, min(MAX_AUTO_BATCH_SIZE, math.ceil(n_examples * 0.002)))
+
+
+def resolve(
+    requested: SupervisedHyperparameters, n_examples: int, base_learning_rate: float
+) -> ResolvedHyperparameters:
+    n_epochs = (
+        auto_n_epochs(n_examples) if requested.n_epochs == "auto" else int(requested.n_epochs)
+    )
+    batch_size = (
+        auto_batch_size(n_examples)
+        if requested.batch_size == "auto"
+        else min(int(requested.batch_size), n_examples)
+    )
+    multiplier = (
+        1.0
+        if requested.learning_rate_multiplier == "auto"
+        else float(requested.learning_rate_multiplier)
+    )
+    return ResolvedHyperparameters(
+        n_epochs=n_epochs,
+        batch_size=batch_size,
+        learning_rate_multiplier=multiplier,
+        learning_rate=base_learning_rate * multiplier,
+    )
