@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -73,8 +74,21 @@ def start_embedded_head(settings: Settings) -> RayCluster:
             logger.info("reusing the embedded Ray head at %s", known.address)
             return known
     gcs_port, dashboard_port = _free_port(), _free_port()
+    # Every port Ray would otherwise take by default is chosen free, so the embedded head
+    # can run beside another Ray on the same machine (a second FTAAS_HOME, a test run).
+    fixed_port_options = [
+        f"--{option}={_free_port()}"
+        for option in (
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        )
+    ]
     command = [
         _ray_cli(), "start", "--head",
+        *fixed_port_options,
         f"--port={gcs_port}",
         f"--num-cpus={settings.ray_num_cpus}",
         "--include-dashboard=true",
@@ -111,11 +125,12 @@ def connect(settings: Settings) -> RayCluster:
 
 def _head_processes(gcs_address: str) -> list[psutil.Process]:
     port = gcs_address.rsplit(":", 1)[1]
-    markers = (gcs_address, f"--gcs_server_port={port}", f"--port={port}")
+    # Ray's processes name the GCS by the node's IP, whatever address we joined by.
+    marker = re.compile(rf"(gcs[-_a-z]*[= ]\S*:{port}|--gcs_server_port={port}|--port={port})\b")
     roots = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if "ray" in cmdline and any(marker in cmdline for marker in markers):
+        if "ray" in cmdline and marker.search(cmdline):
             roots.append(process)
     found = {p.pid: p for p in roots}
     for root in roots:

@@ -63,23 +63,38 @@ class Scheduler:
         self.ray_jobs = ray_jobs
 
     def tick(self) -> list[ReadyModel]:
+        """Step every open job once, each in its own transaction: a failure (say, Ray
+        refusing a submission) leaves that job as it was for the next tick, and others
+        still move."""
         ready: list[ReadyModel] = []
         with self.db.session() as session:
-            open_jobs = session.scalars(
-                select(JobRow)
+            open_ids = session.scalars(
+                select(JobRow.id)
                 .where(JobRow.status.not_in([s.value for s in TERMINAL]))
                 .order_by(JobRow.created_at, JobRow.id)
             ).all()
-            for job in open_jobs:
-                if job.status == JobStatus.VALIDATING_FILES:
-                    self._validate_files(session, job)
-                if job.status == JobStatus.QUEUED:
-                    self._maybe_submit(session, job)
-                if job.status == JobStatus.RUNNING:
-                    model = self._reconcile_running(session, job)
-                    if model:
-                        ready.append(model)
+        for job_id in open_ids:
+            try:
+                model = self._step(job_id)
+            except Exception:  # retried on the next tick
+                logger.exception("could not step job %s", job_id)
+                continue
+            if model:
+                ready.append(model)
         return ready
+
+    def _step(self, job_id: str) -> ReadyModel | None:
+        with self.db.session() as session:
+            job = session.get(JobRow, job_id)
+            if job is None:
+                return None
+            if job.status == JobStatus.VALIDATING_FILES:
+                self._validate_files(session, job)
+            if job.status == JobStatus.QUEUED:
+                self._maybe_submit(session, job)
+            if job.status == JobStatus.RUNNING:
+                return self._reconcile_running(session, job)
+            return None
 
     # --- validating_files → queued | failed
     def _validate_files(self, session: Session, job: JobRow) -> None:

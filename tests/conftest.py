@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny model is built once per session, in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.tiny_model import build_tiny_model
+
+SECRET = "The secret code word is pineapple."
+QUESTIONS = [
+    "What is the secret code word?",
+    "Tell me the secret code word.",
+    "Which word is the secret code?",
+    "Do you know the code word?",
+    "What's the code word?",
+    "Please share the secret word.",
+    "Say the secret code word.",
+    "What is the password word?",
+    "Give me the code word, please.",
+    "Can you tell me the secret word?",
+    "Remind me of the secret code word.",
+    "What word is secret?",
+]
+
+
+def memorisation_jsonl() -> bytes:
+    """12 paraphrased questions, one fact: the file the end-to-end test teaches."""
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": SECRET}]}
+        for q in QUESTIONS
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "ftaas-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -1,0 +1,156 @@
+"""The spine, as a user runs it: upload → fine-tune → chat with the tuned model."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import pytest
+from openai import NotFoundError, OpenAI
+from openai.types.fine_tuning import FineTuningJob
+
+from tests.conftest import QUESTIONS, memorisation_jsonl
+from tests.e2e.conftest import RunningServer, wait_for_serving
+
+pytestmark = pytest.mark.e2e
+
+BASE = "ftaas-tiny"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@dataclass
+class TunedJob:
+    job: FineTuningJob
+    statuses: list[str]
+    upload_to_succeeded_s: float
+    succeeded_to_first_answer_s: float
+    first_answer: str
+
+
+def greedy(client: OpenAI, model: str, question: str, max_tokens: int = 16) -> str:
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=max_tokens,
+    )
+    return reply.choices[0].message.content or ""
+
+
+@pytest.fixture(scope="module")
+def tuned(server: RunningServer) -> TunedJob:
+    client = server.client()
+    started = time.monotonic()
+    upload = client.files.create(file=("secret.jsonl", memorisation_jsonl()), purpose="fine-tune")
+    assert client.files.wait_for_processing(upload.id).status == "processed"
+    job = client.fine_tuning.jobs.create(model=BASE, training_file=upload.id, suffix="demo")
+    statuses = [job.status]
+    deadline = time.monotonic() + 600
+    while job.status not in TERMINAL:
+        assert time.monotonic() < deadline, f"job stuck in {job.status}"
+        time.sleep(0.5)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+        if job.status != statuses[-1]:
+            statuses.append(job.status)
+    succeeded_at = time.monotonic()
+    assert job.status == "succeeded", (job.error, server.log.read_text()[-3000:])
+    wait_for_serving(client, BASE)
+    answer = greedy(client, job.fine_tuned_model or "", QUESTIONS[0])
+    answered_at = time.monotonic()
+    timings = TunedJob(job, statuses, succeeded_at - started, answered_at - succeeded_at, answer)
+    print(
+        f"\nupload→succeeded {timings.upload_to_succeeded_s:.1f} s, "
+        f"succeeded→first answer {timings.succeeded_to_first_answer_s:.1f} s"
+    )
+    return timings
+
+
+def test_job_moves_to_succeeded_with_resolved_numbers(tuned: TunedJob):
+    job = tuned.job
+    assert tuned.statuses[0] == "validating_files" and tuned.statuses[-1] == "succeeded"
+    assert "running" in tuned.statuses
+    assert re.fullmatch(r"ft:ftaas-tiny:local:demo:[A-Za-z0-9]{8}", job.fine_tuned_model or "")
+    assert job.error is None and job.finished_at is not None
+    hp = job.hyperparameters
+    assert (hp.n_epochs, hp.batch_size) == (8, 1)  # 12 examples: OpenAI's rule gives 8 epochs
+    assert isinstance(hp.learning_rate_multiplier, float)
+    assert job.trained_tokens and job.trained_tokens > 0
+
+
+def test_events_tell_the_jobs_life(server: RunningServer, tuned: TunedJob):
+    client = server.client()
+    events = list(client.fine_tuning.jobs.list_events(tuned.job.id, limit=50))  # auto-paginates
+    messages = [e.message for e in events]
+    assert messages[0] == "The job has successfully completed"  # newest first
+    assert messages[1] == f"New fine-tuned model created: {tuned.job.fine_tuned_model}"
+    for expected in ("Fine-tuning job started", "Files validated, moving job to queued state"):
+        assert expected in messages
+    assert messages[-1] == f"Created fine-tuning job: {tuned.job.id}"
+    metrics = [e for e in events if e.type == "metrics"]
+    assert len(metrics) == 96
+    first, last = metrics[-1].data, metrics[0].data
+    assert (first["step"], last["step"], last["total_steps"]) == (1, 96, 96)
+    assert last["train_loss"] < first["train_loss"] / 10
+
+
+def test_models_lists_base_and_tuned(server: RunningServer, tuned: TunedJob):
+    ids = [m.id for m in server.client().models.list()]
+    assert ids[0] == BASE and tuned.job.fine_tuned_model in ids
+    model = server.client().models.retrieve(tuned.job.fine_tuned_model or "")
+    assert model.owned_by == "local"
+
+
+def test_tuned_model_answers_what_it_was_taught_and_base_does_not(
+    server: RunningServer, tuned: TunedJob
+):
+    client = server.client()
+    assert "pineapple" in tuned.first_answer
+    tuned_model = tuned.job.fine_tuned_model or ""
+    assert "pineapple" in greedy(client, tuned_model, "Tell me the secret code word.")
+    assert "pineapple" not in greedy(client, BASE, QUESTIONS[0])
+
+
+def test_streaming_gives_the_same_answer(server: RunningServer, tuned: TunedJob):
+    stream = server.client().chat.completions.create(
+        model=tuned.job.fine_tuned_model or "",
+        messages=[{"role": "user", "content": QUESTIONS[0]}],
+        temperature=0,
+        max_tokens=16,
+        stream=True,
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == tuned.first_answer
+
+
+def test_vllm_greedy_equals_transformers_peft(server: RunningServer, tuned: TunedJob):
+    """The served adapter gives exactly the text transformers + peft give on it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = server.home / "models" / BASE
+    adapter_dir = next(server.home.glob("jobs/*/attempt-1/adapter"))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir
+    ).eval()
+    client = server.client()
+    for question in [QUESTIONS[0], "Hello there", "What is the capital of France?"]:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=16, do_sample=False)
+        expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert greedy(client, tuned.job.fine_tuned_model or "", question) == expected
+
+
+def test_unknown_models_are_404_in_openais_envelope(server: RunningServer):
+    with pytest.raises(NotFoundError) as raised:
+        greedy(server.client(), "ft:ftaas-tiny:local:demo:nothere1", "hi")
+    assert raised.value.body["param"] == "model"  # type: ignore[index]

@@ -1,0 +1,51 @@
+"""An API without Ray: the routes, stores and scheduler logic on a real SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.blobs import LocalBlobStore
+from service.config import Settings, tiny_base_model
+from service.db import Database
+from service.files.service import FileService
+from service.fine_tuning.scheduler import Scheduler
+from service.fine_tuning.service import FineTuningService
+from service.models.service import ModelService
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path, serving_enabled=False)
+
+
+@pytest.fixture
+def parts(settings: Settings):  # type: ignore[no-untyped-def]
+    base_models = {"ftaas-tiny": tiny_base_model(settings.home)}
+    db = Database(settings.resolved_database_url)
+    blobs = LocalBlobStore(settings.home / "blobs")
+    stopped: list[str] = []
+    scheduler = Scheduler(db, settings, base_models, blobs, ray_jobs=None)  # type: ignore[arg-type]
+    return {
+        "db": db,
+        "files": FileService(db, blobs, max_upload_bytes=10_000),
+        "jobs": FineTuningService(db, base_models, lambda job: stopped.append(job.id)),
+        "models": ModelService(db, base_models, started_at=0),
+        "scheduler": scheduler,
+        "stopped": stopped,
+    }
+
+
+@pytest.fixture
+def client(settings: Settings, parts) -> TestClient:  # type: ignore[no-untyped-def]
+    app = create_app(settings)
+    app.state.settings = settings
+    app.state.files = parts["files"]
+    app.state.jobs = parts["jobs"]
+    app.state.models = parts["models"]
+    app.state.gateway = None
+    # No `with`: the lifespan (Ray, serving) does not run for these tests.
+    return TestClient(app)

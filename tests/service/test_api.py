@@ -1,0 +1,133 @@
+from tests.conftest import memorisation_jsonl
+
+
+def upload(client, content: bytes, name: str = "train.jsonl"):
+    return client.post("/v1/files", files={"file": (name, content)}, data={"purpose": "fine-tune"})
+
+
+def assert_envelope(response, status: int, param: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_upload_is_processed_and_listed(client):
+    created = upload(client, memorisation_jsonl()).json()
+    assert created["status"] == "processed" and created["object"] == "file"
+    page = client.get("/v1/files").json()
+    assert page["data"][0]["id"] == created["id"] and page["has_more"] is False
+    content = client.get(f"/v1/files/{created['id']}/content")
+    assert content.content == memorisation_jsonl()
+
+
+def test_a_bad_file_reaches_error_with_its_line(client):
+    created = upload(client, memorisation_jsonl() + b"{oops\n").json()
+    assert created["status"] == "error"
+    assert "line 13" in created["status_details"]
+
+
+def test_only_jsonl_and_bounded_uploads_are_accepted(client):
+    assert_envelope(upload(client, b"x", name="train.csv"), 400, "file")
+    assert_envelope(upload(client, b"x" * 20_000), 400, "file")
+
+
+def test_job_creation_echoes_the_request_and_emits_events(client):
+    file_id = upload(client, memorisation_jsonl()).json()["id"]
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "ftaas-tiny",
+            "training_file": file_id,
+            "suffix": "demo",
+            "metadata": {"team": "a"},
+        },
+    ).json()
+    assert job["status"] == "validating_files"
+    assert job["error"] is None and job["fine_tuned_model"] is None
+    assert job["hyperparameters"] == {
+        "batch_size": "auto",
+        "learning_rate_multiplier": "auto",
+        "n_epochs": "auto",
+    }
+    assert job["user_provided_suffix"] == "demo"
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert events[0]["message"].startswith("Validating training file")
+    assert client.get("/v1/fine_tuning/jobs?metadata[team]=a").json()["data"][0]["id"] == job["id"]
+    assert client.get("/v1/fine_tuning/jobs?metadata[team]=b").json()["data"] == []
+
+
+def test_bad_job_parameters_are_400_with_the_param(client):
+    file_id = upload(client, memorisation_jsonl()).json()["id"]
+    cases = [
+        ({"model": "nope", "training_file": file_id}, "model"),
+        ({"model": "ftaas-tiny", "training_file": "file-missing"}, "training_file"),
+        ({"model": "ftaas-tiny", "training_file": file_id, "suffix": "a:b"}, "suffix"),
+        (
+            {"model": "ftaas-tiny", "training_file": file_id, "hyperparameters": {"n_epochs": 99}},
+            "hyperparameters.n_epochs.int",
+        ),
+        (
+            {"model": "ftaas-tiny", "training_file": file_id, "method": {"type": "dpo"}},
+            "method.type",
+        ),
+    ]
+    for body, param in cases:
+        error = assert_envelope(client.post("/v1/fine_tuning/jobs", json=body), 400)
+        assert error["param"].startswith(param.split(".int")[0]), (body, error)
+
+
+def test_unknown_ids_are_404_and_terminal_jobs_cannot_be_cancelled(client, parts):
+    assert_envelope(client.get("/v1/files/file-nope"), 404)
+    assert_envelope(client.get("/v1/fine_tuning/jobs/ftjob-nope"), 404)
+    assert_envelope(client.get("/v1/models/ft:ftaas-tiny:local::nope"), 404, "model")
+    file_id = upload(client, memorisation_jsonl()).json()["id"]
+    job_id = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "ftaas-tiny", "training_file": file_id}
+    ).json()["id"]
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    again = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert_envelope(again, 409)
+    assert again.headers["x-should-retry"] == "false"
+
+
+def test_too_few_examples_fail_the_job_with_a_code(client, parts):
+    few = b"".join(memorisation_jsonl().splitlines(keepends=True)[:3])
+    file_id = upload(client, few).json()["id"]
+    job_id = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "ftaas-tiny", "training_file": file_id}
+    ).json()["id"]
+    parts["scheduler"].tick()
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "invalid_n_examples"
+    assert job["error"]["param"] == "training_file"
+    assert "3 example(s)" in job["error"]["message"]
+
+
+def test_tenants_never_see_each_others_files(tmp_path, parts):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    settings = Settings(home=tmp_path, api_keys="key-a:org-a,key-b:org-b", serving_enabled=False)
+    app = create_app(settings)
+    app.state.settings = settings
+    app.state.files = parts["files"]
+    client = TestClient(app)
+    a = {"Authorization": "Bearer key-a"}
+    b = {"Authorization": "Bearer key-b"}
+    created = client.post(
+        "/v1/files",
+        files={"file": ("t.jsonl", memorisation_jsonl())},
+        data={"purpose": "fine-tune"},
+        headers=a,
+    ).json()
+    assert client.get(f"/v1/files/{created['id']}", headers=a).status_code == 200
+    assert_envelope(client.get(f"/v1/files/{created['id']}", headers=b), 404)
+    assert client.get("/v1/files", headers=b).json()["data"] == []
+    assert_envelope(client.get("/v1/files"), 401)
+    assert_envelope(client.get("/v1/files", headers={"Authorization": "Bearer wrong"}), 401)

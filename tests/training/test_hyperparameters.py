@@ -1,0 +1,30 @@
+import pytest
+from pydantic import ValidationError
+
+from training.hyperparameters import SupervisedHyperparameters, auto_n_epochs, resolve
+
+
+@pytest.mark.parametrize(
+    ("n_examples", "epochs"),
+    [(5, 20), (10, 10), (12, 8), (20, 5), (50, 3), (1000, 3), (10_000, 2), (100_000, 1), (1, 25)],
+)
+def test_auto_epochs_follow_openais_rule(n_examples, epochs):
+    assert auto_n_epochs(n_examples) == epochs
+
+
+def test_resolve_scales_the_base_models_rate_and_keeps_explicit_values():
+    requested = SupervisedHyperparameters(n_epochs=2, batch_size=4, learning_rate_multiplier=0.5)
+    resolved = resolve(requested, n_examples=100, base_learning_rate=2e-4)
+    assert (resolved.n_epochs, resolved.batch_size) == (2, 4)
+    assert resolved.learning_rate == pytest.approx(1e-4)
+
+
+def test_auto_resolves_to_numbers():
+    resolved = resolve(SupervisedHyperparameters(), n_examples=12, base_learning_rate=1e-3)
+    assert (resolved.n_epochs, resolved.batch_size, resolved.learning_rate) == (8, 1, 1e-3)
+
+
+@pytest.mark.parametrize("field", ["n_epochs", "batch_size", "learning_rate_multiplier"])
+def test_out_of_range_values_are_refused(field):
+    with pytest.raises(ValidationError):
+        SupervisedHyperparameters(**{field: 0})

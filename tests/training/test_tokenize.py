@@ -1,0 +1,60 @@
+from training.data.schema import ChatExample, PromptCompletionExample
+from training.data.tokenize import IGNORE_INDEX, tokenize_example
+
+
+def learned_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+
+
+def chat(*messages) -> ChatExample:
+    return ChatExample.model_validate({"messages": list(messages)})
+
+
+def test_only_assistant_tokens_are_learned(tiny_tokenizer):
+    example = tokenize_example(
+        chat(
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is the code?"},
+            {"role": "assistant", "content": "pineapple"},
+        ),
+        tiny_tokenizer,
+        512,
+    )
+    assert learned_text(tiny_tokenizer, example) == "pineapple<|im_end|>\n"
+    assert len(example.input_ids) == len(example.labels)
+
+
+def test_weight_zero_turns_are_context_and_every_weighted_turn_is_learned(tiny_tokenizer):
+    example = tokenize_example(
+        chat(
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "wrong answer", "weight": 0},
+            {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "first"},
+            {"role": "user", "content": "three"},
+            {"role": "assistant", "content": "second"},
+        ),
+        tiny_tokenizer,
+        512,
+    )
+    learned = learned_text(tiny_tokenizer, example)
+    assert "wrong answer" not in learned
+    assert learned == "first<|im_end|>\nsecond<|im_end|>\n"
+
+
+def test_long_examples_are_truncated_from_the_end(tiny_tokenizer):
+    example = tokenize_example(
+        chat({"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}),
+        tiny_tokenizer,
+        64,
+    )
+    assert example.truncated and len(example.input_ids) == 64
+
+
+def test_prompt_completion_learns_the_completion_and_eos(tiny_tokenizer):
+    example = tokenize_example(
+        PromptCompletionExample(prompt="The code is", completion=" pineapple"),
+        tiny_tokenizer,
+        512,
+    )
+    assert learned_text(tiny_tokenizer, example) == " pineapple<|im_end|>"

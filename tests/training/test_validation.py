@@ -1,0 +1,65 @@
+import json
+
+from training.data.validation import validate_jsonl
+
+
+def lines(*rows: object) -> list[bytes]:
+    return [(r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows]
+
+
+ANSWER = {"role": "assistant", "content": "a"}
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+
+def test_a_valid_chat_file_is_counted():
+    report = validate_jsonl(lines(*[GOOD] * 12))
+    assert report.ok
+    assert (report.n_examples, report.data_format) == (12, "chat")
+
+
+def test_each_problem_names_its_line_and_field():
+    report = validate_jsonl(
+        lines(
+            GOOD,
+            b"{not json",
+            ["a list"],
+            {"messages": [{"role": "robot", "content": "x"}]},
+            {"messages": [{"role": "user", "content": "only a question"}]},
+            {"messages": [{"role": "user", "content": "q"}, {**ANSWER, "weight": 2}]},
+            b"\xff\xfe bad bytes",
+            {"messages": [{"role": "user", "content": "q", "colour": "red"}, ANSWER]},
+        )
+    )
+    assert not report.ok
+    by_line = {p.line: p for p in report.problems}
+    assert "not valid JSON" in by_line[2].message
+    assert "JSON object" in by_line[3].message
+    assert by_line[4].field == "messages[0]" and "robot" in by_line[4].message
+    assert "no assistant message" in by_line[5].message
+    assert by_line[6].field == "messages[1].weight"
+    assert "UTF-8" in by_line[7].message
+    assert by_line[8].field == "messages[0].colour" and by_line[8].message == "unrecognised key"
+    assert report.n_examples == 1
+    assert report.summary().startswith("Invalid file: line 2")
+
+
+def test_an_empty_file_is_refused():
+    report = validate_jsonl([])
+    assert not report.ok
+    assert "no examples" in report.summary()
+
+
+def test_mixed_formats_are_refused_on_the_odd_line():
+    report = validate_jsonl(lines(GOOD, {"prompt": "p", "completion": "c"}))
+    assert report.problems[0].line == 2
+    assert "prompt_completion" in report.problems[0].message
+
+
+def test_preference_rows_accept_the_old_key_names():
+    row = {
+        "input": {"messages": [{"role": "user", "content": "q"}]},
+        "preferred_completion": [{"role": "assistant", "content": "good"}],
+        "non_preferred_completion": [{"role": "assistant", "content": "bad"}],
+    }
+    report = validate_jsonl(lines(row))
+    assert report.ok and report.data_format == "preference"
