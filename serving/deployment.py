@@ -22,7 +22,7 @@ def app_name(base_model_id: str) -> str:
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
 class LLMServer:
-    async def __init__(self, config: EngineConfig):
+    async def __init__(self, config: EngineConfig):  # type: ignore[misc]  # Serve awaits it
         self.config = config
         self.engine = await OpenAIEngine.start(config)
 
@@ -59,7 +59,7 @@ class LLMServer:
 def build_llm_app(
     config: EngineConfig, *, num_cpus: float, num_gpus: float, env: dict[str, str]
 ) -> Any:
-    return LLMServer.options(
+    return LLMServer.options(  # type: ignore[attr-defined]
         ray_actor_options={
             "num_cpus": num_cpus,
             "num_gpus": num_gpus,

@@ -151,5 +151,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # --- save_adapter
     if rank == 0:
-        unwrapped = model.module if hasattr(model, "module") else model
+        unwrapped: Any = model.module if hasattr(model, "module") else model
         unwrapped.save_pretrained(spec.adapter_dir, safe_serialization=True)

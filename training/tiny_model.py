@@ -95,7 +95,7 @@ def build_tiny_model(output_dir: str | Path) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
     model = LlamaForCausalLM(config)
     # A wider output layer than the default init: peft's "all-linear" leaves lm_head frozen,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -216,7 +217,7 @@ class FineTuningService:
 
     def events(
         self, tenant: Tenant, id_: str, after: str | None, limit: int
-    ) -> tuple[list[FineTuningJobEvent], bool]:
+    ) -> tuple[builtins.list[FineTuningJobEvent], bool]:
         with self.db.session() as session:
             self._get(session, tenant, id_)
             query = select(EventRow).where(EventRow.job_id == id_)
