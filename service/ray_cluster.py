@@ -41,7 +41,7 @@ class RayCluster:
     dashboard_url: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -73,11 +73,11 @@ def start_embedded_head(settings: Settings) -> RayCluster:
         if _dashboard_up(known.dashboard_url):
             logger.info("reusing the embedded Ray head at %s", known.address)
             return known
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     # Every port Ray would otherwise take by default is chosen free, so the embedded head
     # can run beside another Ray on the same machine (a second FTAAS_HOME, a test run).
     fixed_port_options = [
-        f"--{option}={_free_port()}"
+        f"--{option}={free_port()}"
         for option in (
             "dashboard-agent-listen-port",
             "dashboard-agent-grpc-port",

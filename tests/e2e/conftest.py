@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from openai import APIStatusError, OpenAI
+
+from service.ray_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,12 +27,6 @@ class RunningServer:
 
     def client(self) -> OpenAI:
         return OpenAI(base_url=f"{self.base_url}/v1", api_key="test-key", max_retries=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -50,7 +45,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     home = tmp_path_factory.mktemp("ftaas-home")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "FTAAS_HOME": str(home), "FTAAS_PORT": str(port)}
     env.pop("FTAAS_API_KEYS", None)
     log = home / "server.log"
