@@ -39,13 +39,18 @@ def parts(settings: Settings):  # type: ignore[no-untyped-def]
     }
 
 
-@pytest.fixture
-def client(settings: Settings, parts) -> TestClient:  # type: ignore[no-untyped-def]
+def api_client(settings: Settings, parts) -> TestClient:  # type: ignore[no-untyped-def]
+    """A client of the app wired to `parts`; no `with`, so the lifespan (Ray, serving)
+    does not run."""
     app = create_app(settings)
     app.state.settings = settings
     app.state.files = parts["files"]
     app.state.jobs = parts["jobs"]
     app.state.models = parts["models"]
     app.state.gateway = None
-    # No `with`: the lifespan (Ray, serving) does not run for these tests.
     return TestClient(app)
+
+
+@pytest.fixture
+def client(settings: Settings, parts) -> TestClient:  # type: ignore[no-untyped-def]
+    return api_client(settings, parts)

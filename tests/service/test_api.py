@@ -1,4 +1,6 @@
+from service.config import Settings
 from tests.conftest import memorisation_jsonl
+from tests.service.conftest import api_client
 
 
 def upload(client, content: bytes, name: str = "train.jsonl"):
@@ -108,16 +110,8 @@ def test_too_few_examples_fail_the_job_with_a_code(client, parts):
 
 
 def test_tenants_never_see_each_others_files(tmp_path, parts):
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.config import Settings
-
     settings = Settings(home=tmp_path, api_keys="key-a:org-a,key-b:org-b", serving_enabled=False)
-    app = create_app(settings)
-    app.state.settings = settings
-    app.state.files = parts["files"]
-    client = TestClient(app)
+    client = api_client(settings, parts)
     a = {"Authorization": "Bearer key-a"}
     b = {"Authorization": "Bearer key-b"}
     created = client.post(
