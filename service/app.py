@@ -26,7 +26,7 @@ from service.fine_tuning.scheduler import Scheduler
 from service.fine_tuning.service import FineTuningService
 from service.models.router import router as models_router
 from service.models.service import ModelService
-from service.ray_cluster import connect
+from service.ray_cluster import connect, use_gpu
 from training.tiny_model import TINY_MODEL_ID
 
 logger = logging.getLogger("ftaas")
@@ -65,8 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = Database(settings.resolved_database_url)
         blobs = LocalBlobStore(settings.home / "blobs")
         cluster = await asyncio.to_thread(connect, settings)
-        scheduler = Scheduler(db, settings, base_models, blobs, RayJobs(cluster.dashboard_url))
-        gateway = ServingGateway(settings, base_models)
+        gpus = await asyncio.to_thread(use_gpu, settings)
+        ray_jobs = RayJobs(cluster.dashboard_url)
+        scheduler = Scheduler(db, settings, base_models, blobs, ray_jobs, use_gpu=gpus)
+        gateway = ServingGateway(settings, base_models, use_gpu=gpus)
         app.state.settings = settings
         app.state.files = FileService(db, blobs, settings.max_upload_bytes)
         app.state.jobs = FineTuningService(db, base_models, scheduler.stop)

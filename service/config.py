@@ -50,7 +50,10 @@ class Settings(BaseSettings):
     ray_num_cpus: int = Field(default=8, description="logical CPUs of the embedded Ray head")
     max_running_jobs: int = Field(default=1, description="training jobs run at once")
     training_num_workers: int = Field(default=1, description="Ray Train workers per job")
-    training_use_gpu: bool = False
+    use_gpu: bool | None = Field(
+        default=None,
+        description="train and serve on GPUs; unset: whenever the Ray cluster has any",
+    )
     max_upload_bytes: int = 512 * 1024 * 1024
     serving_enabled: bool = Field(default=True, description="deploy vLLM engines with Ray Serve")
     serving_kv_cache_gb: int = Field(default=1, description="vLLM CPU KV cache per engine")

@@ -41,6 +41,15 @@ class RayCluster:
     dashboard_url: str
 
 
+def use_gpu(settings: Settings) -> bool:
+    """FTAAS_USE_GPU if set, else whether the connected cluster offers GPUs."""
+    if settings.use_gpu is not None:
+        return settings.use_gpu
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -19,9 +19,15 @@ HEALTHY_APP_STATES = {"RUNNING", "DEPLOYING"}
 
 
 class ServingGateway:
-    def __init__(self, settings: Settings, base_models: dict[str, BaseModelConfig]):
+    def __init__(
+        self,
+        settings: Settings,
+        base_models: dict[str, BaseModelConfig],
+        use_gpu: bool = False,
+    ):
         self.settings = settings
         self.base_models = base_models
+        self.use_gpu = use_gpu
 
     def deploy(self) -> None:
         """Start every base model's application that is not already running (blocking)."""
@@ -46,11 +52,10 @@ class ServingGateway:
                 dtype=base.dtype,
                 chat_template=base.chat_template,
             )
-            use_gpu = self.settings.training_use_gpu
             app = build_llm_app(
                 config,
                 num_cpus=1,
-                num_gpus=1 if use_gpu else 0,
+                num_gpus=1 if self.use_gpu else 0,
                 env={"VLLM_CPU_KVCACHE_SPACE": str(self.settings.serving_kv_cache_gb)},
             )
             logger.info("deploying serving application %s", name)

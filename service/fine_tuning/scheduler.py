@@ -55,12 +55,14 @@ class Scheduler:
         base_models: dict[str, BaseModelConfig],
         blobs: LocalBlobStore,
         ray_jobs: RayJobs,
+        use_gpu: bool = False,
     ):
         self.db = db
         self.settings = settings
         self.base_models = base_models
         self.blobs = blobs
         self.ray_jobs = ray_jobs
+        self.use_gpu = use_gpu
 
     def tick(self) -> list[ReadyModel]:
         """Step every open job once, each in its own transaction: a failure (say, Ray
@@ -155,7 +157,7 @@ class Scheduler:
             hyperparameters=hyperparameters,
             seed=job.seed,
             num_workers=self.settings.training_num_workers,
-            use_gpu=self.settings.training_use_gpu,
+            use_gpu=self.use_gpu,
         )
         spec.save(output_dir / "spec.json")
         self.ray_jobs.submit(submission_id, str(output_dir / "spec.json"), env={})

@@ -8,25 +8,60 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from openai import APIStatusError, OpenAI
+from openai.types.fine_tuning import FineTuningJob
 
 from service.ray_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
 class RunningServer:
-    base_url: str
-    home: Path
-    log: Path
+    """The server as a user runs it (`python -m service serve`), in its own process.
+
+    `kill` and `start` let a test take the API process down mid-job and bring it back on
+    the same FTAAS_HOME; the embedded Ray head and the serving replica live on."""
+
+    def __init__(self, home: Path, port: int):
+        self.home = home
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log = home / "server.log"
+        self.env = {**os.environ, "FTAAS_HOME": str(home), "FTAAS_PORT": str(port)}
+        self.env.pop("FTAAS_API_KEYS", None)
+        self.process: subprocess.Popen | None = None
 
     def client(self) -> OpenAI:
         return OpenAI(base_url=f"{self.base_url}/v1", api_key="test-key", max_retries=0)
+
+    def start(self, timeout: float = 180) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "service", "serve"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=out,
+            )
+        _wait_healthy(self.base_url, self.process, self.log, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hook runs, as when a machine or container dies."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def shutdown(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        stop = [sys.executable, "-m", "service", "stop"]
+        subprocess.run(stop, cwd=ROOT, env=self.env, check=False)
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -44,26 +79,12 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    home = tmp_path_factory.mktemp("ftaas-home")
-    port = free_port()
-    env = {**os.environ, "FTAAS_HOME": str(home), "FTAAS_PORT": str(port)}
-    env.pop("FTAAS_API_KEYS", None)
-    log = home / "server.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env, stdout=out, stderr=out
-        )
-    running = RunningServer(f"http://127.0.0.1:{port}", home, log)
+    running = RunningServer(tmp_path_factory.mktemp("ftaas-home"), free_port())
     try:
-        _wait_healthy(running.base_url, process, log, timeout=180)
+        running.start()
         yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        subprocess.run([sys.executable, "-m", "service", "stop"], cwd=ROOT, env=env, check=False)
+        running.shutdown()
 
 
 def wait_for_serving(client: OpenAI, model: str, timeout: float = 300) -> None:
@@ -79,3 +100,28 @@ def wait_for_serving(client: OpenAI, model: str, timeout: float = 300) -> None:
             if error.status_code != 503 or time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def greedy(client: OpenAI, model: str, question: str, max_tokens: int = 16) -> str:
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=max_tokens,
+    )
+    return reply.choices[0].message.content or ""
+
+
+def wait_for_job(
+    client: OpenAI, job_id: str, statuses: set[str] = TERMINAL, timeout: float = 600
+) -> FineTuningJob:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} stuck in {job.status}"
+        time.sleep(0.5)

@@ -7,16 +7,15 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from openai import NotFoundError, OpenAI
+from openai import NotFoundError
 from openai.types.fine_tuning import FineTuningJob
 
 from tests.conftest import QUESTIONS, memorisation_jsonl
-from tests.e2e.conftest import RunningServer, wait_for_serving
+from tests.e2e.conftest import TERMINAL, RunningServer, greedy, wait_for_serving
 
 pytestmark = pytest.mark.e2e
 
 BASE = "ftaas-tiny"
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 @dataclass
@@ -26,16 +25,6 @@ class TunedJob:
     upload_to_succeeded_s: float
     succeeded_to_first_answer_s: float
     first_answer: str
-
-
-def greedy(client: OpenAI, model: str, question: str, max_tokens: int = 16) -> str:
-    reply = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": question}],
-        temperature=0,
-        max_tokens=max_tokens,
-    )
-    return reply.choices[0].message.content or ""
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +122,7 @@ def test_vllm_greedy_equals_transformers_peft(server: RunningServer, tuned: Tune
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_dir = server.home / "models" / BASE
-    adapter_dir = next(server.home.glob("jobs/*/attempt-1/adapter"))
+    adapter_dir = server.home / "jobs" / tuned.job.id / "attempt-1" / "adapter"
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir
