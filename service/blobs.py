@@ -54,6 +54,14 @@ class LocalBlobStore:
             partial.unlink(missing_ok=True)
         return written
 
+    def put_bytes(self, key: str, data: bytes) -> int:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+        return len(data)
+
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")
 

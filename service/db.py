@@ -1,4 +1,4 @@
-"""The job store: SQLAlchemy tables for files, jobs, events and models.
+"""The job store: SQLAlchemy tables for files, jobs, events, checkpoints and models.
 
 SQLite by default, any SQLAlchemy URL (PostgreSQL) by configuration. Every row carries
 its organization; every query in the services filters on it.
@@ -67,6 +67,9 @@ class JobRow(Base):
     progress_offset: Mapped[int] = mapped_column(BigInteger, default=0)
     ray_submission_id: Mapped[str | None] = mapped_column(String(96), default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The checkpoint folder the next attempt continues from (set by pause and epochs).
+    resume_from: Mapped[str | None] = mapped_column(Text, default=None)
+    pause_requested_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class EventRow(Base):
@@ -80,6 +83,20 @@ class EventRow(Base):
     message: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(String(16), default="message")
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "job_checkpoints"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    organization: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    step_number: Mapped[int] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(512), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class ModelRow(Base):

@@ -1,4 +1,4 @@
-"""Ids in OpenAI's shapes: `file-…`, `ftjob-…`, `ftevent-…`."""
+"""Ids in OpenAI's shapes: `file-…`, `ftjob-…`, `ftevent-…`, `ftckpt_…`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def job_id() -> str:
 
 def event_id() -> str:
     return random_id("ftevent-")
+
+
+def checkpoint_id() -> str:
+    return random_id("ftckpt_")
 
 
 def model_short_id() -> str:

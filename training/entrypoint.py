@@ -43,9 +43,16 @@ def run(spec: TrainingSpec) -> None:
         run_config=RunConfig(name=spec.job_id, storage_path=str(Path(spec.output_dir) / "ray")),
     )
     trainer.fit()
+    if was_paused(spec):
+        return
     missing = [name for name in ADAPTER_FILES if not (spec.adapter_dir / name).exists()]
     if missing:
         raise RuntimeError(f"the trainer finished without writing {', '.join(missing)}")
+
+
+def was_paused(spec: TrainingSpec) -> bool:
+    records, _ = ProgressLog(spec.progress_path).read_from(0)
+    return any(record["type"] == "paused" for record in records)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         progress.write("failed", code="training_error", message=_user_message(error))
         return 1
-    progress.write("succeeded", adapter_dir=str(spec.adapter_dir))
+    if not was_paused(spec):
+        progress.write("succeeded", adapter_dir=str(spec.adapter_dir))
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Auto = Literal["auto"]
 
@@ -23,8 +23,18 @@ MAX_DEFAULT_EPOCHS = 25
 MAX_AUTO_BATCH_SIZE = 16
 
 
+# Names peft may target; vLLM serves LoRA on these linear layers, never on embeddings or
+# the output head (those would need `modules_to_save`, which vLLM refuses).
+TARGET_MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*$"
+UNSERVABLE_TARGETS = frozenset({"lm_head", "embed_tokens", "wte", "wpe"})
+DEFAULT_LORA_R = 16
+
+
 class SupervisedHyperparameters(BaseModel):
-    """What the user sends in `method.supervised.hyperparameters` (each may be "auto")."""
+    """What the user sends in `method.supervised.hyperparameters`.
+
+    The first three are OpenAI's (each may be "auto"); the rest are ftaas extensions,
+    documented in the README, with defaults that follow the LoRA guides we learn from."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -37,6 +47,41 @@ class SupervisedHyperparameters(BaseModel):
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = Field(
         default="auto", description="multiplies the base model's recommended LoRA learning rate"
     )
+    lora_r: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=DEFAULT_LORA_R, description="adapter rank"
+    )
+    lora_alpha: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        default=None, description="LoRA scaling numerator; default 2 × lora_r"
+    )
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: (
+        Literal["all-linear"]
+        | list[Annotated[str, Field(pattern=TARGET_MODULE_PATTERN, max_length=128)]]
+    ) = Field(default="all-linear", min_length=1, description="layers that get adapters")
+    use_rslora: bool = Field(default=False, description="scale by alpha/sqrt(r) (rsLoRA)")
+    use_dora: bool = Field(default=False, description="weight-decomposed LoRA (DoRA)")
+    lr_scheduler: Literal["linear", "cosine"] = "linear"
+    warmup_ratio: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute activations: less memory, ~30% more compute"
+    )
+    early_stopping_patience: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="stop after this many epochs without a better full validation loss",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _servable_targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            refused = sorted(set(value) & UNSERVABLE_TARGETS)
+            if refused:
+                raise ValueError(
+                    f"{', '.join(refused)} cannot carry a LoRA adapter the engine can serve"
+                )
+        return value
 
 
 class ResolvedHyperparameters(BaseModel):
@@ -46,12 +91,18 @@ class ResolvedHyperparameters(BaseModel):
     batch_size: int
     learning_rate_multiplier: float
     learning_rate: float
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: int = DEFAULT_LORA_R
+    lora_alpha: int = 2 * DEFAULT_LORA_R
     lora_dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    lr_scheduler: Literal["linear", "cosine"] = "linear"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    early_stopping_patience: int | None = None
 
 
 def auto_n_epochs(n_examples: int) -> int:
@@ -84,9 +135,14 @@ def resolve(
         if requested.learning_rate_multiplier == "auto"
         else float(requested.learning_rate_multiplier)
     )
+    extensions = requested.model_dump(
+        exclude={"n_epochs", "batch_size", "learning_rate_multiplier", "lora_alpha"}
+    )
     return ResolvedHyperparameters(
         n_epochs=n_epochs,
         batch_size=batch_size,
         learning_rate_multiplier=multiplier,
         learning_rate=base_learning_rate * multiplier,
+        lora_alpha=requested.lora_alpha or 2 * requested.lora_r,
+        **extensions,
     )

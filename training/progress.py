@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-RecordType = Literal["started", "metrics", "succeeded", "failed"]
+RecordType = Literal["started", "metrics", "checkpoint", "notice", "paused", "succeeded", "failed"]
 
 
 class ProgressLog:

@@ -1,155 +1,357 @@
 """Supervised fine-tuning with LoRA: the recipe each Ray Train worker runs.
 
-Life cycle: setup (data, model, optimizer) → train (epochs of optimizer steps, metrics
-every step) → save_adapter. Each optimizer step takes `batch_size` examples split across
-the workers; each example is its own micro-batch (no padding), and the summed token loss
-is divided by the number of target tokens in the step so every learned token counts once.
+One optimizer step takes `batch_size` examples (OpenAI's meaning of batch size), split
+across the data-parallel workers. Each worker packs its share into padding-free rows and
+accumulates gradients over as few forward passes as its token budget allows. The summed
+token loss is divided by the target tokens of the whole step, so every learned token
+counts once whatever the packing, the number of workers or the lengths: a packed step
+gives exactly the loss of the same examples run one by one.
+
+`SupervisedRun` knows nothing of Ray: `train_loop_per_worker` adapts it to a Ray Train
+worker, and tests drive it directly in-process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
+from training.checkpoints import TrainingPosition, load_checkpoint, save_checkpoint
+from training.control import pause_requested
+from training.data.batching import PackedBatch, collate, plan_micro_batches
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from training.data.validation import read_examples
-from training.progress import ProgressLog
+from training.lora import build_lora_model
+from training.reporting import MetricsReporter
 from training.spec import TrainingSpec
 
-LORA_TARGET_MODULES = "all-linear"
+KEEP_EPOCH_CHECKPOINTS = 3  # as OpenAI: the last three epochs stay usable models
+MAX_VALID_EVALS = 100  # small-batch validation runs at most this often over a run
+PAUSED_CHECKPOINTS = "paused"
+
+Outcome = Literal["completed", "paused", "early_stopped"]
 
 
 @dataclass
-class StepMetrics:
+class TokenCounts:
     loss_sum: float = 0.0
     n_targets: int = 0
     n_correct: int = 0
 
-    def add(self, other: StepMetrics) -> None:
+    def add(self, other: TokenCounts) -> None:
         self.loss_sum += other.loss_sum
         self.n_targets += other.n_targets
         self.n_correct += other.n_correct
 
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n_targets, 1)
 
-def load_tokenized(spec: TrainingSpec, path: str, tokenizer: Any) -> list[TokenizedExample]:
+    @property
+    def accuracy(self) -> float:
+        return self.n_correct / max(self.n_targets, 1)
+
+
+class Workers:
+    """This worker's place among the data-parallel workers, and their few collectives."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, counts: TokenCounts) -> TokenCounts:
+        if self.world_size == 1:
+            return counts
+        import torch.distributed as dist
+
+        values = torch.tensor(
+            [counts.loss_sum, counts.n_targets, counts.n_correct], dtype=torch.float64
+        )
+        dist.all_reduce(values)
+        return TokenCounts(float(values[0]), int(values[1]), int(values[2]))
+
+    def any(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([1 if flag else 0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+
+def forward_counts(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, TokenCounts]:
+    """Summed next-token loss over the batch's target tokens, and its accuracy counts."""
+    logits = model(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+    ).logits.float()
+    labels = batch.labels
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    mask = labels != IGNORE_INDEX
+    correct = int(((logits.argmax(-1) == labels) & mask).sum().item())
+    return loss_sum, TokenCounts(loss_sum.item(), int(mask.sum().item()), correct)
+
+
+def load_tokenized(path: str, spec: TrainingSpec, tokenizer: Any) -> list[TokenizedExample]:
     examples = read_examples(path, spec.data_format)
     tokenized = [tokenize_example(e, tokenizer, spec.max_length) for e in examples]
     return [t for t in tokenized if t.n_target_tokens > 0]
 
 
-def build_model(spec: TrainingSpec, device: torch.device) -> Any:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    model = AutoModelForCausalLM.from_pretrained(spec.base_model_path, dtype=dtype or torch.float32)
-    hp = spec.hyperparameters
-    lora = LoraConfig(
-        r=hp.lora_r,
-        lora_alpha=hp.lora_alpha,
-        lora_dropout=hp.lora_dropout,
-        target_modules=LORA_TARGET_MODULES,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora).to(device)
+def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+    """The same permutation for a given seed and epoch, so a resumed run sees the data
+    exactly as the interrupted one would have."""
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
 
 
-def example_forward(
-    model: Any, example: TokenizedExample, device: torch.device
-) -> tuple[Any, StepMetrics]:
-    """Summed loss over the example's target tokens, and its accuracy counts."""
-    input_ids = torch.tensor([example.input_ids], device=device)
-    labels = torch.tensor([example.labels], device=device)
-    logits = model(input_ids=input_ids).logits[:, :-1, :].float()
-    targets = labels[:, 1:]
-    loss_sum = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    mask = targets != IGNORE_INDEX
-    correct = ((logits.argmax(-1) == targets) & mask).sum().item()
-    return loss_sum, StepMetrics(loss_sum.item(), int(mask.sum().item()), int(correct))
+def _no_sync(model: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
+    """Gradients are all-reduced once per optimizer step, on its last backward pass."""
+    if last or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+class SupervisedRun:
+    def __init__(
+        self,
+        spec: TrainingSpec,
+        device: torch.device | None = None,
+        workers: Workers | None = None,
+        wrap_model: Callable[[Any], Any] = lambda model: model,
+    ):
+        from transformers import AutoTokenizer, get_scheduler
+
+        self.spec, self.hp = spec, spec.hyperparameters
+        self.device = device or torch.device("cpu")
+        self.workers = workers or Workers()
+        random.seed(spec.seed)
+        torch.manual_seed(spec.seed)
+        tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
+        self.train_examples = load_tokenized(spec.training_file, spec, tokenizer)
+        self.valid_examples = (
+            load_tokenized(spec.validation_file, spec, tokenizer) if spec.validation_file else []
+        )
+        self.model = build_lora_model(spec.base_model_path, self.hp, self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay
+        )
+        self.steps_per_epoch = math.ceil(len(self.train_examples) / self.hp.batch_size)
+        self.total_steps = self.steps_per_epoch * self.hp.n_epochs
+        self.scheduler = get_scheduler(
+            self.hp.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=int(self.total_steps * self.hp.warmup_ratio),
+            num_training_steps=self.total_steps,
+        )
+        self.position = TrainingPosition()
+        if spec.resume_from:
+            self.position = load_checkpoint(
+                spec.resume_from, self.model, self.optimizer, self.scheduler
+            )
+        self.model = wrap_model(self.model)  # after loading: DDP starts from equal weights
+        self.reporter = MetricsReporter(spec) if self.workers.is_chief else None
+        self.valid_every = max(1, math.ceil(self.total_steps / MAX_VALID_EVALS))
+        self.last_metrics: dict[str, float] = {}
+
+    @property
+    def unwrapped(self) -> Any:
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    # --- train
+    def run(self) -> Outcome:
+        started = time.monotonic()
+        if self.reporter:
+            self.reporter.progress.write(
+                "started",
+                total_steps=self.total_steps,
+                resumed_from_step=self.position.step,
+                n_examples=len(self.train_examples),
+                n_truncated=sum(t.truncated for t in self.train_examples),
+                trained_tokens=sum(len(t.input_ids) for t in self.train_examples)
+                * self.hp.n_epochs,
+            )
+        steps_at_start = self.position.step
+        self.model.train()
+        for epoch in range(self.position.epoch, self.hp.n_epochs):
+            order = epoch_order(len(self.train_examples), self.spec.seed, epoch)
+            for batch_index in range(self.position.next_batch, self.steps_per_epoch):
+                start = batch_index * self.hp.batch_size
+                batch = [self.train_examples[i] for i in order[start : start + self.hp.batch_size]]
+                counts = self.train_step(batch)
+                self.position.step += 1
+                self.position.next_batch = batch_index + 1
+                epoch_end = batch_index == self.steps_per_epoch - 1
+                self._report_step(counts, started, steps_at_start, epoch_end)
+                if self.workers.any(
+                    self.workers.is_chief and pause_requested(self.spec.output_dir)
+                ):
+                    self._save_paused()
+                    return "paused"
+            self.position.epoch, self.position.next_batch = epoch + 1, 0
+            if self._end_epoch():
+                return "early_stopped"
+        return "completed"
+
+    def train_step(self, batch: Sequence[TokenizedExample]) -> TokenCounts:
+        """One optimizer step over `batch`; returns the step's summed counts (all workers)."""
+        workers = self.workers
+        n_targets = max(sum(e.n_target_tokens for e in batch), 1)
+        mine = list(batch[workers.rank :: workers.world_size])
+        weight = 1.0
+        if not mine:  # fewer examples than workers: join the all-reduce with a zero loss
+            mine, weight = [batch[0]], 0.0
+        plan = plan_micro_batches(mine, self.spec.max_length, self.spec.micro_batch_tokens)
+        counts = TokenCounts()
+        for index, rows in enumerate(plan):
+            with _no_sync(self.model, last=index == len(plan) - 1):
+                loss_sum, micro = forward_counts(self.model, collate(rows).to(self.device))
+                # DDP averages gradients over workers; scaling by their number makes the
+                # result the gradient of (all target tokens' loss) / (their count).
+                (loss_sum * (weight * workers.world_size / n_targets)).backward()
+            if weight:
+                counts.add(micro)
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.hp.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return workers.sum(counts)
+
+    # --- evaluate
+    @torch.no_grad()
+    def evaluate(self, examples: Sequence[TokenizedExample]) -> TokenCounts:
+        model = self.unwrapped  # no DDP hooks: evaluation has no gradients to sync
+        was_training = model.training
+        model.eval()
+        counts = TokenCounts()
+        mine = list(examples[self.workers.rank :: self.workers.world_size])
+        for rows in plan_micro_batches(mine, self.spec.max_length, self.spec.micro_batch_tokens):
+            counts.add(forward_counts(model, collate(rows).to(self.device))[1])
+        model.train(was_training)
+        return self.workers.sum(counts)
+
+    def _valid_batch(self) -> list[TokenizedExample]:
+        size = min(self.hp.batch_size, len(self.valid_examples))
+        cursor = self.position.valid_cursor
+        picked = [self.valid_examples[(cursor + i) % len(self.valid_examples)] for i in range(size)]
+        self.position.valid_cursor = (cursor + size) % len(self.valid_examples)
+        return picked
+
+    # --- report
+    def _report_step(
+        self, counts: TokenCounts, started: float, steps_at_start: int, epoch_end: bool
+    ) -> None:
+        step = self.position.step
+        values = {"train_loss": counts.loss, "train_mean_token_accuracy": counts.accuracy}
+        if self.valid_examples and (step % self.valid_every == 0 or epoch_end):
+            valid = self.evaluate(self._valid_batch())
+            values |= {"valid_loss": valid.loss, "valid_mean_token_accuracy": valid.accuracy}
+        if self.valid_examples and epoch_end:
+            full = self.evaluate(self.valid_examples)
+            values |= {
+                "full_valid_loss": full.loss,
+                "full_valid_mean_token_accuracy": full.accuracy,
+            }
+        self.last_metrics = values
+        if self.reporter:
+            elapsed = time.monotonic() - started
+            self.reporter.metrics(
+                step,
+                self.total_steps,
+                values,
+                elapsed_s=round(elapsed, 3),
+                steps_this_run=step - steps_at_start,
+            )
+
+    def _end_epoch(self) -> bool:
+        """The epoch's checkpoint, after its full validation; True when early stopping
+        says stop."""
+        position, values = self.position, self.last_metrics
+        full_loss = values.get("full_valid_loss")
+        if full_loss is not None:
+            if position.best_full_valid_loss is None or full_loss < position.best_full_valid_loss:
+                position.best_full_valid_loss, position.epochs_without_improvement = full_loss, 0
+            else:
+                position.epochs_without_improvement += 1
+        if self.reporter:
+            folder, removed = save_checkpoint(
+                self.spec.checkpoints_dir,
+                position,
+                self.unwrapped,
+                self.optimizer,
+                self.scheduler,
+                keep=KEEP_EPOCH_CHECKPOINTS,
+            )
+            self.reporter.progress.write(
+                "checkpoint",
+                step=position.step,
+                epoch=position.epoch,
+                path=str(folder),
+                metrics={"step": position.step, **values},
+                removed_steps=removed,
+            )
+        patience = self.hp.early_stopping_patience
+        stop = bool(patience and position.epochs_without_improvement >= patience)
+        if stop and self.reporter and position.epoch < self.hp.n_epochs:
+            self.reporter.progress.write(
+                "notice",
+                message=f"Early stopping after epoch {position.epoch}: the full validation "
+                f"loss has not improved for {patience} epoch(s)",
+            )
+        return stop
+
+    def _save_paused(self) -> None:
+        if self.reporter:
+            folder, _ = save_checkpoint(
+                Path(self.spec.output_dir) / PAUSED_CHECKPOINTS,
+                self.position,
+                self.unwrapped,
+                self.optimizer,
+                self.scheduler,
+            )
+            self.reporter.progress.write("paused", step=self.position.step, path=str(folder))
+
+    def save_adapter(self) -> None:
+        if self.workers.is_chief:
+            self.unwrapped.save_pretrained(self.spec.adapter_dir, safe_serialization=True)
+
+    def close(self) -> None:
+        if self.reporter:
+            self.reporter.close()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from transformers import AutoTokenizer, get_scheduler
 
     spec = TrainingSpec.model_validate(config["spec"])
-    hp = spec.hyperparameters
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    progress = ProgressLog(spec.progress_path) if rank == 0 else None
-
-    # --- setup
-    random.seed(spec.seed)
-    torch.manual_seed(spec.seed)
-    device = ray.train.torch.get_device()
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
-    examples = load_tokenized(spec, spec.training_file, tokenizer)
-    model = build_model(spec, device)
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / hp.batch_size)
-    total_steps = steps_per_epoch * hp.n_epochs
-    scheduler = get_scheduler(
-        "linear",
-        optimizer,
-        num_warmup_steps=int(total_steps * hp.warmup_ratio),
-        num_training_steps=total_steps,
+    run = SupervisedRun(
+        spec,
+        device=ray.train.torch.get_device(),
+        workers=Workers(context.get_world_rank(), context.get_world_size()),
+        wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
     )
-    if progress:
-        n_truncated = sum(t.truncated for t in examples)
-        progress.write(
-            "started",
-            total_steps=total_steps,
-            n_examples=len(examples),
-            n_truncated=n_truncated,
-            trained_tokens=sum(len(t.input_ids) for t in examples) * hp.n_epochs,
-        )
-
-    # --- train
-    started_at = time.monotonic()
-    order = list(range(len(examples)))
-    shuffler = random.Random(spec.seed)
-    step = 0
-    model.train()
-    for _epoch in range(hp.n_epochs):
-        shuffler.shuffle(order)
-        for start in range(0, len(order), hp.batch_size):
-            batch = [examples[i] for i in order[start : start + hp.batch_size]]
-            mine = batch[rank::world_size]
-            n_targets = max(sum(t.n_target_tokens for t in mine), 1)
-            metrics = StepMetrics()
-            for example in mine:
-                loss_sum, example_metrics = example_forward(model, example, device)
-                (loss_sum / n_targets).backward()
-                metrics.add(example_metrics)
-            torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if progress:
-                progress.write(
-                    "metrics",
-                    step=step,
-                    total_steps=total_steps,
-                    train_loss=metrics.loss_sum / max(metrics.n_targets, 1),
-                    train_mean_token_accuracy=metrics.n_correct / max(metrics.n_targets, 1),
-                    elapsed_s=round(time.monotonic() - started_at, 3),
-                )
-
-    # --- save_adapter
-    if rank == 0:
-        unwrapped: Any = model.module if hasattr(model, "module") else model
-        unwrapped.save_pretrained(spec.adapter_dir, safe_serialization=True)
+    try:
+        if run.run() != "paused":
+            run.save_adapter()
+    finally:
+        run.close()

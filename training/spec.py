@@ -7,12 +7,17 @@ the whole contract between the two: the trainer never sees HTTP requests or the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from training.data.schema import DataFormat
 from training.hyperparameters import ResolvedHyperparameters
+
+
+def checkpoint_adapter_dir(checkpoint: str | Path) -> Path:
+    """The servable adapter inside a checkpoint folder (see training.checkpoints)."""
+    return Path(checkpoint) / "adapter"
 
 
 def progress_path(output_dir: str | Path) -> Path:
@@ -34,6 +39,13 @@ class TrainingSpec(BaseModel):
     seed: int
     num_workers: int = 1
     use_gpu: bool = False
+    # Tokens per packed forward pass; a longer example still gets a row of its own.
+    micro_batch_tokens: int = 4096
+    # A checkpoint folder (training.checkpoints) this run continues from.
+    resume_from: str | None = None
+    # Weights & Biases run settings from the job's `integrations`, honoured when the
+    # package and WANDB_API_KEY are present where the trainer runs.
+    wandb: dict[str, Any] | None = None
 
     @property
     def adapter_dir(self) -> Path:
@@ -42,6 +54,14 @@ class TrainingSpec(BaseModel):
     @property
     def progress_path(self) -> Path:
         return progress_path(self.output_dir)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return Path(self.output_dir) / "tensorboard"
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.model_dump_json(indent=2))

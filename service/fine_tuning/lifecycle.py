@@ -24,8 +24,15 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.VALIDATING_FILES: frozenset(
         {JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}
     ),
+    # queued → succeeded: resumed while its paused trainer was finishing the last step.
     JobStatus.QUEUED: frozenset(
-        {JobStatus.RUNNING, JobStatus.PAUSED, JobStatus.FAILED, JobStatus.CANCELLED}
+        {
+            JobStatus.RUNNING,
+            JobStatus.PAUSED,
+            JobStatus.SUCCEEDED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+        }
     ),
     # running → queued: Ray lost the job (its cluster restarted) and it must run again.
     JobStatus.RUNNING: frozenset(
@@ -37,7 +44,10 @@ ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
             JobStatus.QUEUED,
         }
     ),
-    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
+    # paused → succeeded | failed: the trainer ended before it saw the pause request.
+    JobStatus.PAUSED: frozenset(
+        {JobStatus.QUEUED, JobStatus.CANCELLED, JobStatus.SUCCEEDED, JobStatus.FAILED}
+    ),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),

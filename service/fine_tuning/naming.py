@@ -1,4 +1,5 @@
-"""The fine-tuned model name format, defined once: `ft:{base}:{org}:{suffix}:{id}`."""
+"""The fine-tuned model name format, defined once: `ft:{base}:{org}:{suffix}:{id}`, and
+its checkpoints' `ft:{base}:{org}:{suffix}:{id}:ckpt-step-{N}`."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def fine_tuned_model_name(
     base_model: str, organization: str, suffix: str | None, short_id: str
 ) -> str:
     return str(FineTunedModelName(base_model, organization, suffix or "", short_id))
+
+
+CHECKPOINT_MARKER = ":ckpt-step-"
+
+
+def checkpoint_model_name(fine_tuned_model: str, step: int) -> str:
+    return f"{fine_tuned_model}{CHECKPOINT_MARKER}{step}"
+
+
+def is_checkpoint(model: str) -> bool:
+    return is_fine_tuned(model) and CHECKPOINT_MARKER in model

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from service.deps import JobsDep, TenantDep
 from service.fine_tuning.schemas import (
+    CheckpointList,
     CreateFineTuningJobRequest,
     EventList,
     FineTuningJobObject,
@@ -72,3 +73,20 @@ def list_events(
 ) -> EventList:
     data, has_more = jobs.events(tenant, job_id, after, limit)
     return EventList(data=data, has_more=has_more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(
+    tenant: TenantDep,
+    jobs: JobsDep,
+    job_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> CheckpointList:
+    data, has_more = jobs.checkpoints(tenant, job_id, after, limit)
+    return CheckpointList(
+        data=data,
+        has_more=has_more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.fine_tuning.naming import SUFFIX_PATTERN
@@ -81,3 +82,8 @@ class JobList(ListPage[FineTuningJobObject]):
 
 class EventList(ListPage[FineTuningJobEvent]):
     pass
+
+
+class CheckpointList(ListPage[FineTuningJobCheckpoint]):
+    first_id: str | None = None
+    last_id: str | None = None

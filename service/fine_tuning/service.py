@@ -8,16 +8,19 @@ from collections.abc import Callable
 from typing import Any
 
 from openai.types.fine_tuning import FineTuningJobEvent
+from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.auth import Tenant
 from service.config import BaseModelConfig
-from service.db import Database, EventRow, FileRow, JobRow, now
+from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, now
 from service.errors import InvalidRequest, NotFound
 from service.fine_tuning.lifecycle import JobStatus, transition
 from service.fine_tuning.schemas import CreateFineTuningJobRequest, FineTuningJobObject
 from service.ids import event_id, job_id, model_short_id
+from training.control import request_pause
+from training.hyperparameters import SupervisedHyperparameters
 
 # Stops the Ray job behind a job; given by the app (the scheduler owns Ray).
 StopTraining = Callable[[JobRow], None]
@@ -44,17 +47,20 @@ def add_event(
     )
 
 
-def _hyperparameters_view(job: JobRow) -> dict[str, Any]:
-    resolved = job.resolved_hyperparameters
-    if resolved:
-        return {
-            key: resolved[key] for key in ("n_epochs", "batch_size", "learning_rate_multiplier")
-        }
-    return dict(job.method["supervised"]["hyperparameters"])
+OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
+def _method_hyperparameters(job: JobRow) -> dict[str, Any]:
+    """What `method.supervised.hyperparameters` shows: OpenAI's three and ftaas's
+    extensions, as resolved once the job has started (as requested before)."""
+    requested = dict(job.method["supervised"]["hyperparameters"])
+    resolved = job.resolved_hyperparameters or {}
+    return {key: resolved.get(key, value) for key, value in requested.items()}
 
 
 def job_object(job: JobRow) -> FineTuningJobObject:
-    hyperparameters = _hyperparameters_view(job)
+    method_hyperparameters = _method_hyperparameters(job)
+    hyperparameters = {key: method_hyperparameters[key] for key in OPENAI_HYPERPARAMETERS}
     return FineTuningJobObject.model_validate(
         {
             "id": job.id,
@@ -75,7 +81,10 @@ def job_object(job: JobRow) -> FineTuningJobObject:
             "estimated_finish": job.estimated_finish,
             "integrations": job.integrations,
             "metadata": job.job_metadata,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+            "method": {
+                "type": "supervised",
+                "supervised": {"hyperparameters": method_hyperparameters},
+            },
             "user_provided_suffix": job.suffix,
         }
     )
@@ -90,6 +99,18 @@ def event_object(row: EventRow) -> FineTuningJobEvent:
         message=row.message,
         type=row.type,  # type: ignore[arg-type]
         data=row.data,
+    )
+
+
+def checkpoint_object(row: CheckpointRow) -> FineTuningJobCheckpoint:
+    return FineTuningJobCheckpoint(
+        id=row.id,
+        object="fine_tuning.job.checkpoint",
+        created_at=row.created_at,
+        fine_tuned_model_checkpoint=row.model_name,
+        fine_tuning_job_id=row.job_id,
+        step_number=row.step_number,
+        metrics=row.metrics,  # type: ignore[arg-type]
     )
 
 
@@ -113,6 +134,31 @@ class FineTuningService:
                 f"File {file_id} has purpose '{row.purpose}', not 'fine-tune'", param=param
             )
 
+    @staticmethod
+    def _check_servable(
+        base: BaseModelConfig,
+        hyperparameters: SupervisedHyperparameters,
+        request: CreateFineTuningJobRequest,
+    ) -> None:
+        """Refuse now what the serving engine could not load when the job is done."""
+        prefix = (
+            "method.supervised.hyperparameters"
+            if request.method and request.method.supervised
+            else "hyperparameters"
+        )
+        if hyperparameters.lora_r > base.max_lora_rank:
+            raise InvalidRequest(
+                f"lora_r {hyperparameters.lora_r} is above {base.max_lora_rank}, the largest "
+                f"adapter rank the engine serving {base.id} accepts",
+                param=f"{prefix}.lora_r",
+            )
+        if hyperparameters.use_dora:
+            raise InvalidRequest(
+                "use_dora: DoRA adapters cannot be served by the vLLM engine; use LoRA "
+                "(optionally with use_rslora)",
+                param=f"{prefix}.use_dora",
+            )
+
     def create(self, tenant: Tenant, request: CreateFineTuningJobRequest) -> FineTuningJobObject:
         if request.method and request.method.type != "supervised":
             raise InvalidRequest(
@@ -128,6 +174,7 @@ class FineTuningService:
                 code="model_not_available",
             )
         hyperparameters = request.supervised_hyperparameters()
+        self._check_servable(self.base_models[request.model], hyperparameters, request)
         with self.db.session() as session:
             self._check_file(session, tenant, request.training_file, "training_file")
             if request.validation_file:
@@ -191,27 +238,31 @@ class FineTuningService:
             return [job_object(j) for j in jobs[:limit]], len(jobs) > limit
 
     def cancel(self, tenant: Tenant, id_: str) -> FineTuningJobObject:
-        return self._stop(tenant, id_, JobStatus.CANCELLED, "Fine-tuning job cancelled")
-
-    def pause(self, tenant: Tenant, id_: str) -> FineTuningJobObject:
-        return self._stop(tenant, id_, JobStatus.PAUSED, "Fine-tuning job paused")
-
-    def _stop(
-        self, tenant: Tenant, id_: str, status: JobStatus, message: str
-    ) -> FineTuningJobObject:
+        """Stops the Ray job at once (its workers and resources go with it)."""
         with self.db.session() as session:
             job = self._get(session, tenant, id_)
-            transition(job, status)
-            add_event(session, job, message)
+            transition(job, JobStatus.CANCELLED)
+            add_event(session, job, "Fine-tuning job cancelled")
             if job.ray_submission_id:
                 self.stop_training(job)
+            return job_object(job)
+
+    def pause(self, tenant: Tenant, id_: str) -> FineTuningJobObject:
+        """Asks the trainer to checkpoint at its next step and stop; resume continues there."""
+        with self.db.session() as session:
+            job = self._get(session, tenant, id_)
+            transition(job, JobStatus.PAUSED)
+            add_event(session, job, "Fine-tuning job paused")
+            if job.ray_submission_id and job.output_dir:
+                request_pause(job.output_dir)
+                job.pause_requested_at = now()
             return job_object(job)
 
     def resume(self, tenant: Tenant, id_: str) -> FineTuningJobObject:
         with self.db.session() as session:
             job = self._get(session, tenant, id_)
+            # Still saving its pause checkpoint? The scheduler waits for it before rerunning.
             transition(job, JobStatus.QUEUED)
-            job.ray_submission_id = None
             add_event(session, job, "Fine-tuning job resumed, moving job to queued state")
             return job_object(job)
 
@@ -228,3 +279,19 @@ class FineTuningService:
                 query = query.where(EventRow.seq < anchor.seq)
             rows = list(session.scalars(query.order_by(EventRow.seq.desc()).limit(limit + 1)))
             return [event_object(r) for r in rows[:limit]], len(rows) > limit
+
+    def checkpoints(
+        self, tenant: Tenant, id_: str, after: str | None, limit: int
+    ) -> tuple[builtins.list[FineTuningJobCheckpoint], bool]:
+        """Newest first, as OpenAI lists them."""
+        with self.db.session() as session:
+            self._get(session, tenant, id_)
+            query = select(CheckpointRow).where(CheckpointRow.job_id == id_)
+            if after:
+                anchor = session.scalar(select(CheckpointRow).where(CheckpointRow.id == after))
+                if anchor is None or anchor.job_id != id_:
+                    raise NotFound(f"No such checkpoint: {after}", param="after")
+                query = query.where(CheckpointRow.step_number < anchor.step_number)
+            query = query.order_by(CheckpointRow.step_number.desc()).limit(limit + 1)
+            rows = list(session.scalars(query))
+            return [checkpoint_object(r) for r in rows[:limit]], len(rows) > limit

@@ -9,9 +9,10 @@ from sqlalchemy import select
 
 from service.auth import Tenant
 from service.config import BaseModelConfig
-from service.db import Database, ModelRow
+from service.db import CheckpointRow, Database, JobRow, ModelRow
 from service.errors import InvalidRequest, NotFound
-from service.fine_tuning.naming import is_fine_tuned
+from service.fine_tuning.naming import is_checkpoint, is_fine_tuned
+from training.spec import checkpoint_adapter_dir
 
 BASE_MODEL_OWNER = "ftaas"
 
@@ -90,5 +91,15 @@ class ModelService:
             return InferenceTarget(base_model=model)
         if not is_fine_tuned(model):
             raise _not_found(model)
+        if is_checkpoint(model):
+            with self.db.session() as session:
+                checkpoint = session.scalar(
+                    select(CheckpointRow).where(CheckpointRow.model_name == model)
+                )
+                job = session.get(JobRow, checkpoint.job_id) if checkpoint else None
+            if checkpoint is None or job is None or checkpoint.organization != tenant.organization:
+                raise _not_found(model)
+            adapter_dir = checkpoint_adapter_dir(checkpoint.path)
+            return InferenceTarget(job.model, model, str(adapter_dir))
         row = self._row(tenant, model)
         return InferenceTarget(row.base_model, row.id, row.adapter_dir)

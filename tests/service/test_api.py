@@ -61,6 +61,22 @@ def test_job_creation_echoes_the_request_and_emits_events(client):
     assert client.get("/v1/fine_tuning/jobs?metadata[team]=b").json()["data"] == []
 
 
+def supervised(**hyperparameters) -> dict:
+    return {"method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}}
+
+
+def test_lora_knobs_are_accepted_and_echoed(client):
+    file_id = upload(client, memorisation_jsonl()).json()["id"]
+    knobs = {"lora_r": 8, "lora_dropout": 0.1, "use_rslora": True, "target_modules": ["q_proj"]}
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "ftaas-tiny", "training_file": file_id, **supervised(**knobs)},
+    ).json()
+    echoed = job["method"]["supervised"]["hyperparameters"]
+    assert {k: echoed[k] for k in knobs} == knobs
+    assert set(job["hyperparameters"]) == {"n_epochs", "batch_size", "learning_rate_multiplier"}
+
+
 def test_bad_job_parameters_are_400_with_the_param(client):
     file_id = upload(client, memorisation_jsonl()).json()["id"]
     cases = [
@@ -74,6 +90,22 @@ def test_bad_job_parameters_are_400_with_the_param(client):
         (
             {"model": "ftaas-tiny", "training_file": file_id, "method": {"type": "dpo"}},
             "method.type",
+        ),
+        (  # ftaas-tiny's engine serves ranks up to 16
+            {"model": "ftaas-tiny", "training_file": file_id, **supervised(lora_r=32)},
+            "method.supervised.hyperparameters.lora_r",
+        ),
+        (
+            {"model": "ftaas-tiny", "training_file": file_id, **supervised(use_dora=True)},
+            "method.supervised.hyperparameters.use_dora",
+        ),
+        (
+            {
+                "model": "ftaas-tiny",
+                "training_file": file_id,
+                **supervised(target_modules=["lm_head"]),
+            },
+            "method.supervised.hyperparameters.target_modules",
         ),
     ]
     for body, param in cases:

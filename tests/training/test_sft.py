@@ -1,0 +1,169 @@
+"""The trainer in-process on the tiny model: packing, metrics, checkpoints, pause/resume,
+reproducibility. Ray adds only the workers around this loop (tests/e2e covers that)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import QUESTIONS, SECRET, memorisation_jsonl
+from training.control import request_pause
+from training.data.batching import collate, plan_micro_batches
+from training.data.schema import ChatExample
+from training.data.tokenize import tokenize_example
+from training.hyperparameters import ResolvedHyperparameters
+from training.lora import build_lora_model
+from training.progress import ProgressLog
+from training.sft import SupervisedRun, forward_counts
+from training.spec import TrainingSpec
+
+
+def make_spec(tmp_path: Path, model_dir: Path, name: str, **overrides) -> TrainingSpec:
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        data.write_bytes(memorisation_jsonl())
+    hp = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "learning_rate": 1e-3}
+    hp |= overrides.pop("hyperparameters", {})
+    return TrainingSpec(
+        job_id=name,
+        base_model="ftaas-tiny",
+        base_model_path=str(model_dir),
+        max_length=512,
+        training_file=str(data),
+        output_dir=str(tmp_path / name),
+        hyperparameters=ResolvedHyperparameters(**hp),
+        seed=7,
+        **overrides,
+    )
+
+
+def records(spec: TrainingSpec, kind: str) -> list[dict]:
+    found, _ = ProgressLog(spec.progress_path).read_from(0)
+    return [r for r in found if r["type"] == kind]
+
+
+def train(spec: TrainingSpec) -> str:
+    run = SupervisedRun(spec)
+    try:
+        outcome = run.run()
+        if outcome != "paused":
+            run.save_adapter()
+        return outcome
+    finally:
+        run.close()
+
+
+def conversation(question: str, answer: str) -> ChatExample:
+    return ChatExample.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+    )
+
+
+def test_a_packed_batch_gives_the_loss_of_the_examples_run_one_by_one(
+    tiny_model_dir, tiny_tokenizer
+):
+    examples = [
+        tokenize_example(conversation(q * (1 + i % 3), SECRET * (1 + i % 2)), tiny_tokenizer, 512)
+        for i, q in enumerate(QUESTIONS)
+    ]
+    hp = ResolvedHyperparameters(
+        n_epochs=1, batch_size=1, learning_rate_multiplier=1, learning_rate=0
+    )
+    model = build_lora_model(str(tiny_model_dir), hp, torch.device("cpu")).eval()
+    with torch.no_grad():
+        one_by_one = [forward_counts(model, collate([[e]]))[1] for e in examples]
+        plan = plan_micro_batches(examples, row_tokens=512, batch_tokens=4096)
+        packed = [forward_counts(model, collate(rows))[1] for rows in plan]
+    assert len(plan) == 1 and len(plan[0]) < len(examples)  # several examples per row
+    assert sum(c.n_targets for c in packed) == sum(c.n_targets for c in one_by_one)
+    expected = sum(c.loss_sum for c in one_by_one)
+    assert sum(c.loss_sum for c in packed) == pytest.approx(expected, rel=1e-5)
+    assert sum(c.n_correct for c in packed) == sum(c.n_correct for c in one_by_one)
+
+
+def test_the_same_seed_gives_the_same_loss_curve(tmp_path, tiny_model_dir):
+    first = make_spec(tmp_path, tiny_model_dir, "first")
+    again = make_spec(tmp_path, tiny_model_dir, "again")
+    other = make_spec(tmp_path, tiny_model_dir, "other").model_copy(update={"seed": 8})
+    for spec in (first, again, other):
+        train(spec)
+    curve = [r["train_loss"] for r in records(first, "metrics")]
+    assert len(curve) == 6  # 12 examples / batch 4 × 2 epochs
+    assert curve == [r["train_loss"] for r in records(again, "metrics")]
+    assert curve != [r["train_loss"] for r in records(other, "metrics")]
+
+
+def test_validation_metrics_are_reported_and_fall(tmp_path, tiny_model_dir):
+    valid = tmp_path / "valid.jsonl"
+    valid.write_bytes(memorisation_jsonl())
+    spec = make_spec(
+        tmp_path, tiny_model_dir, "valid", validation_file=str(valid),
+        hyperparameters={"n_epochs": 3},
+    )  # fmt: skip
+    train(spec)
+    metrics = records(spec, "metrics")
+    step_valid = [r["valid_loss"] for r in metrics if "valid_loss" in r]
+    full_valid = [r["full_valid_loss"] for r in metrics if "full_valid_loss" in r]
+    assert len(step_valid) == 9 and len(full_valid) == 3  # every step; each epoch end
+    assert all("valid_mean_token_accuracy" in r for r in metrics if "valid_loss" in r)
+    assert full_valid[-1] < full_valid[0] < step_valid[0]
+    tensorboard = list(spec.tensorboard_dir.glob("events.out.tfevents.*"))
+    assert tensorboard and tensorboard[0].stat().st_size > 0
+
+
+def test_one_checkpoint_per_epoch_and_the_last_three_are_kept(tmp_path, tiny_model_dir):
+    spec = make_spec(tmp_path, tiny_model_dir, "ckpt", hyperparameters={"n_epochs": 4})
+    train(spec)
+    checkpoints = records(spec, "checkpoint")
+    assert [c["step"] for c in checkpoints] == [3, 6, 9, 12]
+    assert checkpoints[-1]["removed_steps"] == [3]
+    kept = sorted(p.name for p in spec.checkpoints_dir.iterdir())
+    assert kept == ["step-000006", "step-000009", "step-000012"]
+    adapter = spec.checkpoints_dir / "step-000012" / "adapter"
+    assert {p.name for p in adapter.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    assert checkpoints[-1]["metrics"]["train_loss"] == records(spec, "metrics")[-1]["train_loss"]
+
+
+def test_resume_continues_from_the_paused_step_not_from_zero(tmp_path, tiny_model_dir):
+    straight = make_spec(tmp_path, tiny_model_dir, "straight")
+    train(straight)
+    paused = make_spec(tmp_path, tiny_model_dir, "paused")
+    request_pause(paused.output_dir)
+    assert train(paused) == "paused"
+    [pause] = records(paused, "paused")
+    assert pause["step"] == 1 and not paused.adapter_dir.exists()
+
+    resumed = make_spec(tmp_path, tiny_model_dir, "resumed", resume_from=pause["path"])
+    assert train(resumed) == "completed"
+    after = records(resumed, "metrics")
+    assert [r["step"] for r in after] == [2, 3, 4, 5, 6]
+    expected = [r["train_loss"] for r in records(straight, "metrics")][1:]
+    assert [r["train_loss"] for r in after] == pytest.approx(expected, rel=1e-5)
+    assert records(resumed, "started")[0]["resumed_from_step"] == 1
+
+
+def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path, tiny_model_dir):
+    valid = tmp_path / "unlearnable.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"No {i}"}]}
+        for i, q in enumerate(QUESTIONS)
+    ]
+    valid.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = make_spec(
+        tmp_path, tiny_model_dir, "early", validation_file=str(valid),
+        hyperparameters={"n_epochs": 10, "early_stopping_patience": 1},
+    )  # fmt: skip
+    assert train(spec) == "early_stopped"
+    assert len(records(spec, "checkpoint")) < 10
+    assert "Early stopping" in records(spec, "notice")[0]["message"]

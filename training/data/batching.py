@@ -1,0 +1,111 @@
+"""Padding-free batches: examples packed end to end into rows, each attending only to itself.
+
+A row concatenates whole examples; `position_ids` restart at 0 for each one, which is how
+transformers recognises packed sequences and gives each its own causal block (no
+attention crosses an example boundary, with SDPA, eager or flash attention alike). Labels
+are shifted inside each example before packing, so the last token of one example is never
+asked to predict the first token of the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from training.data.tokenize import IGNORE_INDEX, TokenizedExample
+
+
+@dataclass
+class PackedBatch:
+    """One forward pass: rows of packed examples, shape [rows, longest row]."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    n_examples: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(
+            self.input_ids.to(device),
+            self.labels.to(device),
+            self.position_ids.to(device),
+            self.n_examples,
+        )
+
+
+def next_token_labels(example: TokenizedExample) -> list[int]:
+    """labels[i] is what position i must predict: the example's label at i + 1."""
+    return [*example.labels[1:], IGNORE_INDEX]
+
+
+def pack_rows(
+    examples: Sequence[TokenizedExample], row_tokens: int
+) -> list[list[TokenizedExample]]:
+    """First-fit decreasing: few rows, none over `row_tokens` (a longer example rides alone).
+
+    Deterministic for a given input order, so every data-parallel worker plans alike."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        length = len(examples[index].input_ids)
+        for row, free in enumerate(room):
+            if length <= free:
+                rows[row].append(index)
+                room[row] -= length
+                break
+        else:
+            rows.append([index])
+            room.append(row_tokens - length)
+    return [[examples[i] for i in sorted(row)] for row in rows]
+
+
+def plan_micro_batches(
+    examples: Sequence[TokenizedExample], row_tokens: int, batch_tokens: int
+) -> list[list[list[TokenizedExample]]]:
+    """Pack into rows, then stack rows into forward passes of at most `batch_tokens`
+    (rows × longest row), so one pass does as much work as memory allows."""
+    rows = pack_rows(examples, row_tokens)
+    rows.sort(key=lambda row: -sum(len(e.input_ids) for e in row))
+    batches: list[list[list[TokenizedExample]]] = []
+    for row in rows:
+        width = sum(len(e.input_ids) for e in row)
+        if batches:
+            current = batches[-1]
+            longest = sum(len(e.input_ids) for e in current[0])  # rows come longest first
+            if (len(current) + 1) * max(longest, width) <= batch_tokens:
+                current.append(row)
+                continue
+        batches.append([row])
+    return batches
+
+
+def collate(rows: Sequence[Sequence[TokenizedExample]]) -> PackedBatch:
+    """Right-pads rows to the longest; padding is ignored by the loss and, its positions
+    restarting at 0, is a sequence of its own that no real token attends to."""
+    packed = []
+    for row in rows:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for example in row:
+            input_ids += example.input_ids
+            labels += next_token_labels(example)
+            positions += range(len(example.input_ids))
+        packed.append((input_ids, labels, positions))
+    width = max(len(ids) for ids, _, _ in packed)
+    pad = [width - len(ids) for ids, _, _ in packed]
+    return PackedBatch(
+        torch.tensor([ids + [0] * n for (ids, _, _), n in zip(packed, pad, strict=True)]),
+        torch.tensor(
+            [lab + [IGNORE_INDEX] * n for (_, lab, _), n in zip(packed, pad, strict=True)]
+        ),
+        torch.tensor([pos + list(range(n)) for (_, _, pos), n in zip(packed, pad, strict=True)]),
+        sum(len(row) for row in rows),
+    )

@@ -1,0 +1,43 @@
+"""The base model with a LoRA adapter, configured from the resolved hyperparameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from training.hyperparameters import ResolvedHyperparameters
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU has it; float32 elsewhere (CPUs and older GPUs)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_lora_model(
+    base_model_path: str, hp: ResolvedHyperparameters, device: torch.device
+) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=training_dtype(device))
+    model.config.use_cache = False  # a cache would also hide packed sequences from the mask
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=hp.target_modules,
+        use_rslora=hp.use_rslora,
+        use_dora=hp.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    tuned: Any = get_peft_model(model, lora).to(device)
+    for parameter in tuned.parameters():
+        if parameter.requires_grad:  # adapters train in float32 even on a bf16 base
+            parameter.data = parameter.data.float()
+    return tuned
