@@ -8,7 +8,7 @@ process of this script, alternating, so peak memory is each run's own; the best 
 `--rounds` is kept for each. Printed: trained (non-padding) tokens per second, their
 ratio, peak memory, and the final loss of each adapter over the whole dataset.
 
-    .venv/bin/python bench/train_throughput.py [--examples 256] [--batch-size 8] [--rounds 2]
+    .venv/bin/python bench/train_throughput.py [--examples 256] [--batch-sizes 8,16] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -36,12 +36,16 @@ VOCABULARY = (
 WORDS = VOCABULARY.split(" ")
 
 
+# Chat logs' turn lengths are close to lognormal with a spread (sigma) around 1: most
+# prompts short, answers longer, a long tail of both (ShareGPT/UltraChat-like).
+LENGTH_SIGMA = 1.0
+
+
 def chat_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """Lognormal turn lengths: most prompts short, answers longer, a long tail of both."""
     rng = random.Random(seed)
 
     def text(median_words: float) -> str:
-        length = max(1, min(150, int(rng.lognormvariate(math.log(median_words), 0.8))))
+        length = max(1, min(200, int(rng.lognormvariate(math.log(median_words), LENGTH_SIGMA))))
         return " ".join(rng.choice(WORDS) for _ in range(length))
 
     return [
@@ -81,17 +85,47 @@ def run_ftaas(spec_path: Path) -> dict[str, Any]:
     }
 
 
+class EpochOrder:
+    """ftaas's per-epoch permutation, so both trainers see the same batches in the same
+    order and their losses can be compared step for step."""
+
+    def __init__(self, n_examples: int, seed: int):
+        self.n_examples, self.seed, self.epoch = n_examples, seed, 0
+
+    def __iter__(self) -> Any:
+        from training.sft import epoch_order
+
+        order = epoch_order(self.n_examples, self.seed, self.epoch)
+        self.epoch += 1
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.n_examples
+
+
+def _same_order_trainer() -> Any:
+    from transformers import Trainer
+
+    class SameOrderTrainer(Trainer):
+        seed = 0
+
+        def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+            return EpochOrder(len(self.train_dataset), self.seed)  # type: ignore[arg-type]
+
+    return SameOrderTrainer
+
+
 def run_baseline(spec_path: Path) -> dict[str, Any]:
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import AutoTokenizer, TrainingArguments
 
     from training.lora import build_lora_model
     from training.sft import load_tokenized
     from training.spec import TrainingSpec
 
+    SameOrderTrainer = _same_order_trainer()
     spec = TrainingSpec.load(spec_path)
     hp = spec.hyperparameters
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
     examples = load_tokenized(spec.training_file, spec, tokenizer)
@@ -99,8 +133,11 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
     model = build_lora_model(spec.base_model_path, hp, torch.device("cpu"))
     pad = tokenizer.pad_token_id or 0
 
+    padded_lengths: list[int] = []
+
     def collate(batch: list[Any]) -> dict[str, torch.Tensor]:
         width = max(len(e.input_ids) for e in batch)
+        padded_lengths.append(width * len(batch))
         return {
             "input_ids": torch.tensor(
                 [e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch]
@@ -131,15 +168,20 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
             remove_unused_columns=False,
             disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate)
+        trainer = SameOrderTrainer(
+            model=model, args=args, train_dataset=examples, data_collator=collate
+        )
+        trainer.seed = spec.seed
         started = time.perf_counter()
         state = trainer.train()
         seconds = time.perf_counter() - started
+    real = sum(len(e.input_ids) for e in examples)
     return {
-        "tokens": sum(len(e.input_ids) for e in examples) * hp.n_epochs,
+        "tokens": real * hp.n_epochs,
         "seconds": seconds,
         "steps": state.global_step,
         "final_loss": final_loss(model, examples),
+        "padding_share": 1 - real / sum(padded_lengths),
     }
 
 
@@ -169,45 +211,27 @@ def child(kind: str, spec_path: Path) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--child", choices=["ftaas", "baseline"])
-    parser.add_argument("--spec")
-    args = parser.parse_args()
-    if args.child:
-        child(args.child, Path(args.spec))
-        return
-
+def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any) -> None:
     from training.hyperparameters import ResolvedHyperparameters
     from training.spec import TrainingSpec
-    from training.tiny_model import TINY_MODEL_MAX_LENGTH, build_tiny_model
+    from training.tiny_model import TINY_MODEL_MAX_LENGTH
 
-    work = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
-    model_dir = build_tiny_model(work / "ftaas-tiny")
-    data = work / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(args.examples, seed=1)))
     spec = TrainingSpec(
         job_id="bench",
         base_model="ftaas-tiny",
         base_model_path=str(model_dir),
         max_length=TINY_MODEL_MAX_LENGTH,
         training_file=str(data),
-        output_dir=str(work / "ftaas-run"),
+        output_dir=str(work / f"ftaas-run-{batch_size}"),
         hyperparameters=ResolvedHyperparameters(
             n_epochs=args.epochs,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             learning_rate_multiplier=1.0,
             learning_rate=LEARNING_RATE,
         ),
         seed=0,
     )
-    spec_path = work / "spec.json"
+    spec_path = work / f"spec-{batch_size}.json"
     spec.save(spec_path)
 
     best: dict[str, dict[str, Any]] = {}
@@ -222,22 +246,46 @@ def main() -> None:
             if kind not in best or result["tokens_per_s"] > best[kind]["tokens_per_s"]:
                 best[kind] = result
 
+    base, ours = best["baseline"], best["ftaas"]
     print(
-        f"{args.examples} examples, batch size {args.batch_size}, "
-        f"{args.epochs} epoch(s), best of {args.rounds}"
+        f"\nbatch size {batch_size}: {args.examples} examples, {args.epochs} epoch(s), "
+        f"{ours['steps']} steps, best of {args.rounds} runs each"
     )
-    print(f"{'trainer':<10}{'steps':>7}{'tokens/s':>12}{'peak MB':>10}{'final loss':>12}")
-    for kind in ("baseline", "ftaas"):
-        r = best[kind]
+    print(f"  {'trainer':<10}{'tokens/s':>10}{'peak MB':>10}{'final loss':>12}")
+    for kind, r in (("baseline", base), ("ftaas", ours)):
         print(
-            f"{kind:<10}{r['steps']:>7}{r['tokens_per_s']:>12.0f}{r['peak_memory_mb']:>10.0f}{r['final_loss']:>12.4f}"
+            f"  {kind:<10}{r['tokens_per_s']:>10.0f}{r['peak_memory_mb']:>10.0f}"
+            f"{r['final_loss']:>12.4f}"
         )
-    ratio = best["ftaas"]["tokens_per_s"] / best["baseline"]["tokens_per_s"]
-    loss_gap = abs(best["ftaas"]["final_loss"] - best["baseline"]["final_loss"])
-    print(f"throughput ratio ftaas/baseline: {ratio:.2f}x")
-    print(
-        f"final loss difference: {loss_gap:.4f} ({loss_gap / best['baseline']['final_loss']:.1%})"
+    gap = abs(ours["final_loss"] - base["final_loss"]) / base["final_loss"]
+    print(f"  baseline tokens that were padding: {base['padding_share']:.0%}")
+    print(f"  throughput ratio ftaas/baseline: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    print(f"  final loss difference: {gap:.2%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--batch-sizes", default="8,16", help="comma-separated")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", choices=["ftaas", "baseline"])
+    parser.add_argument("--spec")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, Path(args.spec))
+        return
+
+    from training.tiny_model import build_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
+    model_dir = build_tiny_model(work / "ftaas-tiny")
+    data = work / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(args.examples, seed=1)))
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        compare(work, model_dir, data, batch_size, args)
 
 
 if __name__ == "__main__":

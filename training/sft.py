@@ -219,7 +219,7 @@ class SupervisedRun:
         weight = 1.0
         if not mine:  # fewer examples than workers: join the all-reduce with a zero loss
             mine, weight = [batch[0]], 0.0
-        plan = plan_micro_batches(mine, self.spec.max_length, self.spec.micro_batch_tokens)
+        plan = plan_micro_batches(mine, self.spec.micro_batch_tokens)
         counts = TokenCounts()
         for index, rows in enumerate(plan):
             with _no_sync(self.model, last=index == len(plan) - 1):
@@ -243,7 +243,7 @@ class SupervisedRun:
         model.eval()
         counts = TokenCounts()
         mine = list(examples[self.workers.rank :: self.workers.world_size])
-        for rows in plan_micro_batches(mine, self.spec.max_length, self.spec.micro_batch_tokens):
+        for rows in plan_micro_batches(mine, self.spec.micro_batch_tokens):
             counts.add(forward_counts(model, collate(rows).to(self.device))[1])
         model.train(was_training)
         return self.workers.sum(counts)

@@ -80,7 +80,7 @@ def test_a_packed_batch_gives_the_loss_of_the_examples_run_one_by_one(
     model = build_lora_model(str(tiny_model_dir), hp, torch.device("cpu")).eval()
     with torch.no_grad():
         one_by_one = [forward_counts(model, collate([[e]]))[1] for e in examples]
-        plan = plan_micro_batches(examples, row_tokens=512, batch_tokens=4096)
+        plan = plan_micro_batches(examples, batch_tokens=4096)
         packed = [forward_counts(model, collate(rows))[1] for rows in plan]
     assert len(plan) == 1 and len(plan[0]) < len(examples)  # several examples per row
     assert sum(c.n_targets for c in packed) == sum(c.n_targets for c in one_by_one)

@@ -67,10 +67,16 @@ def pack_rows(
 
 
 def plan_micro_batches(
-    examples: Sequence[TokenizedExample], row_tokens: int, batch_tokens: int
+    examples: Sequence[TokenizedExample], batch_tokens: int
 ) -> list[list[list[TokenizedExample]]]:
-    """Pack into rows, then stack rows into forward passes of at most `batch_tokens`
-    (rows × longest row), so one pass does as much work as memory allows."""
+    """Pack into rows as wide as the longest example, then stack rows into forward passes
+    of at most `batch_tokens` (rows × widest row), so one pass does as much work as
+    memory allows.
+
+    Why that width: linear layers cost the same for any row shape, but a packed row's
+    attention grows with its width squared (the block-diagonal mask is still computed as
+    a dense one by SDPA on CPU); the longest example needs its width anyway."""
+    row_tokens = max((len(e.input_ids) for e in examples), default=1)
     rows = pack_rows(examples, row_tokens)
     rows.sort(key=lambda row: -sum(len(e.input_ids) for e in row))
     batches: list[list[list[TokenizedExample]]] = []
