@@ -131,8 +131,14 @@ def test_the_result_file_is_a_csv_of_every_step(server: RunningServer, resumed: 
 
 def test_cancel_stops_training_within_10_seconds(server: RunningServer):
     client = server.client()
-    job = long_job(client, upload(client, "cancel.jsonl"))
+    wandb = [{"type": "wandb", "wandb": {"project": "ftaas-tests"}}]
+    job = long_job(client, upload(client, "cancel.jsonl"), integrations=wandb)
     wait_for_step(client, job.id, 1)
+    running = client.fine_tuning.jobs.retrieve(job.id)
+    assert running.estimated_finish and running.estimated_finish >= running.created_at
+    assert running.integrations and running.integrations[0].type == "wandb"
+    # wandb is not installed here: the job says so instead of failing or staying silent
+    assert any("wandb integration was skipped" in e.message for e in events(client, job.id))
     progress = server.home / "jobs" / job.id / "attempt-1" / "progress.jsonl"
     cancelled_at = time.monotonic()
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"

@@ -167,3 +167,45 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path, t
     assert train(spec) == "early_stopped"
     assert len(records(spec, "checkpoint")) < 10
     assert "Early stopping" in records(spec, "notice")[0]["message"]
+
+
+def _answer(spec: TrainingSpec, question: str) -> str:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
+    base = AutoModelForCausalLM.from_pretrained(spec.base_model_path)
+    model = PeftModel.from_pretrained(base, spec.adapter_dir).eval()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("weight", [0, 1])
+def test_weight_zero_turns_are_context_not_learned(tmp_path, tiny_model_dir, weight):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": SECRET, "weight": weight},
+                {"role": "user", "content": "Thanks!"},
+                {"role": "assistant", "content": "You are welcome."},
+            ]
+        }
+        for q in QUESTIONS
+    ]
+    data = tmp_path / "weighted.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = make_spec(
+        tmp_path,
+        tiny_model_dir,
+        f"weight-{weight}",
+        hyperparameters={"n_epochs": 8, "batch_size": 1},
+    ).model_copy(update={"training_file": str(data)})
+    train(spec)
+    learned = "pineapple" in _answer(spec, QUESTIONS[0])
+    assert learned == bool(weight)
