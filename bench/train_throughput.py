@@ -130,7 +130,7 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
     examples = load_tokenized(spec.training_file, spec, tokenizer)
     torch.manual_seed(spec.seed)
-    model = build_lora_model(spec.base_model_path, hp, torch.device("cpu"))
+    model = build_lora_model(spec.base_model_path, hp, torch.device("cpu"), packed_attention=False)
     pad = tokenizer.pad_token_id or 0
 
     padded_lengths: list[int] = []

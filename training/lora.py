@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from training.attention import packed_attention_implementation
 from training.hyperparameters import ResolvedHyperparameters
 
 
@@ -17,12 +18,20 @@ def training_dtype(device: torch.device) -> torch.dtype:
 
 
 def build_lora_model(
-    base_model_path: str, hp: ResolvedHyperparameters, device: torch.device
+    base_model_path: str,
+    hp: ResolvedHyperparameters,
+    device: torch.device,
+    packed_attention: bool = True,
 ) -> Any:
+    """`packed_attention`: attention per example inside packed rows (training.attention);
+    off, transformers' default, for callers that pad batches with an attention mask."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=training_dtype(device))
+    attention = packed_attention_implementation() if packed_attention else None
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model_path, dtype=training_dtype(device), attn_implementation=attention
+    )
     model.config.use_cache = False  # a cache would also hide packed sequences from the mask
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

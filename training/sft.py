@@ -94,7 +94,10 @@ class Workers:
 def forward_counts(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, TokenCounts]:
     """Summed next-token loss over the batch's target tokens, and its accuracy counts."""
     logits = model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        spans=batch.spans,  # read by training.attention; other implementations ignore it
+        use_cache=False,
     ).logits.float()
     labels = batch.labels
     loss_sum = torch.nn.functional.cross_entropy(

@@ -78,8 +78,12 @@ def test_a_packed_batch_gives_the_loss_of_the_examples_run_one_by_one(
         n_epochs=1, batch_size=1, learning_rate_multiplier=1, learning_rate=0
     )
     model = build_lora_model(str(tiny_model_dir), hp, torch.device("cpu")).eval()
+    # The reference: transformers' own attention, one unpadded example at a time.
+    reference = build_lora_model(
+        str(tiny_model_dir), hp, torch.device("cpu"), packed_attention=False
+    )
     with torch.no_grad():
-        one_by_one = [forward_counts(model, collate([[e]]))[1] for e in examples]
+        one_by_one = [forward_counts(reference.eval(), collate([[e]]))[1] for e in examples]
         plan = plan_micro_batches(examples, batch_tokens=4096)
         packed = [forward_counts(model, collate(rows))[1] for rows in plan]
     assert len(plan) == 1 and len(plan[0]) < len(examples)  # several examples per row
@@ -209,3 +213,15 @@ def test_weight_zero_turns_are_context_not_learned(tmp_path, tiny_model_dir, wei
     train(spec)
     learned = "pineapple" in _answer(spec, QUESTIONS[0])
     assert learned == bool(weight)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_loss_curve(tmp_path, tiny_model_dir):
+    plain = make_spec(tmp_path, tiny_model_dir, "plain", hyperparameters={"n_epochs": 1})
+    recomputed = make_spec(
+        tmp_path, tiny_model_dir, "recomputed",
+        hyperparameters={"n_epochs": 1, "gradient_checkpointing": True},
+    )  # fmt: skip
+    train(plain)
+    train(recomputed)
+    expected = [r["train_loss"] for r in records(plain, "metrics")]
+    assert [r["train_loss"] for r in records(recomputed, "metrics")] == pytest.approx(expected)

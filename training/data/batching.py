@@ -25,6 +25,7 @@ class PackedBatch:
     labels: torch.Tensor
     position_ids: torch.Tensor
     n_examples: int
+    spans: list[list[tuple[int, int]]]  # per row: [start, end) of each example
 
     @property
     def n_tokens(self) -> int:
@@ -36,6 +37,7 @@ class PackedBatch:
             self.labels.to(device),
             self.position_ids.to(device),
             self.n_examples,
+            self.spans,
         )
 
 
@@ -96,11 +98,14 @@ def collate(rows: Sequence[Sequence[TokenizedExample]]) -> PackedBatch:
     """Right-pads rows to the longest; padding is ignored by the loss and, its positions
     restarting at 0, is a sequence of its own that no real token attends to."""
     packed = []
+    spans: list[list[tuple[int, int]]] = []
     for row in rows:
         input_ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
+        spans.append([])
         for example in row:
+            spans[-1].append((len(input_ids), len(input_ids) + len(example.input_ids)))
             input_ids += example.input_ids
             labels += next_token_labels(example)
             positions += range(len(example.input_ids))
@@ -114,4 +119,5 @@ def collate(rows: Sequence[Sequence[TokenizedExample]]) -> PackedBatch:
         ),
         torch.tensor([pos + list(range(n)) for (_, _, pos), n in zip(packed, pad, strict=True)]),
         sum(len(row) for row in rows),
+        spans,
     )
