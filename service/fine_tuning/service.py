@@ -269,29 +269,34 @@ class FineTuningService:
     def events(
         self, tenant: Tenant, id_: str, after: str | None, limit: int
     ) -> tuple[builtins.list[FineTuningJobEvent], bool]:
-        with self.db.session() as session:
-            self._get(session, tenant, id_)
-            query = select(EventRow).where(EventRow.job_id == id_)
-            if after:
-                anchor = session.scalar(select(EventRow).where(EventRow.id == after))
-                if anchor is None or anchor.job_id != id_:
-                    raise NotFound(f"No such event: {after}", param="after")
-                query = query.where(EventRow.seq < anchor.seq)
-            rows = list(session.scalars(query.order_by(EventRow.seq.desc()).limit(limit + 1)))
-            return [event_object(r) for r in rows[:limit]], len(rows) > limit
+        rows, has_more = self._newest_first(tenant, id_, EventRow, EventRow.seq, after, limit)
+        return [event_object(r) for r in rows], has_more
 
     def checkpoints(
         self, tenant: Tenant, id_: str, after: str | None, limit: int
     ) -> tuple[builtins.list[FineTuningJobCheckpoint], bool]:
-        """Newest first, as OpenAI lists them."""
+        rows, has_more = self._newest_first(
+            tenant, id_, CheckpointRow, CheckpointRow.step_number, after, limit
+        )
+        return [checkpoint_object(r) for r in rows], has_more
+
+    def _newest_first(
+        self,
+        tenant: Tenant,
+        id_: str,
+        table: type[EventRow] | type[CheckpointRow],
+        key: Any,
+        after: str | None,
+        limit: int,
+    ) -> tuple[builtins.list[Any], bool]:
+        """A page of a job's events or checkpoints, newest first, after the row `after`."""
         with self.db.session() as session:
             self._get(session, tenant, id_)
-            query = select(CheckpointRow).where(CheckpointRow.job_id == id_)
+            query = select(table).where(table.job_id == id_)
             if after:
-                anchor = session.scalar(select(CheckpointRow).where(CheckpointRow.id == after))
+                anchor: Any = session.scalar(select(table).where(table.id == after))
                 if anchor is None or anchor.job_id != id_:
-                    raise NotFound(f"No such checkpoint: {after}", param="after")
-                query = query.where(CheckpointRow.step_number < anchor.step_number)
-            query = query.order_by(CheckpointRow.step_number.desc()).limit(limit + 1)
-            rows = list(session.scalars(query))
-            return [checkpoint_object(r) for r in rows[:limit]], len(rows) > limit
+                    raise NotFound(f"No such item of job {id_}: {after}", param="after")
+                query = query.where(key < getattr(anchor, key.key))
+            rows = list(session.scalars(query.order_by(key.desc()).limit(limit + 1)))
+            return rows[:limit], len(rows) > limit
