@@ -18,7 +18,19 @@ from training.spec import TrainingSpec
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The worker's own exception, out of Ray Train's and Ray's wrappers."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:  # WorkerGroupError: one exception per failed worker rank
+        error = failures[min(failures)]
+    error = getattr(error, "controller_failure", None) or error
+    while isinstance(getattr(error, "cause", None), BaseException):  # RayTaskError
+        error = error.cause  # type: ignore[union-attr]
+    return error
+
+
 def _user_message(error: BaseException) -> str:
+    error = root_cause(error)
     text = str(error) or type(error).__name__
     if "out of memory" in text.lower():
         return (

@@ -152,3 +152,20 @@ def test_cancel_stops_training_within_10_seconds(server: RunningServer):
             size, still_since = now_size, time.monotonic()
     assert still_since - cancelled_at < 10
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+
+
+def test_a_training_error_fails_the_job_with_a_message_to_act_on(server: RunningServer):
+    client = server.client()
+    job = client.fine_tuning.jobs.create(
+        model="ftaas-tiny",
+        training_file=upload(client, "bad-targets.jsonl"),
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"target_modules": ["no_such_layer"]}},
+        },
+    )
+    failed = wait_for_job(client, job.id)
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.code == "training_error"
+    assert "no_such_layer" in failed.error.message
+    assert failed.fine_tuned_model is None

@@ -13,3 +13,13 @@ def test_other_errors_keep_their_first_line():
     assert (
         _user_message(error) == "Training failed: Target modules {'q'} not found in the base model."
     )
+
+
+def test_ray_trains_wrappers_are_unwrapped_to_the_workers_error():
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    cause = ValueError("Target modules {'no_such_layer'} not found in the base model.")
+    wrapped = WorkerGroupError(
+        "Training failed due to worker errors:", {1: RuntimeError("x"), 0: cause}
+    )
+    assert "no_such_layer" in _user_message(wrapped)
