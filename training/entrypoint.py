@@ -24,8 +24,8 @@ def root_cause(error: BaseException) -> BaseException:
     if failures:  # WorkerGroupError: one exception per failed worker rank
         error = failures[min(failures)]
     error = getattr(error, "controller_failure", None) or error
-    while isinstance(getattr(error, "cause", None), BaseException):  # RayTaskError
-        error = error.cause  # type: ignore[union-attr]
+    while isinstance(cause := getattr(error, "cause", None), BaseException):  # RayTaskError
+        error = cause
     return error
 
 
