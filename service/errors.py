@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -63,9 +65,27 @@ def error_response(
     return JSONResponse(envelope(message, error_type, param, code), status, headers=headers)
 
 
+# pydantic names the union branch it tried (`int`, `literal['auto']`): not a field.
+_UNION_BRANCH = re.compile(r"^(int|str|float|bool|none|[\w-]+\[.*\]|constrained-\w+)$")
+_REQUEST_PARTS = frozenset({"body", "query", "path", "header"})
+
+
 def _param_of(location: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or None
+    parts = [
+        f"[{p}]" if isinstance(p, int) else str(p)
+        for p in location
+        if p not in _REQUEST_PARTS and not (isinstance(p, str) and _UNION_BRANCH.match(p))
+    ]
+    return ".".join(parts).replace(".[", "[") or None
+
+
+def _most_telling(errors: Sequence[Any]) -> Any:
+    """Of a union's errors, the one about the value's own branch: for `n_epochs: 0`,
+    "greater than or equal to 1" rather than "should be 'auto'"."""
+    for error in errors:
+        if not any(isinstance(p, str) and p.startswith("literal[") for p in error.get("loc", ())):
+            return error
+    return errors[0]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -82,7 +102,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
+        first = _most_telling(error.errors())
+        if first.get("type") == "json_invalid":
+            return error_response(
+                400, "We could not parse the JSON body of your request. It must be valid JSON."
+            )
         param = _param_of(tuple(first.get("loc", ())))
         message = first.get("msg", "invalid request")
         if param:

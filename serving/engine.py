@@ -9,6 +9,7 @@ can cross a Ray Serve handle.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ class OpenAIEngine:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMValidationError
 
         request_type = ChatCompletionRequest if kind == "chat" else CompletionRequest
         try:
@@ -124,10 +126,20 @@ class OpenAIEngine:
             param = ".".join(str(p) for p in first["loc"]) or None
             yield {"status": 400, "body": openai_error(400, first["msg"], param), "stream": False}
             return
-        if kind == "chat":
-            result = await self.chat_handler.create_chat_completion(request, None)
-        else:
-            result = await self.completion_handler.create_completion(request, None)
+        try:
+            if kind == "chat":
+                result = await self.chat_handler.create_chat_completion(request, None)
+            else:
+                result = await self.completion_handler.create_completion(request, None)
+        except (VLLMValidationError, ValueError) as error:
+            # vLLM's own server turns these into 400s in an exception handler; here they
+            # would otherwise cross Ray as a 500.
+            message = str(error.args[0]) if error.args else str(error)
+            # Some of vLLM's checks name the parameter only in the message ("n must be…").
+            named = re.match(r"^(\w+) must ", message)
+            param = getattr(error, "parameter", None) or (named.group(1) if named else None)
+            yield {"status": 400, "body": openai_error(400, message, param), "stream": False}
+            return
         if isinstance(result, ErrorResponse):
             status, error_body = _from_vllm_error(result)
             yield {"status": status, "body": error_body, "stream": False}

@@ -8,6 +8,7 @@ expected format).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -58,30 +59,62 @@ class ValidationReport:
             self.problems.append(problem)
 
 
-def _field_path(location: Iterable[Any]) -> str:
-    path = ""
-    for part in location:
+ROLE_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# pydantic names the branch of a union it tried (`str`, `list[TextPart]`): not a field.
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+CONTENT_SHAPE = 'must be a string or a list of text parts ({"type": "text", "text": "..."})'
+
+
+def _field_path(location: Iterable[Any]) -> tuple[str | None, bool]:
+    """The field as the user wrote it, and whether pydantic was inside a content union."""
+    parts = list(location)
+    path, in_content_union = "", False
+    for index, part in enumerate(parts):
+        previous = parts[index - 1] if index else None
         if isinstance(part, int):
             path += f"[{part}]"
         elif not path:
             path = str(part)
-        elif part in {"system", "developer", "user", "assistant", "tool", "function"}:
-            continue  # the discriminator tag pydantic adds: not a field the user wrote
+        elif (
+            part in ROLE_TAGS
+            and isinstance(previous, int)
+            and index >= 2
+            and parts[index - 2] == "messages"
+        ):
+            continue  # the role tag pydantic adds after messages[i]
+        elif isinstance(part, str) and _UNION_BRANCH.match(part):
+            if previous == "content":
+                in_content_union = True
+                break
+            continue
         else:
             path += f".{part}"
-    return path or None  # type: ignore[return-value]
+    return path or None, in_content_union
 
 
 def _pydantic_problems(line: int, error: ValidationError) -> Iterator[LineProblem]:
+    reported: set[str | None] = set()
     for item in error.errors():
+        field, in_content_union = _field_path(item["loc"])
         message = item["msg"]
-        if item["type"] == "extra_forbidden":
+        if in_content_union:
+            message = CONTENT_SHAPE
+        elif item["type"] == "extra_forbidden":
             message = "unrecognised key"
+        elif item["type"] == "missing":
+            message = "required, but missing"
         elif item["type"] == "union_tag_invalid":
-            message = f"unknown role {item['input']!r}"
+            message = (
+                f"unknown role {item['input'].get('role')!r}"
+                if isinstance(item["input"], dict)
+                else "unknown role"
+            )
         elif item["type"] == "union_tag_not_found":
             message = "message has no `role`"
-        yield LineProblem(line, _field_path(item["loc"]), message.removeprefix("Value error, "))
+        if in_content_union and field in reported:
+            continue  # one problem per content, not one per union branch
+        reported.add(field)
+        yield LineProblem(line, field, message.removeprefix("Value error, "))
 
 
 def iter_rows(lines: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any] | LineProblem]]:
