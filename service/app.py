@@ -27,6 +27,8 @@ from service.fine_tuning.service import FineTuningService
 from service.models.router import router as models_router
 from service.models.service import ModelService
 from service.ray_cluster import connect, use_gpu
+from service.uploads.router import router as uploads_router
+from service.uploads.service import UploadService
 from training.tiny_model import TINY_MODEL_ID
 
 logger = logging.getLogger("ftaas")
@@ -71,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gateway = ServingGateway(settings, base_models, use_gpu=gpus)
         app.state.settings = settings
         app.state.files = FileService(db, blobs, settings.max_upload_bytes)
+        app.state.uploads = UploadService(db, blobs, app.state.files)
         app.state.jobs = FineTuningService(db, base_models, scheduler.stop)
         app.state.models = ModelService(db, base_models, started_at=now())
         app.state.gateway = gateway
@@ -87,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="ftaas", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for router in (files_router, jobs_router, models_router, chat_router):
+    for router in (files_router, uploads_router, jobs_router, models_router, chat_router):
         app.include_router(router)
 
     @app.get("/health", tags=["health"])

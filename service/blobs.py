@@ -6,6 +6,7 @@ that would leave the root, so no user input can name a path.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -61,6 +62,27 @@ class LocalBlobStore:
         partial.write_bytes(data)
         os.replace(partial, path)
         return len(data)
+
+    def put_concatenation(self, key: str, parts: list[str]) -> tuple[int, str]:
+        """Write the parts, in order, as one blob; returns its size and MD5 (hex)."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        digest, size = hashlib.md5(usedforsecurity=False), 0
+        try:
+            with open(partial, "wb") as out:
+                for part in parts:
+                    with self.open(part) as stream:
+                        while chunk := stream.read(CHUNK_BYTES):
+                            digest.update(chunk)
+                            size += len(chunk)
+                            out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return size, digest.hexdigest()
 
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")

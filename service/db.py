@@ -40,6 +40,33 @@ class FileRow(Base):
     data_format: Mapped[str | None] = mapped_column(String(32), default=None)
 
 
+class UploadRow(Base):
+    """A large file arriving in parts (OpenAI's Uploads API)."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128), index=True)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    mime_type: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    file_id: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class UploadPartRow(Base):
+    __tablename__ = "upload_parts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    blob_key: Mapped[str] = mapped_column(String(512))
+
+
 class JobRow(Base):
     __tablename__ = "jobs"
 

@@ -12,6 +12,7 @@ from service.config import Settings
 from service.files.service import FileService
 from service.fine_tuning.service import FineTuningService
 from service.models.service import ModelService
+from service.uploads.service import UploadService
 
 
 def _settings(request: Request) -> Settings:
@@ -24,6 +25,10 @@ def _tenant(request: Request, authorization: Annotated[str | None, Header()] = N
 
 def _files(request: Request) -> FileService:
     return request.app.state.files
+
+
+def _uploads(request: Request) -> UploadService:
+    return request.app.state.uploads
 
 
 def _jobs(request: Request) -> FineTuningService:
@@ -41,6 +46,7 @@ def _gateway(request: Request) -> ServingGateway:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 TenantDep = Annotated[Tenant, Depends(_tenant)]
 FilesDep = Annotated[FileService, Depends(_files)]
+UploadsDep = Annotated[UploadService, Depends(_uploads)]
 JobsDep = Annotated[FineTuningService, Depends(_jobs)]
 ModelsDep = Annotated[ModelService, Depends(_models)]
 GatewayDep = Annotated[ServingGateway, Depends(_gateway)]

@@ -1,4 +1,4 @@
-"""Ids in OpenAI's shapes: `file-…`, `ftjob-…`, `ftevent-…`, `ftckpt_…`."""
+"""Ids in OpenAI's shapes: `file-…`, `ftjob-…`, `ftevent-…`, `ftckpt_…`, `upload_…`, `part_…`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def job_id() -> str:
 
 def event_id() -> str:
     return random_id("ftevent-")
+
+
+def upload_id() -> str:
+    return random_id("upload_")
+
+
+def upload_part_id() -> str:
+    return random_id("part_")
 
 
 def checkpoint_id() -> str:

@@ -23,7 +23,7 @@ class FileList(BaseModel):
     has_more: bool
 
 
-async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+async def read_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
     while chunk := await upload.read(1024 * 1024):
         yield chunk
 
@@ -35,7 +35,7 @@ async def create_file(
     file: UploadFile,
     purpose: Annotated[str, Form()],
 ) -> FileObject:
-    return await files.create(tenant, file.filename or "upload.jsonl", purpose, _chunks(file))
+    return await files.create(tenant, file.filename or "upload.jsonl", purpose, read_chunks(file))
 
 
 @router.get("", response_model=FileList)

@@ -41,9 +41,9 @@ class FileService:
         self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
 
-    async def create(
-        self, tenant: Tenant, filename: str, purpose: str, chunks: AsyncIterator[bytes]
-    ) -> FileObject:
+    @staticmethod
+    def check_new_file(filename: str, purpose: str, filename_param: str = "file") -> None:
+        """What a file must be before any byte is stored (uploads check it at creation)."""
         if purpose not in ACCEPTED_PURPOSES:
             raise InvalidRequest(
                 f"'{purpose}' is not one of {sorted(ACCEPTED_PURPOSES)} - 'purpose'",
@@ -52,8 +52,13 @@ class FileService:
         if purpose in FINE_TUNE_PURPOSES and not filename.lower().endswith(".jsonl"):
             raise InvalidRequest(
                 f"Invalid file format for Fine-Tuning API. Must be .jsonl (got '{filename}')",
-                param="file",
+                param=filename_param,
             )
+
+    async def create(
+        self, tenant: Tenant, filename: str, purpose: str, chunks: AsyncIterator[bytes]
+    ) -> FileObject:
+        self.check_new_file(filename, purpose)
         new_id = file_id()
         key = f"files/{new_id}"
         try:
@@ -62,6 +67,12 @@ class FileService:
             raise InvalidRequest(
                 f"File is larger than the {self.max_upload_bytes} byte limit", param="file"
             ) from None
+        return self.register(tenant, new_id, key, filename, purpose, size)
+
+    def register(
+        self, tenant: Tenant, new_id: str, key: str, filename: str, purpose: str, size: int
+    ) -> FileObject:
+        """Record a stored blob as a file, validating training data line by line."""
         row = FileRow(
             id=new_id,
             created_at=now(),

@@ -15,6 +15,7 @@ from service.files.service import FileService
 from service.fine_tuning.scheduler import Scheduler
 from service.fine_tuning.service import FineTuningService
 from service.models.service import ModelService
+from service.uploads.service import UploadService
 
 
 @pytest.fixture
@@ -28,10 +29,12 @@ def parts(settings: Settings):  # type: ignore[no-untyped-def]
     db = Database(settings.resolved_database_url)
     blobs = LocalBlobStore(settings.home / "blobs")
     stopped: list[str] = []
+    files = FileService(db, blobs, max_upload_bytes=10_000)
     scheduler = Scheduler(db, settings, base_models, blobs, ray_jobs=None)  # type: ignore[arg-type]
     return {
         "db": db,
-        "files": FileService(db, blobs, max_upload_bytes=10_000),
+        "files": files,
+        "uploads": UploadService(db, blobs, files),
         "jobs": FineTuningService(db, base_models, lambda job: stopped.append(job.id)),
         "models": ModelService(db, base_models, started_at=0),
         "scheduler": scheduler,
@@ -45,6 +48,7 @@ def api_client(settings: Settings, parts) -> TestClient:  # type: ignore[no-unty
     app = create_app(settings)
     app.state.settings = settings
     app.state.files = parts["files"]
+    app.state.uploads = parts["uploads"]
     app.state.jobs = parts["jobs"]
     app.state.models = parts["models"]
     app.state.gateway = None

@@ -1,0 +1,58 @@
+"""/v1/uploads: thin HTTP mapping onto UploadService."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, UploadFile
+from openai.types import Upload
+from openai.types.uploads import UploadPart
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.deps import TenantDep, UploadsDep
+from service.files.router import read_chunks
+
+router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
+
+
+class CreateUploadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = Field(min_length=1, max_length=512)
+    purpose: str
+    bytes: int
+    mime_type: str = Field(min_length=1, max_length=128)
+    expires_after: dict | None = None
+
+
+class CompleteUploadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    part_ids: Annotated[list[str], Field(max_length=10_000)]
+    md5: str | None = None
+
+
+@router.post("", response_model=Upload)
+def create_upload(tenant: TenantDep, uploads: UploadsDep, request: CreateUploadRequest) -> Upload:
+    return uploads.create(
+        tenant, request.filename, request.purpose, request.bytes, request.mime_type
+    )
+
+
+@router.post("/{upload_id}/parts", response_model=UploadPart)
+async def add_upload_part(
+    tenant: TenantDep, uploads: UploadsDep, upload_id: str, data: UploadFile
+) -> UploadPart:
+    return await uploads.add_part(tenant, upload_id, read_chunks(data))
+
+
+@router.post("/{upload_id}/complete", response_model=Upload)
+def complete_upload(
+    tenant: TenantDep, uploads: UploadsDep, upload_id: str, request: CompleteUploadRequest
+) -> Upload:
+    return uploads.complete(tenant, upload_id, request.part_ids, request.md5)
+
+
+@router.post("/{upload_id}/cancel", response_model=Upload)
+def cancel_upload(tenant: TenantDep, uploads: UploadsDep, upload_id: str) -> Upload:
+    return uploads.cancel(tenant, upload_id)

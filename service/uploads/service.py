@@ -1,0 +1,160 @@
+"""Uploads: a large file sent in parts, assembled into an ordinary file on completion.
+
+OpenAI's Uploads API: create (declared size, purpose, name), add parts (≤ 64 MB each, any
+order), complete (the part order, an optional MD5), or cancel. An upload expires an hour
+after creation. The assembled file is validated exactly as a direct upload is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from openai.types import Upload
+from openai.types.uploads import UploadPart
+from sqlalchemy import select
+
+from service.auth import Tenant
+from service.blobs import BlobTooLarge, LocalBlobStore
+from service.db import Database, UploadPartRow, UploadRow, now
+from service.errors import InvalidRequest, NotFound
+from service.files.service import FileService
+from service.ids import file_id, upload_id, upload_part_id
+
+MAX_PART_BYTES = 64 * 1024 * 1024
+UPLOAD_LIFETIME_S = 3600
+
+
+def upload_object(row: UploadRow, file: Any = None) -> Upload:
+    return Upload.model_validate(
+        {
+            "id": row.id,
+            "object": "upload",
+            "bytes": row.bytes,
+            "created_at": row.created_at,
+            "expires_at": row.expires_at,
+            "filename": row.filename,
+            "purpose": row.purpose,
+            "status": _status(row),
+            "file": file,
+        }
+    )
+
+
+def _status(row: UploadRow) -> str:
+    if row.status == "pending" and now() >= row.expires_at:
+        return "expired"
+    return row.status
+
+
+class UploadService:
+    def __init__(self, db: Database, blobs: LocalBlobStore, files: FileService):
+        self.db = db
+        self.blobs = blobs
+        self.files = files
+
+    def create(
+        self, tenant: Tenant, filename: str, purpose: str, size: int, mime_type: str
+    ) -> Upload:
+        self.files.check_new_file(filename, purpose, filename_param="filename")
+        if not 0 < size <= self.files.max_upload_bytes:
+            raise InvalidRequest(
+                f"bytes must be between 1 and {self.files.max_upload_bytes}", param="bytes"
+            )
+        created = now()
+        row = UploadRow(
+            id=upload_id(),
+            organization=tenant.organization,
+            filename=filename,
+            purpose=purpose,
+            bytes=size,
+            mime_type=mime_type,
+            status="pending",
+            created_at=created,
+            expires_at=created + UPLOAD_LIFETIME_S,
+        )
+        with self.db.session() as session:
+            session.add(row)
+        return upload_object(row)
+
+    def _pending(self, tenant: Tenant, id_: str) -> UploadRow:
+        with self.db.session() as session:
+            row = session.get(UploadRow, id_)
+        if row is None or row.organization != tenant.organization:
+            raise NotFound(f"No such upload: {id_}", param="upload_id")
+        if _status(row) != "pending":
+            raise InvalidRequest(
+                f"Upload {id_} is {_status(row)}; only a pending upload takes this action",
+                param="upload_id",
+            )
+        return row
+
+    async def add_part(self, tenant: Tenant, id_: str, chunks: AsyncIterator[bytes]) -> UploadPart:
+        upload = self._pending(tenant, id_)
+        part = UploadPartRow(id=upload_part_id(), upload_id=upload.id, created_at=now(), bytes=0)
+        part.blob_key = f"uploads/{upload.id}/{part.id}"
+        try:
+            part.bytes = await self.blobs.put_stream(part.blob_key, chunks, MAX_PART_BYTES)
+        except BlobTooLarge:
+            raise InvalidRequest(
+                f"A part may be at most {MAX_PART_BYTES} bytes", param="data"
+            ) from None
+        with self.db.session() as session:
+            session.add(part)
+        return UploadPart(
+            id=part.id, object="upload.part", created_at=part.created_at, upload_id=upload.id
+        )
+
+    def complete(self, tenant: Tenant, id_: str, part_ids: list[str], md5: str | None) -> Upload:
+        upload = self._pending(tenant, id_)
+        with self.db.session() as session:
+            parts = {
+                p.id: p
+                for p in session.scalars(
+                    select(UploadPartRow).where(UploadPartRow.upload_id == upload.id)
+                )
+            }
+        unknown = [p for p in part_ids if p not in parts]
+        if not part_ids or unknown or len(set(part_ids)) != len(part_ids):
+            raise InvalidRequest(
+                f"part_ids must list this upload's parts once each (unknown: {unknown})",
+                param="part_ids",
+            )
+        total = sum(parts[p].bytes for p in part_ids)
+        if total != upload.bytes:
+            raise InvalidRequest(
+                f"The parts hold {total} bytes, but the upload was created for {upload.bytes}",
+                param="part_ids",
+            )
+        new_id = file_id()
+        key = f"files/{new_id}"
+        _, digest = self.blobs.put_concatenation(key, [parts[p].blob_key for p in part_ids])
+        if md5 is not None and md5.lower() != digest:
+            self.blobs.delete(key)
+            raise InvalidRequest(f"md5 {md5} does not match the parts' {digest}", param="md5")
+        file = self.files.register(
+            tenant, new_id, key, upload.filename, upload.purpose, upload.bytes
+        )
+        with self.db.session() as session:
+            row = session.get(UploadRow, upload.id)
+            assert row is not None
+            row.status, row.file_id = "completed", new_id
+            for part in parts.values():
+                session.delete(session.get(UploadPartRow, part.id))
+        self.blobs.delete(f"uploads/{upload.id}")
+        upload.status, upload.file_id = "completed", new_id
+        return upload_object(upload, file.model_dump())
+
+    def cancel(self, tenant: Tenant, id_: str) -> Upload:
+        upload = self._pending(tenant, id_)
+        with self.db.session() as session:
+            row = session.get(UploadRow, upload.id)
+            assert row is not None
+            row.status = "cancelled"
+            for part in session.scalars(
+                select(UploadPartRow).where(UploadPartRow.upload_id == upload.id)
+            ):
+                session.delete(part)
+        self.blobs.delete(f"uploads/{upload.id}")
+        upload.status = "cancelled"
+        return upload_object(upload)
