@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.blobs import LocalBlobStore
+from service.body_limit import BodyLimit
 from service.chat.gateway import ServingGateway
 from service.chat.router import router as chat_router
 from service.config import BaseModelConfig, Settings
@@ -28,7 +29,7 @@ from service.models.router import router as models_router
 from service.models.service import ModelService
 from service.ray_cluster import connect, use_gpu
 from service.uploads.router import router as uploads_router
-from service.uploads.service import UploadService
+from service.uploads.service import MAX_PART_BYTES, UploadService
 from training.tiny_model import TINY_MODEL_ID
 
 logger = logging.getLogger("ftaas")
@@ -90,6 +91,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="ftaas", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(
+        BodyLimit,  # type: ignore[arg-type]
+        limits=[
+            (r"/v1/files", lambda: settings.max_upload_bytes),
+            (r"/v1/uploads/[^/]+/parts", lambda: MAX_PART_BYTES),
+        ],
+    )
     for router in (files_router, uploads_router, jobs_router, models_router, chat_router):
         app.include_router(router)
 

@@ -157,3 +157,20 @@ def test_tenants_never_see_each_others_files(tmp_path, parts):
     assert client.get("/v1/files", headers=b).json()["data"] == []
     assert_envelope(client.get("/v1/files"), 401)
     assert_envelope(client.get("/v1/files", headers={"Authorization": "Bearer wrong"}), 401)
+
+
+def test_oversized_bodies_are_refused_as_they_stream(tmp_path, parts):
+    settings = Settings(home=tmp_path, serving_enabled=False, max_upload_bytes=100_000)
+    client = api_client(settings, parts)
+    declared = upload(client, b"x" * 300_000)  # Content-Length says too much: nothing read
+    assert assert_envelope(declared, 400, "file")["code"] == "file_too_large"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        for _ in range(50):
+            yield b"x" * 10_000
+
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    streamed = client.post("/v1/files", content=chunks(), headers=headers)
+    assert assert_envelope(streamed, 400, "file")["code"] == "file_too_large"
+    assert client.get("/health").status_code == 200
