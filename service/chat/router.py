@@ -7,13 +7,17 @@ every field vLLM honours works and its errors come back in OpenAI's envelope.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.deps import GatewayDep, ModelsDep, TenantDep
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, envelope
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["inference"])
 
@@ -37,8 +41,23 @@ async def _answer(
     target = models.inference_target(tenant, body["model"])
     head, rest = await gateway.respond(kind, target, body)
     if head["stream"]:
-        return StreamingResponse(rest, media_type="text/event-stream")
+        return StreamingResponse(_errors_in_band(rest), media_type="text/event-stream")
     return JSONResponse(head["body"], status_code=head["status"])
+
+
+async def _errors_in_band(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once a stream has begun its status is sent: a later failure becomes an `error`
+    event, as OpenAI sends it, instead of a connection cut mid-answer."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except Exception:
+        logger.exception("a streamed answer failed mid-way")
+        error = envelope(
+            "The server had an error while streaming the answer.", "server_error", None, None
+        )
+        yield f"data: {json.dumps(error)}\n\n"
+        yield "data: [DONE]\n\n"
 
 
 @router.post("/chat/completions", response_model=None)

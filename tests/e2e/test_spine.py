@@ -107,10 +107,13 @@ def test_streaming_gives_the_same_answer(server: RunningServer, tuned: TunedJob)
         temperature=0,
         max_tokens=16,
         stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices[0].finish_reason in {"stop", "length"}
+    assert chunks[-2].choices[0].finish_reason in {"stop", "length"}
+    usage = chunks[-1].usage  # the extra last chunk: no choices, the whole answer's usage
+    assert chunks[-1].choices == [] and usage and usage.completion_tokens > 0
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == tuned.first_answer
 
