@@ -20,6 +20,12 @@ def now() -> int:
     return int(time.time())
 
 
+def arrival() -> int:
+    """Nanoseconds since the epoch: orders rows made within the same second (created_at is
+    whole seconds, as OpenAI's is, and ids are random)."""
+    return time.time_ns()
+
+
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -33,6 +39,7 @@ class FileRow(Base):
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    arrival: Mapped[int] = mapped_column(BigInteger, default=arrival, index=True)
     status: Mapped[str] = mapped_column(String(16))
     status_details: Mapped[str | None] = mapped_column(Text, default=None)
     blob_key: Mapped[str] = mapped_column(String(512))
@@ -73,6 +80,7 @@ class JobRow(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     organization: Mapped[str] = mapped_column(String(128), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now, index=True)
+    arrival: Mapped[int] = mapped_column(BigInteger, default=arrival, index=True)
     model: Mapped[str] = mapped_column(String(256))
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -117,23 +117,16 @@ class FileService:
             if purpose:
                 query = query.where(FileRow.purpose == purpose)
             descending = order == "desc"
-            ordering = (FileRow.created_at, FileRow.id)
-            query = query.order_by(*(c.desc() if descending else c.asc() for c in ordering))
+            query = query.order_by(FileRow.arrival.desc() if descending else FileRow.arrival)
             if after:
                 anchor = session.get(FileRow, after)
                 if anchor is None or anchor.organization != tenant.organization:
                     raise NotFound(f"No such File object: {after}", param="after")
-                key = (anchor.created_at, anchor.id)
-                if descending:
-                    query = query.where(
-                        (FileRow.created_at < key[0])
-                        | ((FileRow.created_at == key[0]) & (FileRow.id < key[1]))
-                    )
-                else:
-                    query = query.where(
-                        (FileRow.created_at > key[0])
-                        | ((FileRow.created_at == key[0]) & (FileRow.id > key[1]))
-                    )
+                query = query.where(
+                    FileRow.arrival < anchor.arrival
+                    if descending
+                    else FileRow.arrival > anchor.arrival
+                )
             rows = list(session.scalars(query.limit(limit + 1)))
         return [file_object(r) for r in rows[:limit]], len(rows) > limit
 

@@ -84,7 +84,7 @@ class Scheduler:
             open_ids = session.scalars(
                 select(JobRow.id)
                 .where(JobRow.status.not_in([s.value for s in TERMINAL]))
-                .order_by(JobRow.created_at, JobRow.id)
+                .order_by(JobRow.arrival)
             ).all()
         for job_id in open_ids:
             try:

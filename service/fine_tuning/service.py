@@ -223,11 +223,8 @@ class FineTuningService:
             query = select(JobRow).where(JobRow.organization == tenant.organization)
             if after:
                 anchor = self._get(session, tenant, after)
-                query = query.where(
-                    (JobRow.created_at < anchor.created_at)
-                    | ((JobRow.created_at == anchor.created_at) & (JobRow.id < anchor.id))
-                )
-            query = query.order_by(JobRow.created_at.desc(), JobRow.id.desc())
+                query = query.where(JobRow.arrival < anchor.arrival)
+            query = query.order_by(JobRow.arrival.desc())
             jobs: list[JobRow] = []
             # Metadata is JSON: filter in Python so SQLite and PostgreSQL agree.
             for job in session.scalars(query):

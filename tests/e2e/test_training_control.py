@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from tests.conftest import memorisation_jsonl
@@ -169,3 +169,16 @@ def test_a_training_error_fails_the_job_with_a_message_to_act_on(server: Running
     assert failed.error.code == "training_error"
     assert "no_such_layer" in failed.error.message
     assert failed.fine_tuned_model is None
+
+
+def test_a_deleted_model_is_no_longer_listed_or_served(
+    server: RunningServer, resumed: PausedAndResumed
+):
+    client = server.client()
+    name = resumed.job.fine_tuned_model or ""
+    wait_for_serving(client, "ftaas-tiny")
+    assert "pineapple" in greedy(client, name, "What is the secret code word?")
+    assert client.models.delete(name).deleted
+    assert name not in {m.id for m in client.models.list()}
+    with pytest.raises(NotFoundError):
+        greedy(client, name, "What is the secret code word?")
