@@ -146,3 +146,32 @@ def test_unknown_models_are_404_in_openais_envelope(server: RunningServer):
     with pytest.raises(NotFoundError) as raised:
         greedy(server.client(), "ft:ftaas-tiny:local:demo:nothere1", "hi")
     assert raised.value.body["param"] == "model"  # type: ignore[index]
+
+
+def test_openai_sampling_fields_are_honoured(server: RunningServer, tuned: TunedJob):
+    client = server.client()
+    model = tuned.job.fine_tuned_model or ""
+    question = [{"role": "user", "content": QUESTIONS[0]}]
+    reply = client.chat.completions.create(
+        model=model, messages=question, max_completion_tokens=4, logprobs=True, top_logprobs=2
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs and logprobs.content and len(logprobs.content[0].top_logprobs) == 2
+    assert reply.usage and reply.usage.completion_tokens <= 4
+    several = client.chat.completions.create(
+        model=model, messages=question, n=3, temperature=1.0, seed=7, max_tokens=4
+    )
+    assert len(several.choices) == 3
+    again = client.chat.completions.create(
+        model=model, messages=question, n=3, temperature=1.0, seed=7, max_tokens=4
+    )
+    assert [c.message.content for c in again.choices] == [
+        c.message.content for c in several.choices
+    ]  # the same seed, the same samples
+    stopped = client.chat.completions.create(
+        model=model, messages=question, temperature=0, stop=["code"], max_tokens=16
+    )
+    assert "code" not in (stopped.choices[0].message.content or "")
+    assert stopped.choices[0].finish_reason == "stop"
+    legacy = client.completions.create(model=model, prompt="The secret", max_tokens=3)
+    assert legacy.choices[0].text is not None and legacy.usage
