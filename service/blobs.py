@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,53 +36,47 @@ class LocalBlobStore:
         """A path the trainer can read; for a remote store this would be a cached copy."""
         return self._path(key)
 
-    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], max_bytes: int) -> int:
-        """Write chunks to `key` atomically; refuse (and keep nothing) past `max_bytes`."""
+    @contextmanager
+    def _atomic_write(self, key: str) -> Iterator[BinaryIO]:
+        """A file that appears at `key` whole, and only if the block completes."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        written = 0
         try:
             with open(partial, "wb") as out:
-                async for chunk in chunks:
-                    written += len(chunk)
-                    if written > max_bytes:
-                        raise BlobTooLarge(f"larger than {max_bytes} bytes")
-                    out.write(chunk)
+                yield out
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
+
+    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], max_bytes: int) -> int:
+        """Write chunks to `key` atomically; refuse (and keep nothing) past `max_bytes`."""
+        written = 0
+        with self._atomic_write(key) as out:
+            async for chunk in chunks:
+                written += len(chunk)
+                if written > max_bytes:
+                    raise BlobTooLarge(f"larger than {max_bytes} bytes")
+                out.write(chunk)
         return written
 
     def put_bytes(self, key: str, data: bytes) -> int:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        with self._atomic_write(key) as out:
+            out.write(data)
         return len(data)
 
     def put_concatenation(self, key: str, parts: list[str]) -> tuple[int, str]:
         """Write the parts, in order, as one blob; returns its size and MD5 (hex)."""
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
         digest, size = hashlib.md5(usedforsecurity=False), 0
-        try:
-            with open(partial, "wb") as out:
-                for part in parts:
-                    with self.open(part) as stream:
-                        while chunk := stream.read(CHUNK_BYTES):
-                            digest.update(chunk)
-                            size += len(chunk)
-                            out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with self._atomic_write(key) as out:
+            for part in parts:
+                with self.open(part) as stream:
+                    while chunk := stream.read(CHUNK_BYTES):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
         return size, digest.hexdigest()
 
     def open(self, key: str) -> BinaryIO:
