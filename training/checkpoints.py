@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ class TrainingPosition:
     best_full_valid_loss: float | None = None
     epochs_without_improvement: int = 0
     valid_cursor: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:

@@ -7,9 +7,8 @@ import shlex
 import sys
 from typing import Any
 
-# Ray's JobStatus values, by what they mean for a training job.
+# Ray's JobStatus values while a job still runs (any other status means it has ended).
 RAY_ACTIVE = {"PENDING", "RUNNING"}
-RAY_SUCCEEDED = "SUCCEEDED"
 
 
 class RayJobs:

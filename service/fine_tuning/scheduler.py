@@ -23,7 +23,7 @@ from service.config import BaseModelConfig, Settings
 from service.db import CheckpointRow, Database, FileRow, JobRow, ModelRow, now
 from service.fine_tuning.lifecycle import TERMINAL, JobStatus, transition
 from service.fine_tuning.naming import checkpoint_model_name, fine_tuned_model_name
-from service.fine_tuning.ray_jobs import RAY_ACTIVE, RAY_SUCCEEDED, RayJobs
+from service.fine_tuning.ray_jobs import RAY_ACTIVE, RayJobs
 from service.fine_tuning.results import write_result_file
 from service.fine_tuning.service import add_event
 from service.ids import checkpoint_id
@@ -104,7 +104,7 @@ class Scheduler:
             if job.status == JobStatus.VALIDATING_FILES:
                 self._validate_files(session, job)
             if job.status in WINDING_DOWN and job.ray_submission_id:
-                ready = self._reconcile_paused(session, job)
+                ready = self._wind_down(session, job)
                 if ready or job.ray_submission_id:
                     return ready
             if job.status == JobStatus.QUEUED:
@@ -196,19 +196,20 @@ class Scheduler:
     # --- running → succeeded | failed | queued
     def _reconcile_running(self, session: Session, job: JobRow) -> ReadyModel | None:
         assert job.ray_submission_id
+        # Ray first, then the log: once Ray reports the job ended, the log read after it
+        # holds every record the trainer will ever write.
+        info = self.ray_jobs.info(job.ray_submission_id)
         outcome = self._read_progress(session, job)
         if outcome is not None:
             return self._finish(session, job, outcome)
-
-        info = self.ray_jobs.info(job.ray_submission_id)
         if info is None:
             transition(job, JobStatus.QUEUED)
             job.ray_submission_id = None
             add_event(session, job, "Ray no longer knows this job; it is queued to run again")
             return None
         ray_status = str(getattr(info.status, "value", info.status))
-        if ray_status in RAY_ACTIVE or ray_status == RAY_SUCCEEDED:
-            return None  # a succeeded job's last record may not be read yet
+        if ray_status in RAY_ACTIVE:
+            return None
         tail = self.ray_jobs.logs_tail(job.ray_submission_id)
         logger.warning("training job %s ended %s without an outcome:\n%s", job.id, ray_status, tail)
         _fail(
@@ -231,13 +232,13 @@ class Scheduler:
         return outcome
 
     # --- paused or resumed while the trainer winds down: wait for its checkpoint
-    def _reconcile_paused(self, session: Session, job: JobRow) -> ReadyModel | None:
+    def _wind_down(self, session: Session, job: JobRow) -> ReadyModel | None:
         assert job.ray_submission_id
+        info = self.ray_jobs.info(job.ray_submission_id)  # before the log, as when running
+        ray_status = str(getattr(info.status, "value", info.status)) if info else None
         outcome = self._read_progress(session, job)
         if outcome is not None:  # it finished before it saw the pause request
             return self._finish(session, job, outcome)
-        info = self.ray_jobs.info(job.ray_submission_id)
-        ray_status = str(getattr(info.status, "value", info.status)) if info else None
         if ray_status in RAY_ACTIVE:
             waited = now() - (job.pause_requested_at or now())
             if waited < PAUSE_GRACE_S:

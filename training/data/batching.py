@@ -24,19 +24,13 @@ class PackedBatch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
-    n_examples: int
     spans: list[list[tuple[int, int]]]  # per row: [start, end) of each example
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.input_ids.numel())
 
     def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(
             self.input_ids.to(device),
             self.labels.to(device),
             self.position_ids.to(device),
-            self.n_examples,
             self.spans,
         )
 
@@ -118,6 +112,5 @@ def collate(rows: Sequence[Sequence[TokenizedExample]]) -> PackedBatch:
             [lab + [IGNORE_INDEX] * n for (_, lab, _), n in zip(packed, pad, strict=True)]
         ),
         torch.tensor([pos + list(range(n)) for (_, _, pos), n in zip(packed, pad, strict=True)]),
-        sum(len(row) for row in rows),
         spans,
     )
