@@ -40,7 +40,8 @@ def _user_message(error: BaseException) -> str:
     return f"Training failed: {text.splitlines()[0] if text else type(error).__name__}"
 
 
-def run(spec: TrainingSpec) -> None:
+def run(spec: TrainingSpec) -> bool:
+    """Train; True when the run paused (it saved a checkpoint and no adapter)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -56,10 +57,11 @@ def run(spec: TrainingSpec) -> None:
     )
     trainer.fit()
     if was_paused(spec):
-        return
+        return True
     missing = [name for name in ADAPTER_FILES if not (spec.adapter_dir / name).exists()]
     if missing:
         raise RuntimeError(f"the trainer finished without writing {', '.join(missing)}")
+    return False
 
 
 def was_paused(spec: TrainingSpec) -> bool:
@@ -74,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = TrainingSpec.load(args.spec)
     progress = ProgressLog(spec.progress_path)
     try:
-        run(spec)
+        paused = run(spec)
     except BaseException as error:
         traceback.print_exc()
         progress.write("failed", code="training_error", message=_user_message(error))
         return 1
-    if not was_paused(spec):
+    if not paused:
         progress.write("succeeded", adapter_dir=str(spec.adapter_dir))
     return 0
 

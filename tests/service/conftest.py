@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from openai import OpenAI
 
 from service.app import create_app
 from service.blobs import LocalBlobStore
@@ -58,3 +59,9 @@ def api_client(settings: Settings, parts) -> TestClient:  # type: ignore[no-unty
 @pytest.fixture
 def client(settings: Settings, parts) -> TestClient:  # type: ignore[no-untyped-def]
     return api_client(settings, parts)
+
+
+@pytest.fixture
+def sdk(client: TestClient) -> OpenAI:
+    """The official SDK talking to the app in-process (TestClient is an httpx.Client)."""
+    return OpenAI(base_url="http://testserver/v1", api_key="k", http_client=client, max_retries=0)

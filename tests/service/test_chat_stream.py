@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 import pytest
 from openai import APIError, OpenAI
 
-from tests.service.conftest import api_client
-
 CHUNK = {
     "id": "chatcmpl-1",
     "object": "chat.completion.chunk",
@@ -32,10 +30,8 @@ class BreakingGateway:
         return {"status": 200, "stream": True}, rest()
 
 
-def test_a_failure_mid_stream_arrives_as_an_error_event(settings, parts):
-    client = api_client(settings, parts)
-    client.app.state.gateway = BreakingGateway()  # type: ignore[attr-defined]
-    sdk = OpenAI(base_url="http://testserver/v1", api_key="k", http_client=client, max_retries=0)
+def test_a_failure_mid_stream_arrives_as_an_error_event(client, sdk: OpenAI):
+    client.app.state.gateway = BreakingGateway()
     stream = sdk.chat.completions.create(
         model="ftaas-tiny", messages=[{"role": "user", "content": "hi"}], stream=True
     )

@@ -19,11 +19,6 @@ JOB_FIELDS = {
 }  # fmt: skip
 
 
-@pytest.fixture
-def sdk(client) -> OpenAI:  # type: ignore[no-untyped-def]
-    return OpenAI(base_url="http://testserver/v1", api_key="k", http_client=client, max_retries=0)
-
-
 def upload(sdk: OpenAI, name: str = "train.jsonl") -> FileObject:
     return sdk.files.create(file=(name, memorisation_jsonl()), purpose="fine-tune")
 

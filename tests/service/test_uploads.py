@@ -10,12 +10,6 @@ from openai import BadRequestError, NotFoundError, OpenAI
 from tests.conftest import memorisation_jsonl
 
 
-@pytest.fixture
-def sdk(client) -> OpenAI:  # type: ignore[no-untyped-def]
-    # Starlette's TestClient is an httpx.Client: the SDK talks to the app in-process.
-    return OpenAI(base_url="http://testserver/v1", api_key="k", http_client=client, max_retries=0)
-
-
 def test_a_file_sent_in_parts_becomes_a_validated_file(sdk: OpenAI):
     data = memorisation_jsonl()
     upload = sdk.uploads.upload_file_chunked(
