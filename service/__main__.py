@@ -42,12 +42,31 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Prepare everything (each step fails as one line naming it), then serve."""
     import uvicorn
 
-    from service.app import create_app
+    from service.app import create_app, prepare_runtime
+    from service.startup import StartupError, bind_port, log_to_file
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
-    return 0
+    settings.home.mkdir(parents=True, exist_ok=True)
+    log_to_file(settings)
+    try:
+        sock = bind_port(settings)
+        runtime = prepare_runtime(settings)
+    except StartupError as error:
+        print(error, file=sys.stderr)
+        return 1
+    app = create_app(settings, runtime)
+    # log_config=None: uvicorn's records go through the handlers set up here (console and
+    # the server log) instead of its own.
+    config = uvicorn.Config(app, log_config=None, log_level="info")
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -27,7 +29,8 @@ from service.fine_tuning.scheduler import Scheduler
 from service.fine_tuning.service import FineTuningService
 from service.models.router import router as models_router
 from service.models.service import ModelService
-from service.ray_cluster import connect, use_gpu
+from service.ray_cluster import RayCluster, connect, ray_auth_env, ray_log_dir, use_gpu
+from service.startup import server_log, startup_step, trace_logger
 from service.uploads.router import router as uploads_router
 from service.uploads.service import MAX_PART_BYTES, UploadService
 from training.tiny_model import TINY_MODEL_ID
@@ -40,8 +43,50 @@ def ensure_base_models(settings: Settings) -> dict[str, BaseModelConfig]:
     tiny = base_models.get(TINY_MODEL_ID)
     if tiny is not None and settings.base_models_file is None:
         # In a child process: the API process itself never imports torch.
-        subprocess.run([sys.executable, "-m", "training.tiny_model", tiny.path], check=True)
+        built = subprocess.run(
+            [sys.executable, "-m", "training.tiny_model", tiny.path],
+            capture_output=True,
+            text=True,
+        )
+        if built.returncode != 0:
+            trace_logger.error("building %s:\n%s", TINY_MODEL_ID, built.stderr)
+            lines = built.stderr.strip().splitlines() or [f"exit status {built.returncode}"]
+            raise RuntimeError(lines[-1])
     return base_models
+
+
+@dataclass
+class Runtime:
+    """What the app runs on, prepared once before it serves."""
+
+    base_models: dict[str, BaseModelConfig]
+    db: Database
+    cluster: RayCluster
+    use_gpu: bool
+
+
+def prepare_runtime(settings: Settings) -> Runtime:
+    """The start-up steps, in order; each fails as one StartupError naming it."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with startup_step("building the test model", settings):
+        base_models = ensure_base_models(settings)
+    where = f"joining the Ray cluster at {settings.ray_address}" if settings.ray_address else None
+    with startup_step(where or "starting the embedded Ray head", settings):
+        cluster = connect(settings)
+        gpus = use_gpu(settings)
+    with startup_step("opening the job store", settings):
+        db = Database(settings.resolved_database_url)
+    return Runtime(base_models, db, cluster, gpus)
+
+
+def _ready_banner(settings: Settings, runtime: Runtime, serving: ServingGateway) -> str:
+    lines = [f"ftaas is ready: base_url http://{settings.host}:{settings.port}/v1"]
+    for model in runtime.base_models:
+        state = serving.state(model) if settings.serving_enabled else "serving disabled"
+        lines.append(f"  model {model}: {state}")
+    lines.append(f"  state: {settings.home}  (server log: {server_log(settings)})")
+    lines.append(f"  Ray: {runtime.cluster.address}, logs in {ray_log_dir(runtime.cluster)}")
+    return "\n".join(lines)
 
 
 async def run_scheduler(scheduler: Scheduler, gateway: ServingGateway, settings: Settings) -> None:
@@ -58,20 +103,24 @@ async def run_scheduler(scheduler: Scheduler, gateway: ServingGateway, settings:
         await asyncio.sleep(settings.scheduler_interval_s)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """The app; `runtime` is what `python -m service serve` prepared before binding, else
+    the lifespan prepares it."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.home.mkdir(parents=True, exist_ok=True)
-        base_models = await asyncio.to_thread(ensure_base_models, settings)
-        db = Database(settings.resolved_database_url)
+        ready: Runtime = (
+            runtime if runtime is not None else await asyncio.to_thread(prepare_runtime, settings)
+        )
+        base_models, db, gpus = ready.base_models, ready.db, ready.use_gpu
         blobs = LocalBlobStore(settings.home / "blobs")
-        cluster = await asyncio.to_thread(connect, settings)
-        gpus = await asyncio.to_thread(use_gpu, settings)
-        ray_jobs = RayJobs(cluster.dashboard_url)
+        auth_env = ray_auth_env(settings)
+        ray_jobs = RayJobs(ready.cluster.dashboard_url, env=auth_env)
         scheduler = Scheduler(db, settings, base_models, blobs, ray_jobs, use_gpu=gpus)
-        gateway = ServingGateway(settings, base_models, use_gpu=gpus)
+        gateway = ServingGateway(
+            settings, base_models, gpus, env=auth_env, ray_logs=ray_log_dir(ready.cluster)
+        )
         app.state.settings = settings
         app.state.files = FileService(db, blobs, settings.max_upload_bytes)
         app.state.uploads = UploadService(db, blobs, app.state.files)
@@ -81,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background = [asyncio.create_task(run_scheduler(scheduler, gateway, settings))]
         if settings.serving_enabled:
             background.append(asyncio.create_task(asyncio.to_thread(gateway.deploy)))
-        logger.info("ftaas is serving %s", ", ".join(base_models))
+        logger.info("%s", _ready_banner(settings, ready, gateway))
         yield
         for task in background:
             task.cancel()
@@ -102,7 +151,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
 
     @app.get("/health", tags=["health"])
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> dict[str, Any]:
+        gateway: ServingGateway | None = getattr(app.state, "gateway", None)
+        serving = gateway.states() if gateway is not None else {}
+        return {"status": "ok", "serving": serving}
 
     return app

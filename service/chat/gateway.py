@@ -6,6 +6,7 @@ plain dicts and gets plain dicts (or SSE strings) back.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,42 @@ from service.models.service import InferenceTarget
 logger = logging.getLogger(__name__)
 
 HEALTHY_APP_STATES = {"RUNNING", "DEPLOYING"}
+WARMING_UP = "engine warming up (chat answers 503 until it is ready)"
+READY = "ready"
+
+
+def _status_name(status: object) -> str:
+    """Serve's ApplicationStatus is a str enum: `str()` gives `ApplicationStatus.RUNNING`."""
+    return str(getattr(status, "value", status))
+
+
+def engine_cache_env(settings: Settings) -> dict[str, str]:
+    """vLLM and torch keep compiled kernels and usage stats under the home directory and a
+    shared temp folder by default; ftaas keeps them with its own state (so a restart reuses
+    them and nothing else can), and sends no usage stats."""
+    cache = settings.home / "cache"
+    return {
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "torchinductor"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "VLLM_CONFIG_ROOT": str(cache / "vllm-config"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def _wait_until_running(name: str, timeout_s: float = 900) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(name)
+        state = _status_name(status.status) if status is not None else "MISSING"
+        if state == "RUNNING":
+            return
+        if state != "DEPLOYING" or time.monotonic() > deadline:
+            raise RuntimeError(f"serving application {name} is {state}")
+        time.sleep(1)
 
 
 class ServingGateway:
@@ -24,42 +61,82 @@ class ServingGateway:
         settings: Settings,
         base_models: dict[str, BaseModelConfig],
         use_gpu: bool = False,
+        env: dict[str, str] | None = None,
+        ray_logs: str = "the Ray cluster's logs",
     ):
         self.settings = settings
         self.base_models = base_models
         self.use_gpu = use_gpu
+        # Variables every replica gets (Ray's token authentication among them).
+        self.env = env or {}
+        self.ray_logs = ray_logs
+        self._states = {model: WARMING_UP for model in base_models}
+
+    def state(self, base_model: str) -> str:
+        return self._states.get(base_model, "unknown")
+
+    def states(self) -> dict[str, str]:
+        return dict(self._states)
 
     def deploy(self) -> None:
-        """Start every base model's application that is not already running (blocking)."""
+        """Start every base model's application that is not already running (blocking).
+
+        A base model that fails to deploy is reported (log and /health); the others and
+        the rest of the API keep working."""
+        from ray import serve
+
+        serve.start(proxy_location="Disabled")
+        existing = serve.status().applications
+        for base in self.base_models.values():
+            started = time.monotonic()
+            try:
+                self._deploy_one(base, existing)
+            except Exception as error:
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+                self._states[base.id] = f"engine failed to start: {reason}"
+                logger.error(
+                    "deploying the engine for %s failed: %s (logs: %s, serve/ and worker-*)",
+                    base.id,
+                    reason,
+                    self.ray_logs,
+                    exc_info=True,
+                )
+                continue
+            self._states[base.id] = READY
+            logger.info("model %s: ready (%.0f s)", base.id, time.monotonic() - started)
+
+    def _deploy_one(self, base: BaseModelConfig, existing: dict[str, Any]) -> None:
         from ray import serve
 
         from serving.deployment import app_name, build_llm_app
         from serving.engine import EngineConfig
 
-        serve.start(proxy_location="Disabled")
-        existing = serve.status().applications
-        for base in self.base_models.values():
-            name = app_name(base.id)
-            if name in existing and str(existing[name].status) in HEALTHY_APP_STATES:
-                logger.info("serving application %s already running", name)
-                continue
-            config = EngineConfig(
-                model_id=base.id,
-                model_path=base.path,
-                max_model_len=base.max_length,
-                max_lora_rank=base.max_lora_rank,
-                max_loras=base.max_loras,
-                dtype=base.dtype,
-                chat_template=base.chat_template,
-            )
-            app = build_llm_app(
-                config,
-                num_cpus=1,
-                num_gpus=1 if self.use_gpu else 0,
-                env={"VLLM_CPU_KVCACHE_SPACE": str(self.settings.serving_kv_cache_gb)},
-            )
-            logger.info("deploying serving application %s", name)
-            serve.run(app, name=name, route_prefix=None)
+        name = app_name(base.id)
+        if name in existing and _status_name(existing[name].status) in HEALTHY_APP_STATES:
+            logger.info("serving application %s already running: reusing it", name)
+            _wait_until_running(name)  # still DEPLOYING after a restart during the first one
+            return
+        config = EngineConfig(
+            model_id=base.id,
+            model_path=base.path,
+            max_model_len=base.max_length,
+            max_lora_rank=base.max_lora_rank,
+            max_loras=base.max_loras,
+            dtype=base.dtype,
+            chat_template=base.chat_template,
+        )
+        app = build_llm_app(
+            config,
+            num_cpus=1,
+            num_gpus=1 if self.use_gpu else 0,
+            env={
+                **self.env,
+                **engine_cache_env(self.settings),
+                "VLLM_CPU_KVCACHE_SPACE": str(self.settings.serving_kv_cache_gb),
+            },
+        )
+        logger.info("deploying serving application %s", name)
+        serve.run(app, name=name, route_prefix=None)
 
     def _handle(self, base_model: str) -> Any:
         from ray import serve

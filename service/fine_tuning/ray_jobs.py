@@ -12,19 +12,23 @@ RAY_ACTIVE = {"PENDING", "RUNNING"}
 
 
 class RayJobs:
-    def __init__(self, dashboard_url: str, python: str = sys.executable):
+    def __init__(
+        self, dashboard_url: str, python: str = sys.executable, env: dict[str, str] | None = None
+    ):
         from ray.job_submission import JobSubmissionClient
 
         self.client = JobSubmissionClient(dashboard_url)
         # The cluster's own `python` may lack our packages: name this interpreter.
         self.python = python
+        # Variables every trainer gets (Ray's token authentication among them).
+        self.env = env or {}
 
     def submit(self, submission_id: str, spec_path: str, env: dict[str, str]) -> None:
         self.client.submit_job(
             entrypoint=f"{shlex.quote(self.python)} -m training.entrypoint "
             f"{shlex.quote(spec_path)}",
             submission_id=submission_id,
-            runtime_env={"env_vars": env},
+            runtime_env={"env_vars": {**self.env, **env}},
             entrypoint_num_cpus=0,
         )
 

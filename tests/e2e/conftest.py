@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,24 +15,62 @@ import pytest
 from openai import APIStatusError, OpenAI
 from openai.types.fine_tuning import FineTuningJob
 
-from service.ray_cluster import free_port
+from service.config import Settings
+from service.ray_cluster import embedded_token_path, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class RunningServer:
-    """The server as a user runs it (`python -m service serve`), in its own process.
+    """The server as a user runs it (`python -m service serve`), in its own process, as on
+    a machine that never ran ftaas: an empty FTAAS_HOME, an empty HOME of its own, and no
+    Ray token or address in the environment.
 
     `kill` and `start` let a test take the API process down mid-job and bring it back on
     the same FTAAS_HOME; the embedded Ray head and the serving replica live on."""
 
-    def __init__(self, home: Path, port: int):
+    # What a developer's environment may hold that a new user's does not.
+    NOT_ON_A_FRESH_MACHINE = (
+        "FTAAS_API_KEYS",
+        "RAY_ADDRESS",
+        "FTAAS_RAY_ADDRESS",
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+    )
+
+    def __init__(self, home: Path, port: int, user_home: Path):
         self.home = home
+        self.user_home = user_home
         self.base_url = f"http://127.0.0.1:{port}"
         self.log = home / "server.log"
-        self.env = {**os.environ, "FTAAS_HOME": str(home), "FTAAS_PORT": str(port)}
-        self.env.pop("FTAAS_API_KEYS", None)
+        self.env = {
+            **os.environ,
+            "FTAAS_HOME": str(home),
+            "FTAAS_PORT": str(port),
+            "HOME": str(user_home),
+        }
+        for name in self.NOT_ON_A_FRESH_MACHINE:
+            self.env.pop(name, None)
         self.process: subprocess.Popen | None = None
+
+    @property
+    def token_path(self) -> Path:
+        return embedded_token_path(Settings(home=self.home))
+
+    def ray_driver_env(self) -> dict[str, str]:
+        """What a process needs to join the server's embedded Ray head as a driver."""
+        address = json.loads((self.home / "ray.json").read_text())["address"]
+        return {
+            **self.env,
+            "RAY_ADDRESS": address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+        }
 
     def client(self) -> OpenAI:
         return OpenAI(base_url=f"{self.base_url}/v1", api_key="test-key", max_retries=0)
@@ -79,12 +118,17 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = RunningServer(tmp_path_factory.mktemp("ftaas-home"), free_port())
+    user_home = tmp_path_factory.mktemp("user-home")
+    running = RunningServer(tmp_path_factory.mktemp("ftaas-home"), free_port(), user_home)
     try:
         running.start()
         yield running
     finally:
         running.shutdown()
+    # Nothing the server, its trainers or its engine did may depend on or leave state in
+    # the user's home directory (a token, a cache, a config).
+    left = sorted(str(path.relative_to(user_home)) for path in user_home.rglob("*"))
+    assert not left, f"the server wrote into HOME: {left[:20]}"
 
 
 def wait_for_serving(client: OpenAI, model: str, timeout: float = 300) -> None:

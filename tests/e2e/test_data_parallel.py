@@ -5,8 +5,6 @@ scheduler would, with the same spec and 1 or 2 workers."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +38,7 @@ def train_with_workers(server: RunningServer, tmp_path: Path, num_workers: int) 
     )
     spec_path = tmp_path / f"spec-{num_workers}.json"
     spec.save(spec_path)
-    address = json.loads((server.home / "ray.json").read_text())["address"]
-    env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
+    env = server.ray_driver_env()
     command = [sys.executable, "-m", "training.entrypoint", str(spec_path)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     records, _ = ProgressLog(spec.progress_path).read_from(0)

@@ -38,11 +38,19 @@ def test_job_finished_while_the_api_was_killed_is_reconciled(server: RunningServ
     running = wait_for_job(client, job.id, {"running", "succeeded", "failed"})
     assert running.status == "running"
     events_before = {e.id for e in client.fine_tuning.jobs.list_events(job.id, limit=100)}
+    head_before = (server.home / "ray.json").read_text()
+    token_before = server.token_path.read_bytes()
+    log_offset = server.log.stat().st_size
 
     server.kill()
     outcome = _wait_for_outcome(server.home / "jobs" / job.id / "attempt-1" / "progress.jsonl")
     assert outcome == "succeeded"
     server.start()
+    # The restarted API joined the same head with the same token, and kept the engine.
+    assert (server.home / "ray.json").read_text() == head_before
+    assert server.token_path.read_bytes() == token_before
+    restart_log = server.log.read_text()[log_offset:]
+    assert "reusing the embedded Ray head" in restart_log
 
     client = server.client()
     assert upload.id in {f.id for f in client.files.list()}
@@ -58,3 +66,6 @@ def test_job_finished_while_the_api_was_killed_is_reconciled(server: RunningServ
 
     wait_for_serving(client, "ftaas-tiny")
     assert "pineapple" in greedy(client, finished.fine_tuned_model or "", QUESTIONS[0])
+    restart_log = server.log.read_text()[log_offset:]
+    assert "already running: reusing it" in restart_log, "the engine was redeployed"
+    assert "deploying serving application" not in restart_log
