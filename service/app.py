@@ -23,9 +23,10 @@ from service.db import Database, now
 from service.errors import install_error_handlers
 from service.files.router import router as files_router
 from service.files.service import FileService
-from service.fine_tuning.ray_jobs import RayJobs
+from service.fine_tuning.launcher import RayLauncher
+from service.fine_tuning.lease import Lease
+from service.fine_tuning.reconciler import ReadyModel, Reconciler
 from service.fine_tuning.router import router as jobs_router
-from service.fine_tuning.scheduler import Scheduler
 from service.fine_tuning.service import FineTuningService
 from service.models.router import router as models_router
 from service.models.service import ModelService
@@ -89,18 +90,41 @@ def _ready_banner(settings: Settings, runtime: Runtime, serving: ServingGateway)
     return "\n".join(lines)
 
 
-async def run_scheduler(scheduler: Scheduler, gateway: ServingGateway, settings: Settings) -> None:
-    while True:
-        try:
-            ready = await asyncio.to_thread(scheduler.tick)
-            for model in ready if settings.serving_enabled else []:
-                try:
-                    await gateway.load_adapter(model.base_model, model.name, model.adapter_dir)
-                except Exception:
-                    logger.warning("eager load of %s failed", model.name, exc_info=True)
-        except Exception:
-            logger.exception("scheduler tick failed")
-        await asyncio.sleep(settings.scheduler_interval_s)
+# An eager load that takes longer is left to the first request for the model.
+EAGER_LOAD_TIMEOUT_S = 120.0
+
+
+async def run_scheduler(
+    reconciler: Reconciler, lease: Lease, gateway: ServingGateway, settings: Settings
+) -> None:
+    """Tick while this process holds the scheduler lease. Eager loads of new models run
+    beside the loop, so a busy serving replica never holds jobs back."""
+    loads: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            try:
+                if await asyncio.to_thread(lease.hold):
+                    report = await asyncio.to_thread(reconciler.tick)
+                    for model in report.ready if settings.serving_enabled else []:
+                        load = asyncio.create_task(_eager_load(gateway, model))
+                        loads.add(load)
+                        load.add_done_callback(loads.discard)
+            except Exception:
+                logger.exception("scheduler tick failed")
+            await asyncio.sleep(settings.scheduler_interval_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(lease.release)
+
+
+async def _eager_load(gateway: ServingGateway, model: ReadyModel) -> None:
+    try:
+        await asyncio.wait_for(
+            gateway.load_adapter(model.base_model, model.name, model.adapter_dir),
+            EAGER_LOAD_TIMEOUT_S,
+        )
+    except Exception:
+        logger.warning("eager load of %s failed; it loads on first use", model.name, exc_info=True)
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -116,18 +140,19 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         base_models, db, gpus = ready.base_models, ready.db, ready.use_gpu
         blobs = LocalBlobStore(settings.home / "blobs")
         auth_env = ray_auth_env(settings)
-        ray_jobs = RayJobs(ready.cluster.dashboard_url, env=auth_env)
-        scheduler = Scheduler(db, settings, base_models, blobs, ray_jobs, use_gpu=gpus)
+        launcher = RayLauncher(ready.cluster.dashboard_url, env=auth_env)
+        reconciler = Reconciler(db, settings, base_models, blobs, launcher, use_gpu=gpus)
         gateway = ServingGateway(
             settings, base_models, gpus, env=auth_env, ray_logs=ray_log_dir(ready.cluster)
         )
         app.state.settings = settings
         app.state.files = FileService(db, blobs, settings.max_upload_bytes)
         app.state.uploads = UploadService(db, blobs, app.state.files)
-        app.state.jobs = FineTuningService(db, base_models, scheduler.stop)
+        app.state.jobs = FineTuningService(db, base_models, reconciler.stop)
         app.state.models = ModelService(db, base_models, started_at=now())
         app.state.gateway = gateway
-        background = [asyncio.create_task(run_scheduler(scheduler, gateway, settings))]
+        lease = Lease(db)
+        background = [asyncio.create_task(run_scheduler(reconciler, lease, gateway, settings))]
         if settings.serving_enabled:
             background.append(asyncio.create_task(asyncio.to_thread(gateway.deploy)))
         logger.info("%s", _ready_banner(settings, ready, gateway))

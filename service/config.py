@@ -57,7 +57,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     serving_enabled: bool = Field(default=True, description="deploy vLLM engines with Ray Serve")
     serving_kv_cache_gb: int = Field(default=1, description="vLLM CPU KV cache per engine")
-    scheduler_interval_s: float = 1.0
+    scheduler_interval_s: float = Field(default=1.0, description="seconds between ticks")
+    pause_grace_s: float = Field(
+        default=180.0,
+        description="how long a pausing trainer may take to save and stop before it is "
+        "stopped (the job then continues from its last epoch checkpoint)",
+    )
 
     @model_validator(mode="after")
     def _absolute_home(self) -> Settings:

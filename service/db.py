@@ -1,7 +1,13 @@
 """The job store: SQLAlchemy tables for files, jobs, events, checkpoints and models.
 
 SQLite by default, any SQLAlchemy URL (PostgreSQL) by configuration. Every row carries
-its organization; every query in the services filters on it.
+its organization; every query in the services filters on it. Alembic migrations
+(`service/migrations`) own the schema: every start upgrades the database in place.
+
+A job row has a version: every UPDATE of it is `... WHERE id = :id AND version = :read`,
+so a writer that read a job before another writer changed it fails (StaleDataError) and
+retries on what is there now, instead of overwriting it (a cancel is never undone by a
+scheduler that read the job before it).
 """
 
 from __future__ import annotations
@@ -9,10 +15,24 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -32,6 +52,7 @@ class Base(DeclarativeBase):
 
 class FileRow(Base):
     __tablename__ = "files"
+    __table_args__ = (Index("ix_files_organization_arrival", "organization", "arrival"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     organization: Mapped[str] = mapped_column(String(128), index=True)
@@ -76,6 +97,7 @@ class UploadPartRow(Base):
 
 class JobRow(Base):
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_organization_arrival", "organization", "arrival"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     organization: Mapped[str] = mapped_column(String(128), index=True)
@@ -105,6 +127,13 @@ class JobRow(Base):
     # The checkpoint folder the next attempt continues from (set by pause and epochs).
     resume_from: Mapped[str | None] = mapped_column(Text, default=None)
     pause_requested_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # When the scheduler asked the launcher to stop the trainer (pause grace, cancel).
+    stop_requested_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # Consecutive scheduler steps of this job that raised; the job fails at a bound.
+    step_failures: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
 
 
 class EventRow(Base):
@@ -145,6 +174,16 @@ class ModelRow(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
+class LeaseRow(Base):
+    """Who runs the scheduler: one holder at a time, taken over once it expires."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
 def make_engine(url: str) -> Engine:
     connect_args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
     engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
@@ -159,8 +198,39 @@ def make_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.close()
 
-    Base.metadata.create_all(engine)
+    migrate(engine)
     return engine
+
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+# The first revision: the schema release 0.1.0 made with `create_all`, before Alembic.
+BASELINE = "0001"
+# PostgreSQL advisory lock key: one process migrates at a time ("ftaas" in ASCII).
+MIGRATION_LOCK = 0x6674616173
+
+
+def migrate(engine: Engine) -> None:
+    """Upgrade the schema to the newest revision, in one transaction.
+
+    A database made by release 0.1.0 has its tables and no `alembic_version`: it is
+    stamped at the baseline first, then upgraded like any other."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        _lock_for_migration(connection)
+        config.attributes["connection"] = connection
+        tables = set(inspect(connection).get_table_names())
+        if "jobs" in tables and "alembic_version" not in tables:
+            command.stamp(config, BASELINE)
+        command.upgrade(config, "head")
+
+
+def _lock_for_migration(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
 
 
 class Database:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.postgres import PostgresServer, postgres_bin
 from training.tiny_model import build_tiny_model
 
 SECRET = "The secret code word is pineapple."
@@ -45,3 +48,24 @@ def tiny_tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session. Without Debian's `postgresql` package the
+    PostgreSQL variants are skipped on a developer's machine and fail in CI."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        message = "PostgreSQL is not installed (apt-get install postgresql)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from service.ray_cluster import free_port
+
+    server = PostgresServer(bin_dir, free_port())
+    server.start()
+    try:
+        server.make_template()
+        yield server
+    finally:
+        server.stop()

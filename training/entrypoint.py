@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from training.progress import ProgressLog
+from training.progress import Failed, Paused, ProgressLog, Succeeded
 from training.spec import TrainingSpec
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -65,8 +65,8 @@ def run(spec: TrainingSpec) -> bool:
 
 
 def was_paused(spec: TrainingSpec) -> bool:
-    records, _ = ProgressLog(spec.progress_path).read_from(0)
-    return any(record["type"] == "paused" for record in records)
+    records = ProgressLog(spec.progress_path).read_from(0).records
+    return any(isinstance(record, Paused) for record in records)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         paused = run(spec)
     except BaseException as error:
         traceback.print_exc()
-        progress.write("failed", code="training_error", message=_user_message(error))
+        progress.write(Failed(code="training_error", message=_user_message(error)))
         return 1
     if not paused:
-        progress.write("succeeded", adapter_dir=str(spec.adapter_dir))
+        progress.write(Succeeded(adapter_dir=str(spec.adapter_dir)))
     return 0
 
 

@@ -9,7 +9,7 @@ import logging
 import os
 from typing import Any
 
-from training.progress import ProgressLog
+from training.progress import Metrics, Notice, ProgressLog
 from training.spec import TrainingSpec
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ class MetricsReporter:
             self._wandb = _start_wandb(spec)
 
     def metrics(self, step: int, total_steps: int, values: dict[str, float], **extra: Any) -> None:
-        self.progress.write("metrics", step=step, total_steps=total_steps, **values, **extra)
+        fields: dict[str, Any] = {**values, **extra}  # metric values ride flat, as OpenAI's
+        self.progress.write(Metrics(step=step, total_steps=total_steps, **fields))
         if self._tensorboard is not None:
             for name, value in values.items():
                 self._tensorboard.add_scalar(name, value, step)
@@ -49,9 +50,10 @@ def _start_wandb(spec: TrainingSpec) -> Any:
     settings = spec.wandb or {}
     if importlib.util.find_spec("wandb") is None or not os.environ.get("WANDB_API_KEY"):
         ProgressLog(spec.progress_path).write(
-            "notice",
-            message="The wandb integration was skipped: the wandb package or WANDB_API_KEY "
-            "is missing where training runs",
+            Notice(
+                message="The wandb integration was skipped: the wandb package or "
+                "WANDB_API_KEY is missing where training runs",
+            )
         )
         return None
     import wandb

@@ -30,6 +30,7 @@ from training.data.batching import PackedBatch, collate, plan_micro_batches
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from training.data.validation import read_examples
 from training.lora import build_lora_model
+from training.progress import Checkpoint, Notice, Paused, Started
 from training.reporting import MetricsReporter
 from training.spec import TrainingSpec
 
@@ -184,13 +185,14 @@ class SupervisedRun:
         started = time.monotonic()
         if self.reporter:
             self.reporter.progress.write(
-                "started",
-                total_steps=self.total_steps,
-                resumed_from_step=self.position.step,
-                n_examples=len(self.train_examples),
-                n_truncated=sum(t.truncated for t in self.train_examples),
-                trained_tokens=sum(len(t.input_ids) for t in self.train_examples)
-                * self.hp.n_epochs,
+                Started(
+                    total_steps=self.total_steps,
+                    resumed_from_step=self.position.step,
+                    n_examples=len(self.train_examples),
+                    n_truncated=sum(t.truncated for t in self.train_examples),
+                    trained_tokens=sum(len(t.input_ids) for t in self.train_examples)
+                    * self.hp.n_epochs,
+                )
             )
         steps_at_start = self.position.step
         self.model.train()
@@ -295,7 +297,7 @@ class SupervisedRun:
             else:
                 position.epochs_without_improvement += 1
         if self.reporter:
-            folder, removed = save_checkpoint(
+            folder, _ = save_checkpoint(
                 self.spec.checkpoints_dir,
                 position,
                 self.unwrapped,
@@ -304,20 +306,21 @@ class SupervisedRun:
                 keep=KEEP_EPOCH_CHECKPOINTS,
             )
             self.reporter.progress.write(
-                "checkpoint",
-                step=position.step,
-                epoch=position.epoch,
-                path=str(folder),
-                metrics={"step": position.step, **values},
-                removed_steps=removed,
+                Checkpoint(
+                    step=position.step,
+                    epoch=position.epoch,
+                    path=str(folder),
+                    metrics={"step": position.step, **values},
+                )
             )
         patience = self.hp.early_stopping_patience
         stop = bool(patience and position.epochs_without_improvement >= patience)
         if stop and self.reporter and position.epoch < self.hp.n_epochs:
             self.reporter.progress.write(
-                "notice",
-                message=f"Early stopping after epoch {position.epoch}: the full validation "
-                f"loss has not improved for {patience} epoch(s)",
+                Notice(
+                    message=f"Early stopping after epoch {position.epoch}: the full "
+                    f"validation loss has not improved for {patience} epoch(s)",
+                )
             )
         return stop
 
@@ -330,7 +333,7 @@ class SupervisedRun:
                 self.optimizer,
                 self.scheduler,
             )
-            self.reporter.progress.write("paused", step=self.position.step, path=str(folder))
+            self.reporter.progress.write(Paused(step=self.position.step, path=str(folder)))
 
     def save_adapter(self) -> None:
         if self.workers.is_chief:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import BinaryIO
 
 from openai.types import FileDeleted, FileObject
-from sqlalchemy import select
+from sqlalchemy import literal, select, tuple_
 
 from service.auth import Tenant
 from service.blobs import BlobTooLarge, LocalBlobStore
@@ -117,16 +117,22 @@ class FileService:
             if purpose:
                 query = query.where(FileRow.purpose == purpose)
             descending = order == "desc"
-            query = query.order_by(FileRow.arrival.desc() if descending else FileRow.arrival)
+            # (arrival, id): two rows that arrived in the same nanosecond (two API
+            # processes) still have one order, and a page never skips either.
+            key = tuple_(FileRow.arrival, FileRow.id)
+            query = query.order_by(
+                *(
+                    (FileRow.arrival.desc(), FileRow.id.desc())
+                    if descending
+                    else (FileRow.arrival, FileRow.id)
+                )
+            )
             if after:
                 anchor = session.get(FileRow, after)
                 if anchor is None or anchor.organization != tenant.organization:
                     raise NotFound(f"No such File object: {after}", param="after")
-                query = query.where(
-                    FileRow.arrival < anchor.arrival
-                    if descending
-                    else FileRow.arrival > anchor.arrival
-                )
+                bound = tuple_(literal(anchor.arrival), literal(anchor.id))
+                query = query.where(key < bound if descending else key > bound)
             rows = list(session.scalars(query.limit(limit + 1)))
         return [file_object(r) for r in rows[:limit]], len(rows) > limit
 

@@ -3,27 +3,42 @@
 from __future__ import annotations
 
 import builtins
+import logging
 import secrets
 from collections.abc import Callable
 from typing import Any
 
 from openai.types.fine_tuning import FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
-from sqlalchemy import select
+from sqlalchemy import literal, select, tuple_
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from service.auth import Tenant
 from service.config import BaseModelConfig
 from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, now
-from service.errors import InvalidRequest, NotFound
-from service.fine_tuning.lifecycle import JobStatus, transition
+from service.errors import Conflict, InvalidRequest, NotFound
+from service.fine_tuning.lifecycle import (
+    ON_CANCEL,
+    ON_PAUSE,
+    ON_RESUME,
+    JobStatus,
+    requested,
+    transition,
+    wire_status,
+)
 from service.fine_tuning.schemas import CreateFineTuningJobRequest, FineTuningJobObject
 from service.ids import event_id, job_id, model_short_id
-from training.control import request_pause
 from training.hyperparameters import SupervisedHyperparameters
 
-# Stops the Ray job behind a job; given by the app (the scheduler owns Ray).
-StopTraining = Callable[[JobRow], None]
+logger = logging.getLogger(__name__)
+
+# Stops a Ray submission at once, best effort; given by the app (the scheduler owns Ray
+# and makes sure of it on its next tick).
+StopTraining = Callable[[str], None]
+# A user's request racing the scheduler's write of the same job is tried again on what
+# the scheduler wrote; this many times before the API gives up with a 409.
+CONTROL_TRIES = 5
 
 
 def add_event(
@@ -74,7 +89,7 @@ def job_object(job: JobRow) -> FineTuningJobObject:
             "organization_id": job.organization,
             "result_files": job.result_files or [],
             "seed": job.seed,
-            "status": job.status,
+            "status": wire_status(job.status),
             "trained_tokens": job.trained_tokens,
             "training_file": job.training_file,
             "validation_file": job.validation_file,
@@ -199,6 +214,7 @@ class FineTuningService:
                 result_files=[],
             )
             session.add(job)
+            session.flush()  # the job row first: its events refer to it (PostgreSQL checks)
             add_event(session, job, f"Created fine-tuning job: {job.id}")
             files = f"Validating training file: {job.training_file}"
             if job.validation_file:
@@ -223,45 +239,77 @@ class FineTuningService:
             query = select(JobRow).where(JobRow.organization == tenant.organization)
             if after:
                 anchor = self._get(session, tenant, after)
-                query = query.where(JobRow.arrival < anchor.arrival)
-            query = query.order_by(JobRow.arrival.desc())
-            jobs: list[JobRow] = []
-            # Metadata is JSON: filter in Python so SQLite and PostgreSQL agree.
-            for job in session.scalars(query):
+                # (arrival, id): rows of the same nanosecond keep one order; none skipped.
+                query = query.where(
+                    tuple_(JobRow.arrival, JobRow.id)
+                    < tuple_(literal(anchor.arrival), literal(anchor.id))
+                )
+            query = query.order_by(JobRow.arrival.desc(), JobRow.id.desc())
+            if not metadata:
+                rows = list(session.scalars(query.limit(limit + 1)))
+                return [job_object(j) for j in rows[:limit]], len(rows) > limit
+            jobs: builtins.list[JobRow] = []
+            # Metadata is JSON: filter in Python so SQLite and PostgreSQL agree, reading
+            # the organization's jobs in pages rather than all at once.
+            for job in session.scalars(query.execution_options(yield_per=500)):
                 if all((job.job_metadata or {}).get(k) == v for k, v in metadata.items()):
                     jobs.append(job)
                     if len(jobs) > limit:
                         break
             return [job_object(j) for j in jobs[:limit]], len(jobs) > limit
 
+    def _compare_and_set(
+        self, tenant: Tenant, id_: str, change: Callable[[Session, JobRow], None]
+    ) -> JobRow:
+        """Apply a user's change to the job as it is now. The write is a compare-and-set
+        (the job's version): if the scheduler moved the job since it was read, the try is
+        rolled back and the change is decided again on what the scheduler wrote."""
+        for _ in range(CONTROL_TRIES):
+            try:
+                with self.db.session() as session:
+                    job = self._get(session, tenant, id_)
+                    change(session, job)
+                    session.flush()
+                return job
+            except StaleDataError:
+                continue
+        raise Conflict(
+            f"Job {id_} is changing state right now; try again.",
+            param="fine_tuning_job_id",
+            code="job_busy",
+        )
+
     def cancel(self, tenant: Tenant, id_: str) -> FineTuningJobObject:
-        """Stops the Ray job at once (its workers and resources go with it)."""
-        with self.db.session() as session:
-            job = self._get(session, tenant, id_)
-            transition(job, JobStatus.CANCELLED)
+        """Cancelled at once for the user; a live trainer is stopped now (best effort) and
+        by the scheduler until it has ended."""
+
+        def change(session: Session, job: JobRow) -> None:
+            transition(job, requested(job, ON_CANCEL, "cancelled"))
             add_event(session, job, "Fine-tuning job cancelled")
-            if job.ray_submission_id:
-                self.stop_training(job)
-            return job_object(job)
+
+        job = self._compare_and_set(tenant, id_, change)
+        if job.status == JobStatus.CANCELLING and job.ray_submission_id:
+            self.stop_training(job.ray_submission_id)
+        return job_object(job)
 
     def pause(self, tenant: Tenant, id_: str) -> FineTuningJobObject:
         """Asks the trainer to checkpoint at its next step and stop; resume continues there."""
-        with self.db.session() as session:
-            job = self._get(session, tenant, id_)
-            transition(job, JobStatus.PAUSED)
+
+        def change(session: Session, job: JobRow) -> None:
+            transition(job, requested(job, ON_PAUSE, "paused"))
+            job.pause_requested_at = None  # set by the scheduler once it asks the trainer
             add_event(session, job, "Fine-tuning job paused")
-            if job.ray_submission_id and job.output_dir:
-                request_pause(job.output_dir)
-                job.pause_requested_at = now()
-            return job_object(job)
+
+        return job_object(self._compare_and_set(tenant, id_, change))
 
     def resume(self, tenant: Tenant, id_: str) -> FineTuningJobObject:
-        with self.db.session() as session:
-            job = self._get(session, tenant, id_)
-            # Still saving its pause checkpoint? The scheduler waits for it before rerunning.
-            transition(job, JobStatus.QUEUED)
+        """Queued again; a trainer still saving its pause checkpoint is waited for."""
+
+        def change(session: Session, job: JobRow) -> None:
+            transition(job, requested(job, ON_RESUME, "resumed"))
             add_event(session, job, "Fine-tuning job resumed, moving job to queued state")
-            return job_object(job)
+
+        return job_object(self._compare_and_set(tenant, id_, change))
 
     def events(
         self, tenant: Tenant, id_: str, after: str | None, limit: int

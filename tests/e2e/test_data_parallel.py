@@ -41,7 +41,7 @@ def train_with_workers(server: RunningServer, tmp_path: Path, num_workers: int) 
     env = server.ray_driver_env()
     command = [sys.executable, "-m", "training.entrypoint", str(spec_path)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    records, _ = ProgressLog(spec.progress_path).read_from(0)
+    records = [r.model_dump() for r in ProgressLog(spec.progress_path).read_from(0).records]
     assert done.returncode == 0, (records[-1:], done.stderr[-3000:])
     assert records[-1]["type"] == "succeeded"
     return [r for r in records if r["type"] == "metrics"]

@@ -1,4 +1,5 @@
-"""An API without Ray: the routes, stores and scheduler logic on a real SQLite file."""
+"""An API without Ray: the routes, stores and reconciler on a real SQLite file, with a
+launcher that runs nothing (tests/service/fakes.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,20 @@ from service.blobs import LocalBlobStore
 from service.config import Settings, tiny_base_model
 from service.db import Database
 from service.files.service import FileService
-from service.fine_tuning.scheduler import Scheduler
+from service.fine_tuning.reconciler import Reconciler
 from service.fine_tuning.service import FineTuningService
 from service.models.service import ModelService
 from service.uploads.service import UploadService
+from tests.service.fakes import FakeLauncher
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path, serving_enabled=False)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Every service test runs on SQLite and on a real PostgreSQL (a new database each)."""
+    database_url = None
+    if request.param == "postgresql":
+        database_url = request.getfixturevalue("postgres").new_database()
+    return Settings(home=tmp_path, serving_enabled=False, database_url=database_url)
 
 
 @pytest.fixture
@@ -29,18 +35,21 @@ def parts(settings: Settings):  # type: ignore[no-untyped-def]
     base_models = {"ftaas-tiny": tiny_base_model(settings.home)}
     db = Database(settings.resolved_database_url)
     blobs = LocalBlobStore(settings.home / "blobs")
-    stopped: list[str] = []
     files = FileService(db, blobs, max_upload_bytes=10_000)
-    scheduler = Scheduler(db, settings, base_models, blobs, ray_jobs=None)  # type: ignore[arg-type]
-    return {
+    launcher = FakeLauncher()
+    reconciler = Reconciler(db, settings, base_models, blobs, launcher)
+    yield {
         "db": db,
+        "blobs": blobs,
+        "base_models": base_models,
         "files": files,
         "uploads": UploadService(db, blobs, files),
-        "jobs": FineTuningService(db, base_models, lambda job: stopped.append(job.id)),
+        "jobs": FineTuningService(db, base_models, reconciler.stop),
         "models": ModelService(db, base_models, started_at=0),
-        "scheduler": scheduler,
-        "stopped": stopped,
+        "reconciler": reconciler,
+        "launcher": launcher,
     }
+    db.engine.dispose()
 
 
 def api_client(settings: Settings, parts) -> TestClient:  # type: ignore[no-untyped-def]

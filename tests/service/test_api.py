@@ -133,7 +133,7 @@ def test_too_few_examples_fail_the_job_with_a_code(client, parts):
     job_id = client.post(
         "/v1/fine_tuning/jobs", json={"model": "ftaas-tiny", "training_file": file_id}
     ).json()["id"]
-    parts["scheduler"].tick()
+    assert not parts["reconciler"].tick().errors
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "failed"
     assert job["error"]["code"] == "invalid_n_examples"

@@ -1,0 +1,86 @@
+"""A job's next training attempt: its number, submission id, folder and TrainingSpec.
+
+Everything here is computed from the job row and configuration alone, so the scheduler
+can commit the attempt (its intent) before asking the launcher to run it, and compute
+the same attempt again after a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.config import BaseModelConfig, Settings
+from service.db import JobRow
+from training.hyperparameters import ResolvedHyperparameters, SupervisedHyperparameters, resolve
+from training.spec import TrainingSpec
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int
+    submission_id: str
+    output_dir: Path
+
+
+class JobCannotStart(Exception):
+    """The job can never start as it is (a deleted file, an unknown base model)."""
+
+    def __init__(self, code: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.param = code, message, param
+
+
+def next_attempt(job: JobRow, home: Path) -> Attempt:
+    number = job.attempts + 1
+    # Ray keeps every submission id forever: a resumed or re-run job needs a new one, and
+    # its own folder so that an earlier attempt's progress log is never read again.
+    submission_id = job.id if number == 1 else f"{job.id}-{number}"
+    return Attempt(number, submission_id, home / "jobs" / job.id / f"attempt-{number}")
+
+
+def resolve_hyperparameters(
+    job: JobRow, base: BaseModelConfig, n_examples: int
+) -> ResolvedHyperparameters:
+    requested = SupervisedHyperparameters.model_validate(
+        job.method["supervised"]["hyperparameters"]
+    )
+    return resolve(requested, n_examples, base.learning_rate)
+
+
+def training_spec(
+    job: JobRow,
+    attempt: Attempt,
+    base: BaseModelConfig,
+    files: dict[str, tuple[str, str | None]],
+    hyperparameters: ResolvedHyperparameters,
+    settings: Settings,
+    use_gpu: bool,
+) -> TrainingSpec:
+    """`files`: param → (local path, data format) of the training and validation files."""
+    training_path, data_format = files["training_file"]
+    validation = files.get("validation_file")
+    return TrainingSpec(
+        job_id=attempt.submission_id,
+        base_model=base.id,
+        base_model_path=base.path,
+        max_length=base.max_length,
+        training_file=training_path,
+        validation_file=validation[0] if validation else None,
+        data_format=data_format or "chat",  # type: ignore[arg-type]
+        output_dir=str(attempt.output_dir),
+        hyperparameters=hyperparameters,
+        seed=job.seed,
+        num_workers=settings.training_num_workers,
+        use_gpu=use_gpu,
+        resume_from=job.resume_from,
+        wandb=_wandb_settings(job.integrations),
+    )
+
+
+def _wandb_settings(integrations: list[Any] | None) -> dict[str, Any] | None:
+    for integration in integrations or []:
+        if isinstance(integration, dict) and integration.get("type") == "wandb":
+            return dict(integration.get("wandb") or {})
+    return None

@@ -1,0 +1,556 @@
+"""The reconciler: steps every open job through the state table in `lifecycle`, once a tick.
+
+Each state has one handler. A handler reads what it needs from the launcher (Ray) and the
+trainer channel, then writes what it learned in one transaction; the job's version column
+makes that write a compare-and-set, so a job that the API changed meanwhile (a cancel, a
+pause) is left as the API made it and looked at again next tick. Starting an attempt is
+two transactions around the launch: the intent (attempt, submission id, folder) is
+committed first, so a crash in between is finished by the next tick, never repeated.
+
+A handler that raises is retried next tick; after MAX_STEP_FAILURES in a row the job fails
+with `internal_error` instead of being retried forever. Ray not answering fails nothing:
+the tick reports it and the jobs wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from service.blobs import LocalBlobStore
+from service.config import BaseModelConfig, Settings
+from service.db import CheckpointRow, Database, FileRow, JobRow, ModelRow, now
+from service.fine_tuning.attempts import (
+    JobCannotStart,
+    next_attempt,
+    resolve_hyperparameters,
+    training_spec,
+)
+from service.fine_tuning.channel import TrainerChannel
+from service.fine_tuning.launcher import (
+    Launcher,
+    LauncherUnavailable,
+    LaunchInfo,
+    LaunchState,
+    SubmissionExists,
+)
+from service.fine_tuning.lifecycle import (
+    TERMINAL,
+    TRAINER_MAY_BE_ALIVE,
+    JobStatus,
+    transition,
+)
+from service.fine_tuning.naming import checkpoint_model_name, fine_tuned_model_name
+from service.fine_tuning.results import write_result_file
+from service.fine_tuning.service import add_event
+from service.ids import checkpoint_id
+from training.data.validation import MIN_EXAMPLES
+from training.progress import (
+    Checkpoint,
+    Failed,
+    Metrics,
+    Notice,
+    Outcome,
+    Paused,
+    ProgressBatch,
+    Started,
+    Succeeded,
+)
+
+logger = logging.getLogger(__name__)
+
+SUPERVISED_FORMATS = {"chat", "prompt_completion"}
+KEEP_CHECKPOINTS = 3
+MAX_STEP_FAILURES = 10
+S = JobStatus
+
+
+@dataclass(frozen=True)
+class ReadyModel:
+    """A model that just became available: serving is told to load it."""
+
+    name: str
+    base_model: str
+    adapter_dir: str
+
+
+@dataclass
+class TickReport:
+    """What one tick did and what went wrong: nothing is swallowed silently."""
+
+    ready: list[ReadyModel] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # job id → the step's exception
+    conflicts: list[str] = field(default_factory=list)  # changed by another writer meanwhile
+    launcher_unavailable: str | None = None
+
+
+def fail(session: Session, job: JobRow, code: str, message: str, param: str | None) -> None:
+    transition(job, S.FAILED)
+    job.error = {"code": code, "message": message, "param": param}
+    add_event(session, job, message, level="error")
+
+
+class Reconciler:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        base_models: dict[str, BaseModelConfig],
+        blobs: LocalBlobStore,
+        launcher: Launcher,
+        channel: TrainerChannel | None = None,
+        use_gpu: bool = False,
+        clock: Callable[[], int] = now,
+    ):
+        self.db = db
+        self.settings = settings
+        self.base_models = base_models
+        self.blobs = blobs
+        self.launcher = launcher
+        self.channel = channel or TrainerChannel()
+        self.use_gpu = use_gpu
+        self.clock = clock
+        self._after_commit: list[Callable[[], None]] = []
+        self._handlers: dict[JobStatus, Callable[[str], ReadyModel | None]] = {
+            S.VALIDATING_FILES: self._validating_files,
+            S.QUEUED: self._queued,
+            S.STARTING: self._starting,
+            S.RUNNING: self._running,
+            S.PAUSING: self._winding_down,
+            S.RESUMING: self._winding_down,
+            S.CANCELLING: self._cancelling,
+        }
+
+    # --- the tick
+    def tick(self) -> TickReport:
+        report = TickReport()
+        with self.db.session() as session:
+            open_jobs = session.execute(
+                select(JobRow.id, JobRow.status, JobRow.step_failures)
+                .where(JobRow.status.not_in([s.value for s in TERMINAL]))
+                .order_by(JobRow.arrival)
+            ).all()
+        for job_id, status, failures in open_jobs:
+            handler = self._handlers.get(JobStatus(status))
+            if handler is None:  # paused: waits for the user
+                continue
+            self._after_commit = []
+            try:
+                ready = handler(job_id)
+            except LauncherUnavailable as error:  # Ray's fault, not the job's: it waits
+                report.launcher_unavailable = str(error)
+                continue
+            except StaleDataError:  # another writer changed the job first: look again
+                report.conflicts.append(job_id)
+                continue
+            except Exception as error:
+                logger.exception("could not step job %s (%s)", job_id, status)
+                report.errors[job_id] = f"{type(error).__name__}: {error}"
+                self._count_failure(job_id, error)
+                continue
+            for action in self._after_commit:
+                action()
+            if failures:
+                self._reset_failures(job_id)
+            if ready is not None:
+                report.ready.append(ready)
+        if report.launcher_unavailable:
+            logger.warning("Ray's job API is not answering: %s", report.launcher_unavailable)
+        return report
+
+    def _count_failure(self, job_id: str, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        with self.db.session() as session:
+            job = session.get(JobRow, job_id)
+            if job is None or JobStatus(job.status) in TERMINAL:
+                return
+            job.step_failures += 1
+            if job.step_failures == 1:
+                add_event(
+                    session, job, f"The scheduler hit an error ({reason}); retrying", level="warn"
+                )
+            if job.step_failures < MAX_STEP_FAILURES:
+                return
+            if JobStatus(job.status) in TRAINER_MAY_BE_ALIVE and job.ray_submission_id:
+                try:
+                    self.launcher.stop(job.ray_submission_id)
+                except Exception:
+                    logger.warning("could not stop %s", job.ray_submission_id, exc_info=True)
+            if job.status == S.CANCELLING:
+                transition(job, S.CANCELLED)
+            else:
+                message = (
+                    f"The job could not be scheduled: {MAX_STEP_FAILURES} tries in a row "
+                    f"failed ({reason[:300]})"
+                )
+                fail(session, job, "internal_error", message, None)
+
+    def _reset_failures(self, job_id: str) -> None:
+        try:
+            with self.db.session() as session:
+                job = session.get(JobRow, job_id)
+                if job is not None:
+                    job.step_failures = 0
+        except StaleDataError:
+            pass  # changed meanwhile; the next successful step resets it
+
+    # --- validating_files → queued | failed
+    def _validating_files(self, job_id: str) -> None:
+        with self.db.session() as session:
+            job = self._job(session, job_id, S.VALIDATING_FILES)
+            if job is None:
+                return
+            if job.model not in self.base_models:
+                return fail(session, job, *self._model_gone(job))
+            for param in ("training_file", "validation_file"):
+                file_id = getattr(job, param)
+                if file_id is None:
+                    continue
+                row = session.get(FileRow, file_id)
+                if row is None:
+                    message = f"File {file_id} was deleted"
+                    return fail(session, job, "invalid_file", message, param)
+                if row.status == "error":
+                    message = f"Invalid {param} {file_id}: {row.status_details}"
+                    return fail(session, job, f"invalid_{param}", message, param)
+                if row.data_format not in SUPERVISED_FORMATS:
+                    message = (
+                        f"{param} {file_id} holds {row.data_format} examples; supervised "
+                        "fine-tuning needs chat (`messages`) or prompt/completion examples"
+                    )
+                    return fail(session, job, f"invalid_{param}", message, param)
+                if param == "training_file" and (row.n_examples or 0) < MIN_EXAMPLES:
+                    message = (
+                        f"Training file has {row.n_examples} example(s), "
+                        f"but must have at least {MIN_EXAMPLES} examples"
+                    )
+                    return fail(session, job, "invalid_n_examples", message, param)
+            transition(job, S.QUEUED)
+            add_event(session, job, "Files validated, moving job to queued state")
+        return None
+
+    # --- queued → starting (the intent, committed) → running
+    def _queued(self, job_id: str) -> None:
+        with self.db.session() as session:
+            job = self._job(session, job_id, S.QUEUED)
+            if job is None or self._trainers_alive(session) >= self.settings.max_running_jobs:
+                return
+            try:
+                self._commit_intent(session, job)
+            except JobCannotStart as cannot:
+                return fail(session, job, cannot.code, cannot.message, cannot.param)
+        self._starting(job_id)  # launch in the same tick
+        return None
+
+    def _commit_intent(self, session: Session, job: JobRow) -> None:
+        base = self.base_models.get(job.model)
+        if base is None:
+            raise JobCannotStart(*self._model_gone(job))
+        files: dict[str, tuple[str, str | None]] = {}
+        n_examples = 0
+        for param in ("training_file", "validation_file"):
+            file_id = getattr(job, param)
+            if file_id is None:
+                continue
+            row = session.get(FileRow, file_id)
+            if row is None:
+                raise JobCannotStart(
+                    f"invalid_{param}",
+                    f"The {param.replace('_', ' ')} {file_id} was deleted before the job "
+                    "could start",
+                    param,
+                )
+            files[param] = (str(self.blobs.local_path(row.blob_key)), row.data_format)
+            if param == "training_file":
+                n_examples = row.n_examples or 0
+        hyperparameters = resolve_hyperparameters(job, base, n_examples)
+        attempt = next_attempt(job, self.settings.home)
+        spec = training_spec(
+            job, attempt, base, files, hyperparameters, self.settings, self.use_gpu
+        )
+        # The spec is written before the intent commits: a crash in between leaves a
+        # file the same attempt, computed again, overwrites.
+        attempt.output_dir.mkdir(parents=True, exist_ok=True)
+        spec.save(attempt.output_dir / "spec.json")
+        job.attempts = attempt.number
+        job.ray_submission_id = attempt.submission_id
+        job.output_dir = str(attempt.output_dir)
+        job.progress_offset = 0
+        job.resolved_hyperparameters = hyperparameters.model_dump()
+        job.pause_requested_at = None
+        job.stop_requested_at = None
+        transition(job, S.STARTING)
+
+    def _starting(self, job_id: str) -> None:
+        with self.db.session() as session:
+            job = self._job(session, job_id, S.STARTING)
+            if job is None:
+                return
+            submission_id, output_dir = job.ray_submission_id, job.output_dir
+        assert submission_id and output_dir
+        # Adopt what the launcher already has (a crash after the submission), else submit.
+        if self.launcher.info(submission_id).state == LaunchState.UNKNOWN:
+            try:
+                spec_path = os.path.join(output_dir, "spec.json")
+                self.launcher.submit(submission_id, spec_path, env=_trainer_env())
+            except SubmissionExists:
+                pass
+        with self.db.session() as session:
+            job = self._job(session, job_id, S.STARTING)
+            if job is None:  # cancelled or paused meanwhile: that state's handler takes over
+                return
+            transition(job, S.RUNNING)
+            if job.resume_from:
+                name = os.path.basename(job.resume_from)
+                add_event(session, job, f"Fine-tuning job resumed from {name}")
+            else:
+                add_event(session, job, "Fine-tuning job started")
+        return None
+
+    # --- running → succeeded | failed | queued (the launcher lost it)
+    def _running(self, job_id: str) -> ReadyModel | None:
+        with self.db.session() as session:
+            job = self._job(session, job_id, S.RUNNING)
+            if job is None:
+                return None
+            info, outcome = self._observe(session, job)
+            if outcome is not None:
+                return self._finish(session, job, outcome)
+            if info.state == LaunchState.UNKNOWN:
+                transition(job, S.QUEUED)
+                add_event(session, job, "Ray no longer knows this job; it is queued to run again")
+            elif not info.state.active:
+                self._ended_without_outcome(session, job, info)
+            return None
+
+    # --- pausing → paused, resuming → queued, once the trainer has stopped
+    def _winding_down(self, job_id: str) -> ReadyModel | None:
+        with self.db.session() as session:
+            job = session.get(JobRow, job_id)
+            if job is None or job.status not in (S.PAUSING, S.RESUMING):
+                return None
+            assert job.output_dir and job.ray_submission_id
+            if job.pause_requested_at is None:  # the grace period counts from here
+                self.channel.request_pause(job.output_dir)
+                job.pause_requested_at = self.clock()
+            info, outcome = self._observe(session, job)
+            if outcome is not None:  # it ended before it saw the pause request
+                return self._finish(session, job, outcome)
+            if info.state.active:
+                self._stop_after_grace(session, job)
+                return None
+            paused_cleanly = info.state == LaunchState.SUCCEEDED and job.stop_requested_at is None
+            if not paused_cleanly and job.stop_requested_at is None:
+                add_event(
+                    session,
+                    job,
+                    "The trainer stopped before saving its pause checkpoint "
+                    f"({info.state.value}); the job will continue "
+                    f"{self._resume_point(session, job)}",
+                    level="warn",
+                )
+            transition(job, S.PAUSED if job.status == S.PAUSING else S.QUEUED)
+            return None
+
+    def _stop_after_grace(self, session: Session, job: JobRow) -> None:
+        assert job.ray_submission_id
+        asked = job.pause_requested_at if job.pause_requested_at is not None else self.clock()
+        if job.stop_requested_at is not None or self.clock() - asked < self.settings.pause_grace_s:
+            return
+        self.launcher.stop(job.ray_submission_id)
+        job.stop_requested_at = self.clock()
+        add_event(
+            session,
+            job,
+            f"The trainer did not pause within {self.settings.pause_grace_s:.0f} s and was "
+            f"stopped; the job will continue {self._resume_point(session, job)}",
+            level="warn",
+        )
+
+    # --- cancelling → cancelled, once the trainer has stopped
+    def _cancelling(self, job_id: str) -> None:
+        with self.db.session() as session:
+            job = self._job(session, job_id, S.CANCELLING)
+            if job is None:
+                return
+            assert job.ray_submission_id
+            if self.launcher.info(job.ray_submission_id).state.active:
+                self.launcher.stop(job.ray_submission_id)  # again each tick until it ends
+                if job.stop_requested_at is None:
+                    job.stop_requested_at = self.clock()
+                return
+            transition(job, S.CANCELLED)
+        return None
+
+    # --- what the trainer said
+    def _observe(self, session: Session, job: JobRow) -> tuple[LaunchInfo, Outcome | None]:
+        """Ray first, then the log: once Ray reports the job ended, the log read after it
+        holds every record the trainer will ever write."""
+        assert job.ray_submission_id and job.output_dir
+        info = self.launcher.info(job.ray_submission_id)
+        batch = self.channel.read(job.output_dir, job.progress_offset)
+        return info, self._apply(session, job, batch)
+
+    def _apply(self, session: Session, job: JobRow, batch: ProgressBatch) -> Outcome | None:
+        job.progress_offset = batch.offset
+        for bad in batch.bad_lines:
+            add_event(
+                session,
+                job,
+                f"Skipped a malformed progress record at byte {bad.offset}: {bad.reason}",
+                level="warn",
+            )
+        outcome: Outcome | None = None
+        for record in batch.records:
+            if isinstance(record, Started):
+                job.trained_tokens = record.trained_tokens
+                if record.n_truncated:
+                    add_event(
+                        session,
+                        job,
+                        f"{record.n_truncated} example(s) were longer than the model's "
+                        "context and were truncated from the end",
+                        level="warn",
+                    )
+            elif isinstance(record, Metrics):
+                self._add_metrics(session, job, record)
+            elif isinstance(record, Checkpoint):
+                self._add_checkpoint(session, job, record)
+            elif isinstance(record, Paused):
+                job.resume_from = record.path
+                message = f"Checkpoint saved at step {record.step}; ready to resume"
+                add_event(session, job, message)
+            elif isinstance(record, Notice):
+                add_event(session, job, record.message)
+            elif isinstance(record, Succeeded | Failed):
+                outcome = record
+        return outcome
+
+    def _add_metrics(self, session: Session, job: JobRow, record: Metrics) -> None:
+        data: dict[str, Any] = {"step": record.step, "total_steps": record.total_steps}
+        data.update(record.values)
+        add_event(session, job, _metrics_message(data), event_type="metrics", data=data)
+        done = record.steps_this_run if record.steps_this_run is not None else record.step
+        if job.status == S.RUNNING and done > 0 and record.step < record.total_steps:
+            remaining = record.total_steps - record.step
+            job.estimated_finish = record.time + int(record.elapsed_s / done * remaining)
+
+    def _add_checkpoint(self, session: Session, job: JobRow, record: Checkpoint) -> None:
+        job.resume_from = record.path
+        session.add(
+            CheckpointRow(
+                id=checkpoint_id(),
+                job_id=job.id,
+                organization=job.organization,
+                created_at=record.time,
+                step_number=record.step,
+                model_name=checkpoint_model_name(self._model_name(job), record.step),
+                path=record.path,
+                metrics=dict(record.metrics) or {"step": record.step},
+            )
+        )
+        session.flush()
+        rows = session.scalars(
+            select(CheckpointRow)
+            .where(CheckpointRow.job_id == job.id)
+            .order_by(CheckpointRow.step_number.desc())
+        ).all()
+        for old in rows[KEEP_CHECKPOINTS:]:  # across attempts: a resumed job keeps three too
+            session.delete(old)
+            # Deleted from disk only once the rows are gone for good (after the commit).
+            self._after_commit.append(partial(shutil.rmtree, old.path, True))
+
+    def _ended_without_outcome(self, session: Session, job: JobRow, info: LaunchInfo) -> None:
+        assert job.ray_submission_id
+        tail = self.launcher.logs_tail(job.ray_submission_id)
+        logger.warning("training job %s ended %s without an outcome:\n%s", job.id, info, tail)
+        message = f"The training process ended unexpectedly ({info.state.value})"
+        fail(session, job, "training_error", f"{message}: {info.message}".rstrip(": "), None)
+
+    def _finish(self, session: Session, job: JobRow, outcome: Outcome) -> ReadyModel | None:
+        if isinstance(outcome, Failed):
+            fail(session, job, outcome.code, outcome.message, None)
+            return None
+        name = self._model_name(job)
+        session.add(
+            ModelRow(
+                id=name,
+                organization=job.organization,
+                base_model=job.model,
+                job_id=job.id,
+                adapter_dir=outcome.adapter_dir,
+                created_at=now(),
+            )
+        )
+        job.fine_tuned_model = name
+        job.result_files = [write_result_file(session, self.blobs, job)]
+        add_event(session, job, f"New fine-tuned model created: {name}")
+        transition(job, S.SUCCEEDED)
+        add_event(session, job, "The job has successfully completed")
+        return ReadyModel(name=name, base_model=job.model, adapter_dir=outcome.adapter_dir)
+
+    # --- helpers
+    @staticmethod
+    def _job(session: Session, job_id: str, status: JobStatus) -> JobRow | None:
+        """The job, if it is (still) in `status`."""
+        job = session.get(JobRow, job_id)
+        return job if job is not None and job.status == status else None
+
+    @staticmethod
+    def _trainers_alive(session: Session) -> int:
+        alive = [s.value for s in TRAINER_MAY_BE_ALIVE]
+        count = session.scalar(select(func.count()).where(JobRow.status.in_(alive)))
+        return count or 0
+
+    def _model_gone(self, job: JobRow) -> tuple[str, str, str]:
+        available = ", ".join(sorted(self.base_models)) or "none"
+        message = (
+            f"The base model {job.model} is no longer configured on this server "
+            f"(available: {available})"
+        )
+        return "model_not_available", message, "model"
+
+    @staticmethod
+    def _resume_point(session: Session, job: JobRow) -> str:
+        step = session.scalar(
+            select(func.max(CheckpointRow.step_number)).where(CheckpointRow.job_id == job.id)
+        )
+        if job.resume_from and step:
+            return f"from its last checkpoint (step {step})"
+        return "from its last checkpoint" if job.resume_from else "from the start"
+
+    @staticmethod
+    def _model_name(job: JobRow) -> str:
+        return fine_tuned_model_name(job.model, job.organization, job.suffix, job.model_short_id)
+
+    def stop(self, submission_id: str) -> None:
+        """Best effort, for the API's cancel: the reconciler makes sure of it next tick."""
+        try:
+            self.launcher.stop(submission_id)
+        except Exception:
+            logger.warning("could not stop %s at once", submission_id, exc_info=True)
+
+
+def _metrics_message(data: dict[str, Any]) -> str:
+    message = f"Step {data['step']}/{data['total_steps']}"
+    if "train_loss" in data:
+        message += f": training loss={data['train_loss']:.4f}"
+    if "valid_loss" in data:
+        message += f", validation loss={data['valid_loss']:.4f}"
+    if "full_valid_loss" in data:
+        message += f", full validation loss={data['full_valid_loss']:.4f}"
+    return message
+
+
+def _trainer_env() -> dict[str, str]:
+    """What the trainer may need from the service's environment (the W&B key)."""
+    return {k: os.environ[k] for k in ("WANDB_API_KEY", "WANDB_BASE_URL") if k in os.environ}

@@ -1,0 +1,345 @@
+"""The reconciler stepped tick by tick: every transition of the state table and every
+fault, with a launcher that runs nothing (the test plays Ray and the trainer) and a real
+SQLite job store. A tick's report must show no error unless the test caused one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from service.db import EventRow, JobRow, ModelRow
+from service.fine_tuning.channel import TrainerChannel
+from service.fine_tuning.launcher import LauncherUnavailable, LaunchState
+from service.fine_tuning.lease import Lease
+from service.fine_tuning.reconciler import MAX_STEP_FAILURES, Reconciler, TickReport
+from tests.conftest import memorisation_jsonl
+from tests.service.fakes import FakeLauncher
+from training.control import pause_requested
+from training.progress import (
+    Checkpoint,
+    Metrics,
+    Paused,
+    ProgressBatch,
+    ProgressLog,
+    Started,
+    Succeeded,
+)
+from training.spec import progress_path
+
+
+class World:
+    """The API (through the SDK, in-process), the reconciler, and the test as Ray."""
+
+    def __init__(self, sdk: OpenAI, parts: dict, settings):  # type: ignore[no-untyped-def]
+        self.sdk, self.parts, self.settings = sdk, parts, settings
+        self.reconciler: Reconciler = parts["reconciler"]
+        self.ray: FakeLauncher = parts["launcher"]
+        self.clock = 1_000_000
+        self.reconciler.clock = lambda: self.clock
+
+    def job(self, **create: object) -> str:
+        upload = self.sdk.files.create(file=("t.jsonl", memorisation_jsonl()), purpose="fine-tune")
+        return self.sdk.fine_tuning.jobs.create(
+            model="ftaas-tiny", training_file=upload.id, **create
+        ).id
+
+    def tick(self, errors: bool = False) -> TickReport:
+        report = self.reconciler.tick()
+        assert bool(report.errors) == errors, report.errors
+        return report
+
+    def row(self, job_id: str) -> JobRow:
+        with self.parts["db"].session() as session:
+            job = session.get(JobRow, job_id)
+            assert job is not None
+            return job
+
+    def status(self, job_id: str) -> str:
+        return self.row(job_id).status
+
+    def wire(self, job_id: str) -> str:
+        return self.sdk.fine_tuning.jobs.retrieve(job_id).status
+
+    def trainer(self, job_id: str) -> ProgressLog:
+        output_dir = self.row(job_id).output_dir
+        assert output_dir is not None
+        return ProgressLog(progress_path(output_dir))
+
+    def events(self, job_id: str) -> list[EventRow]:
+        with self.parts["db"].session() as session:
+            return list(session.query(EventRow).filter_by(job_id=job_id).order_by(EventRow.seq))
+
+    def running(self) -> str:
+        job_id = self.job()
+        self.tick()  # validating_files → queued
+        self.tick()  # queued → starting (committed) → submitted → running
+        assert self.status(job_id) == "running"
+        return job_id
+
+    def train(self, job_id: str, steps: int = 2) -> None:
+        log = self.trainer(job_id)
+        log.write(Started(total_steps=steps, n_examples=12, trained_tokens=100))
+        for step in range(1, steps + 1):
+            log.write(Metrics(step=step, total_steps=steps, train_loss=1.0 / step))
+
+
+@pytest.fixture
+def world(sdk: OpenAI, parts: dict, settings) -> World:  # type: ignore[no-untyped-def]
+    return World(sdk, parts, settings)
+
+
+def test_the_whole_path_one_transition_per_tick(world: World):
+    job_id = world.job()
+    assert world.status(job_id) == "validating_files"
+    world.tick()
+    assert world.status(job_id) == "queued"
+    world.tick()
+    assert world.status(job_id) == "running" and world.ray.submitted == [job_id]
+    world.train(job_id, steps=2)
+    log = world.trainer(job_id)
+    log.write(Checkpoint(step=2, epoch=1, path=str(Path(world.row(job_id).output_dir or "") / "c")))
+    world.tick()
+    steps = [e.data["step"] for e in world.events(job_id) if e.type == "metrics"]
+    assert steps == [1, 2] and world.status(job_id) == "running"
+    log.write(Succeeded(adapter_dir="/adapter"))
+    world.ray.end(job_id)
+    report = world.tick()
+    assert world.status(job_id) == "succeeded"
+    assert [m.name for m in report.ready] == [world.row(job_id).fine_tuned_model]
+    world.tick()  # nothing more happens, and nothing twice
+    steps = [e.data["step"] for e in world.events(job_id) if e.type == "metrics"]
+    assert steps == [1, 2]
+
+
+def test_a_crash_after_ray_accepted_the_job_is_adopted_not_submitted_again(world: World):
+    job_id = world.job()
+    world.tick()
+
+    def crash(_: str) -> None:
+        raise RuntimeError("the API process died here")
+
+    world.ray.during_submit = crash
+    world.tick(errors=True)
+    assert world.status(job_id) == "starting" and world.wire(job_id) == "queued"
+    world.ray.during_submit = None
+    world.tick()
+    assert world.status(job_id) == "running" and world.ray.submitted == [job_id]
+
+
+def test_a_submission_ray_never_got_is_submitted_on_the_next_tick(world: World):
+    job_id = world.job()
+    world.tick()
+    world.ray.unavailable = True
+    report = world.tick()
+    assert report.launcher_unavailable and world.status(job_id) == "starting"
+    assert world.row(job_id).step_failures == 0  # Ray's outage is not the job's fault
+    world.ray.unavailable = False
+    world.tick()
+    assert world.status(job_id) == "running" and world.ray.submitted == [job_id]
+
+
+@pytest.mark.parametrize("when", ["before Ray has it", "after Ray has it"])
+def test_cancel_racing_the_submission_ends_cancelled_with_no_trainer(world: World, when: str):
+    job_id = world.job()
+    world.tick()
+    answers: list[str] = []
+
+    def cancel(submission_id: str) -> None:
+        if when == "before Ray has it":
+            del world.ray.states[submission_id]  # the request is still on its way
+        answers.append(world.sdk.fine_tuning.jobs.cancel(job_id).status)
+        world.ray.states.setdefault(submission_id, LaunchState.RUNNING)  # ...and arrives
+
+    world.ray.during_submit = cancel
+    world.tick()
+    assert answers == ["cancelled"] and world.wire(job_id) == "cancelled"
+    for _ in range(3):
+        world.tick()
+    assert world.status(job_id) == "cancelled" and world.ray.alive() == []
+    assert "Fine-tuning job started" not in [e.message for e in world.events(job_id)]
+
+
+def test_pause_racing_the_submission_pauses_the_trainer(world: World):
+    job_id = world.job()
+    world.tick()
+    world.ray.during_submit = lambda _: world.sdk.fine_tuning.jobs.pause(job_id)
+    world.tick()
+    world.ray.during_submit = None
+    assert world.status(job_id) == "pausing" and world.wire(job_id) == "paused"
+    world.tick()
+    output_dir = world.row(job_id).output_dir or ""
+    assert pause_requested(output_dir)  # the trainer is asked through its channel
+    world.trainer(job_id).write(Paused(step=1, path=f"{output_dir}/paused/step-000001"))
+    world.ray.end(job_id)
+    world.tick()
+    assert world.status(job_id) == "paused" and world.ray.alive() == []
+    assert world.sdk.fine_tuning.jobs.resume(job_id).status == "queued"
+    world.tick()
+    resumed = world.row(job_id)
+    assert resumed.status == "running" and resumed.ray_submission_id == f"{job_id}-2"
+    assert resumed.resume_from == f"{output_dir}/paused/step-000001"
+
+
+def test_cancel_racing_success_keeps_the_cancel(world: World):
+    job_id = world.running()
+    world.trainer(job_id).write(Succeeded(adapter_dir="/adapter"))
+    world.ray.end(job_id)
+    assert world.sdk.fine_tuning.jobs.cancel(job_id).status == "cancelled"
+    world.tick()
+    assert world.status(job_id) == "cancelled"
+    with world.parts["db"].session() as session:
+        assert session.query(ModelRow).count() == 0
+
+
+def test_a_scheduler_write_on_a_job_the_api_changed_meanwhile_is_not_applied(world: World):
+    job_id = world.running()
+    world.train(job_id, steps=1)
+
+    class CancelWhileReading(TrainerChannel):
+        def read(self, output_dir: str, offset: int) -> ProgressBatch:
+            world.sdk.fine_tuning.jobs.cancel(job_id)  # commits between read and write
+            return super().read(output_dir, offset)
+
+    world.reconciler.channel = CancelWhileReading()
+    report = world.tick()
+    assert report.conflicts == [job_id]
+    assert world.status(job_id) == "cancelling"  # the scheduler's write was refused
+    assert not [e for e in world.events(job_id) if e.type == "metrics"]  # nothing half-done
+
+
+def test_a_training_file_deleted_while_queued_fails_the_job_with_a_code(world: World):
+    world.settings.max_running_jobs = 0
+    job_id = world.job()
+    world.tick()
+    world.sdk.files.delete(world.row(job_id).training_file)
+    world.settings.max_running_jobs = 1
+    world.tick()
+    job = world.sdk.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "failed" and job.error is not None
+    assert job.error.code == "invalid_training_file" and job.error.param == "training_file"
+    assert "was deleted" in job.error.message and "/" not in job.error.message
+    assert world.ray.submitted == []
+
+
+def test_a_base_model_removed_from_the_configuration_fails_the_job(world: World):
+    world.settings.max_running_jobs = 0
+    job_id = world.job()
+    world.tick()
+    world.reconciler.base_models = {}
+    world.settings.max_running_jobs = 1
+    world.tick()
+    job = world.sdk.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "failed" and job.error and job.error.code == "model_not_available"
+
+
+def test_malformed_progress_records_are_skipped_with_a_warning(world: World):
+    job_id = world.running()
+    log = world.trainer(job_id)
+    log.write(Started(total_steps=2, n_examples=12, trained_tokens=100))
+    with open(log.path, "ab") as torn:  # a torn write, then the next record appended
+        torn.write(b'{"type":"metr\n{"type":"metrics","step":"x"}\n')
+    log.write(Metrics(step=2, total_steps=2, train_loss=0.5))
+    log.write(Succeeded(adapter_dir="/adapter"))
+    world.ray.end(job_id)
+    world.tick()
+    assert world.status(job_id) == "succeeded"
+    warnings = [e.message for e in world.events(job_id) if e.level == "warn"]
+    assert len(warnings) == 2 and all("Skipped a malformed progress record" in w for w in warnings)
+
+
+def test_a_trainer_that_dies_while_pausing_leaves_the_job_paused_and_says_so(world: World):
+    job_id = world.running()
+    world.sdk.fine_tuning.jobs.pause(job_id)
+    world.tick()
+    world.ray.end(job_id, LaunchState.FAILED)  # OOM-killed before it saved
+    world.tick()
+    assert world.status(job_id) == "paused"
+    assert any("stopped before saving" in e.message for e in world.events(job_id))
+
+
+def test_a_trainer_that_does_not_pause_in_time_is_stopped(world: World):
+    job_id = world.running()
+    world.sdk.fine_tuning.jobs.pause(job_id)
+    world.clock += 1
+    world.tick()
+    assert world.ray.stopped == []
+    world.clock += int(world.settings.pause_grace_s) + 10
+    world.tick()
+    assert world.ray.stopped == [job_id] and world.ray.alive() == []
+    world.tick()
+    assert world.status(job_id) == "paused"
+    [warning] = [e.message for e in world.events(job_id) if e.level == "warn"]
+    assert "did not pause within" in warning and "from the start" in warning
+
+
+def test_resume_while_still_pausing_waits_for_the_trainer_then_runs_again(world: World):
+    job_id = world.running()
+    world.sdk.fine_tuning.jobs.pause(job_id)
+    assert world.sdk.fine_tuning.jobs.resume(job_id).status == "queued"
+    assert world.status(job_id) == "resuming"
+    world.tick()
+    assert world.status(job_id) == "resuming" and world.ray.submitted == [job_id]
+    world.trainer(job_id).write(Paused(step=1, path="/p"))
+    world.ray.end(job_id)
+    world.tick()
+    assert world.status(job_id) == "queued"
+    world.tick()
+    assert world.status(job_id) == "running" and world.ray.alive() == [f"{job_id}-2"]
+
+
+def test_a_job_ray_lost_runs_again_as_a_new_attempt(world: World):
+    job_id = world.running()
+    del world.ray.states[job_id]  # the cluster restarted
+    world.tick()
+    assert world.status(job_id) == "queued"
+    world.tick()
+    assert world.row(job_id).ray_submission_id == f"{job_id}-2"
+
+
+def test_a_step_that_keeps_raising_fails_the_job_after_a_bound(world: World):
+    job_id = world.job()
+    world.tick()
+    world.ray.refuse_submit = RuntimeError("Ray refused the job (500): runtime env failed")
+    for _ in range(MAX_STEP_FAILURES):
+        world.tick(errors=True)
+    job = world.sdk.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "failed" and job.error and job.error.code == "internal_error"
+    assert "runtime env failed" in job.error.message
+    assert len([e for e in world.events(job_id) if e.level == "warn"]) == 1
+    world.tick()  # a failed job is never stepped again
+
+
+def test_max_running_jobs_counts_every_job_whose_trainer_may_be_alive(world: World):
+    first = world.running()
+    world.sdk.fine_tuning.jobs.pause(first)  # pausing: its trainer still holds the slot
+    second = world.job()
+    world.tick()
+    world.tick()
+    assert world.status(second) == "queued" and world.ray.submitted == [first]
+    world.ray.end(first, LaunchState.SUCCEEDED)
+    world.trainer(first).write(Paused(step=1, path="/p"))
+    world.tick()
+    assert world.status(first) == "paused"
+    world.tick()
+    assert world.status(second) == "running"
+
+
+def test_a_launcher_error_is_typed_for_ray_not_answering(world: World):
+    world.ray.unavailable = True
+    with pytest.raises(LauncherUnavailable):
+        world.ray.info("x")
+
+
+def test_one_lease_holder_at_a_time_and_a_dead_holders_lease_is_taken_over(parts: dict):
+    now = [100.0]
+    first = Lease(parts["db"], ttl_s=10, holder="a", clock=lambda: now[0])
+    second = Lease(parts["db"], ttl_s=10, holder="b", clock=lambda: now[0])
+    assert first.hold() and not second.hold()
+    now[0] += 5
+    assert first.hold() and not second.hold()  # renewed
+    now[0] += 11  # "a" died: no renewal
+    assert second.hold() and not first.hold()
+    second.release()
+    assert first.hold()
