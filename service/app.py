@@ -23,11 +23,13 @@ from service.db import Database, now
 from service.errors import install_error_handlers
 from service.files.router import router as files_router
 from service.files.service import FileService
+from service.files.validator import ProcessValidator
 from service.fine_tuning.launcher import RayLauncher
 from service.fine_tuning.lease import Lease
 from service.fine_tuning.reconciler import ReadyModel, Reconciler
 from service.fine_tuning.router import router as jobs_router
 from service.fine_tuning.service import FineTuningService
+from service.housekeeping import Housekeeping
 from service.models.router import router as models_router
 from service.models.service import ModelService
 from service.ray_cluster import RayCluster, connect, ray_auth_env, ray_log_dir, use_gpu
@@ -95,15 +97,22 @@ EAGER_LOAD_TIMEOUT_S = 120.0
 
 
 async def run_scheduler(
-    reconciler: Reconciler, lease: Lease, gateway: ServingGateway, settings: Settings
+    reconciler: Reconciler,
+    lease: Lease,
+    gateway: ServingGateway,
+    settings: Settings,
+    housekeeping: Housekeeping,
 ) -> None:
-    """Tick while this process holds the scheduler lease. Eager loads of new models run
-    beside the loop, so a busy serving replica never holds jobs back."""
+    """Tick while this process holds the scheduler lease (and sweep, now and then).
+    Eager loads of new models run beside the loop, so a busy serving replica never holds
+    jobs back."""
     loads: set[asyncio.Task[None]] = set()
     try:
         while True:
             try:
                 if await asyncio.to_thread(lease.hold):
+                    if housekeeping.due():
+                        await asyncio.to_thread(housekeeping.sweep)
                     report = await asyncio.to_thread(reconciler.tick)
                     for model in report.ready if settings.serving_enabled else []:
                         load = asyncio.create_task(_eager_load(gateway, model))
@@ -146,13 +155,17 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             settings, base_models, gpus, env=auth_env, ray_logs=ray_log_dir(ready.cluster)
         )
         app.state.settings = settings
-        app.state.files = FileService(db, blobs, settings.max_upload_bytes)
+        validator = ProcessValidator()
+        app.state.files = FileService(db, blobs, settings.max_upload_bytes, validator)
         app.state.uploads = UploadService(db, blobs, app.state.files)
         app.state.jobs = FineTuningService(db, base_models, reconciler.stop)
         app.state.models = ModelService(db, base_models, started_at=now())
         app.state.gateway = gateway
         lease = Lease(db)
-        background = [asyncio.create_task(run_scheduler(reconciler, lease, gateway, settings))]
+        housekeeping = Housekeeping(db, blobs)
+        background = [
+            asyncio.create_task(run_scheduler(reconciler, lease, gateway, settings, housekeeping))
+        ]
         if settings.serving_enabled:
             background.append(asyncio.create_task(asyncio.to_thread(gateway.deploy)))
         logger.info("%s", _ready_banner(settings, ready, gateway))
@@ -162,14 +175,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         for task in background:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        validator.close()
 
     app = FastAPI(title="ftaas", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(
         BodyLimit,  # type: ignore[arg-type]
         limits=[
-            (r"/v1/files", lambda: settings.max_upload_bytes),
-            (r"/v1/uploads/[^/]+/parts", lambda: MAX_PART_BYTES),
+            (r"/v1/files", lambda: settings.max_upload_bytes, "file"),
+            (r"/v1/uploads/[^/]+/parts", lambda: MAX_PART_BYTES, "data"),
+            (r"/v1/.*", lambda: settings.max_request_bytes, None),  # every JSON body
         ],
     )
     for router in (files_router, uploads_router, jobs_router, models_router, chat_router):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -51,11 +51,11 @@ class LocalBlobStore:
         finally:
             partial.unlink(missing_ok=True)
 
-    async def put_stream(self, key: str, chunks: AsyncIterator[bytes], max_bytes: int) -> int:
-        """Write chunks to `key` atomically; refuse (and keep nothing) past `max_bytes`."""
+    def put_file(self, key: str, stream: BinaryIO, max_bytes: int) -> int:
+        """Copy `stream` to `key` atomically; refuse (and keep nothing) past `max_bytes`."""
         written = 0
         with self._atomic_write(key) as out:
-            async for chunk in chunks:
+            while chunk := stream.read(CHUNK_BYTES):
                 written += len(chunk)
                 if written > max_bytes:
                     raise BlobTooLarge(f"larger than {max_bytes} bytes")
@@ -78,6 +78,16 @@ class LocalBlobStore:
                         size += len(chunk)
                         out.write(chunk)
         return size, digest.hexdigest()
+
+    def keys(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """Every blob under `prefix` (unfinished `.partial` writes included), with the
+        time it was last written."""
+        top = self._path(prefix)
+        if not top.is_dir():
+            return
+        for path in top.rglob("*"):
+            if path.is_file():
+                yield path.relative_to(self.root).as_posix(), path.stat().st_mtime
 
     def open(self, key: str) -> BinaryIO:
         return open(self._path(key), "rb")

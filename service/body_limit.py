@@ -27,26 +27,28 @@ class _TooLarge(Exception):
 
 
 class BodyLimit:
-    def __init__(self, app: Any, limits: list[tuple[str, Callable[[], int]]]):
-        """`limits`: (path regex, function giving the limit in bytes) pairs."""
+    def __init__(self, app: Any, limits: list[tuple[str, Callable[[], int], str | None]]):
+        """`limits`: (path regex, function giving the limit in bytes, the multipart field
+        of an upload or None for a JSON body); the first matching path applies."""
         self.app = app
-        self.limits = [(re.compile(pattern), limit) for pattern, limit in limits]
+        self.limits = [(re.compile(pattern), limit, field) for pattern, limit, field in limits]
 
-    def _limit_for(self, scope: Scope) -> int | None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+    def _limit_for(self, scope: Scope) -> tuple[int, str | None] | None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return None
-        for pattern, limit in self.limits:
+        for pattern, limit, field in self.limits:
             if pattern.fullmatch(scope["path"]):
-                return limit() + MULTIPART_SLACK
+                return limit() + MULTIPART_SLACK, field
         return None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        limit = self._limit_for(scope)
-        if limit is None:
+        found = self._limit_for(scope)
+        if found is None:
             return await self.app(scope, receive, send)
+        limit, field = found
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _refuse(send, limit)
+            return await _refuse(send, limit, field)
 
         received, exceeded, started = 0, False, False
 
@@ -69,22 +71,24 @@ class BodyLimit:
         with contextlib.suppress(_TooLarge):
             await self.app(scope, counting_receive, guarded_send)
         if exceeded and not started:
-            await _refuse(send, limit)
+            await _refuse(send, limit, field)
 
 
-async def _refuse(send: Any, limit: int) -> None:
+async def _refuse(send: Any, limit: int, field: str | None) -> None:
+    """A file over its cap is a 400 naming the field (as before); a JSON body over its
+    cap is a 413."""
     body = json.dumps(
         envelope(
             f"The request body is larger than the {limit - MULTIPART_SLACK} byte limit",
             "invalid_request_error",
-            "file",
-            "file_too_large",
+            field,
+            "file_too_large" if field else "request_too_large",
         )
     ).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 400,
+            "status": 400 if field else 413,
             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
         }
     )

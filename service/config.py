@@ -54,7 +54,13 @@ class Settings(BaseSettings):
         default=None,
         description="train and serve on GPUs; unset: whenever the Ray cluster has any",
     )
-    max_upload_bytes: int = 512 * 1024 * 1024
+    max_upload_bytes: int = Field(
+        default=512 * 1024 * 1024, description="largest file (direct or assembled upload)"
+    )
+    max_request_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        description="largest JSON request body (chat, completions, jobs, uploads)",
+    )
     serving_enabled: bool = Field(default=True, description="deploy vLLM engines with Ray Serve")
     serving_kv_cache_gb: int = Field(default=1, description="vLLM CPU KV cache per engine")
     scheduler_interval_s: float = Field(default=1.0, description="seconds between ticks")

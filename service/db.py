@@ -36,6 +36,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
+def changed_rows(result: Any) -> int:
+    """Rows an UPDATE or DELETE changed (a CursorResult's rowcount, untyped by Session)."""
+    return int(result.rowcount)
+
+
 def now() -> int:
     return int(time.time())
 

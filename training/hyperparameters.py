@@ -57,7 +57,9 @@ class SupervisedHyperparameters(BaseModel):
     target_modules: (
         Literal["all-linear"]
         | list[Annotated[str, Field(pattern=TARGET_MODULE_PATTERN, max_length=128)]]
-    ) = Field(default="all-linear", min_length=1, description="layers that get adapters")
+    ) = Field(
+        default="all-linear", min_length=1, max_length=64, description="layers that get adapters"
+    )
     use_rslora: bool = Field(default=False, description="scale by alpha/sqrt(r) (rsLoRA)")
     use_dora: bool = Field(default=False, description="weight-decomposed LoRA (DoRA)")
     lr_scheduler: Literal["linear", "cosine"] = "linear"

@@ -35,6 +35,8 @@ class Started(_Record):
     resumed_from_step: int = 0
     n_examples: int
     n_truncated: int = 0
+    # Examples left out: nothing left to learn once truncated to max_length.
+    n_dropped: int = 0
     trained_tokens: int
 
 

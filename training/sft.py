@@ -64,8 +64,11 @@ class TokenCounts:
 class Workers:
     """This worker's place among the data-parallel workers, and their few collectives."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1):
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None):
         self.rank, self.world_size = rank, world_size
+        # Collectives run on the process group's device: NCCL (GPU workers) rejects CPU
+        # tensors, gloo (CPU workers) takes them.
+        self.device = device or torch.device("cpu")
 
     @property
     def is_chief(self) -> bool:
@@ -77,7 +80,9 @@ class Workers:
         import torch.distributed as dist
 
         values = torch.tensor(
-            [counts.loss_sum, counts.n_targets, counts.n_correct], dtype=torch.float64
+            [counts.loss_sum, counts.n_targets, counts.n_correct],
+            dtype=torch.float64,
+            device=self.device,
         )
         dist.all_reduce(values)
         return TokenCounts(float(values[0]), int(values[1]), int(values[2]))
@@ -87,7 +92,7 @@ class Workers:
             return flag
         import torch.distributed as dist
 
-        value = torch.tensor([1 if flag else 0])
+        value = torch.tensor([1 if flag else 0], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
@@ -112,10 +117,15 @@ def forward_counts(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, TokenC
     return loss_sum, TokenCounts(loss_sum.item(), int(mask.sum().item()), correct)
 
 
-def load_tokenized(path: str, spec: TrainingSpec, tokenizer: Any) -> list[TokenizedExample]:
-    examples = read_examples(path, spec.data_format)
+def load_tokenized(
+    path: str, spec: TrainingSpec, tokenizer: Any, data_format: str | None = None
+) -> tuple[list[TokenizedExample], int]:
+    """The file's examples that still have a target token once truncated to max_length,
+    and how many had none (they are left out, and the job says so)."""
+    examples = read_examples(path, data_format or spec.data_format)  # type: ignore[arg-type]
     tokenized = [tokenize_example(e, tokenizer, spec.max_length) for e in examples]
-    return [t for t in tokenized if t.n_target_tokens > 0]
+    kept = [t for t in tokenized if t.n_target_tokens > 0]
+    return kept, len(tokenized) - len(kept)
 
 
 def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
@@ -149,10 +159,21 @@ class SupervisedRun:
         random.seed(spec.seed)
         torch.manual_seed(spec.seed)
         tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
-        self.train_examples = load_tokenized(spec.training_file, spec, tokenizer)
+        if spec.chat_template:  # the base model's configured template, as serving uses it
+            tokenizer.chat_template = spec.chat_template
+        self.train_examples, dropped = load_tokenized(spec.training_file, spec, tokenizer)
         self.valid_examples = (
-            load_tokenized(spec.validation_file, spec, tokenizer) if spec.validation_file else []
+            load_tokenized(spec.validation_file, spec, tokenizer, spec.validation_format)[0]
+            if spec.validation_file
+            else []
         )
+        if not self.train_examples:
+            raise ValueError(
+                "No training example has a token to learn within max_length "
+                f"({spec.max_length} tokens): shorten the prompts or use a model with a "
+                "longer context"
+            )
+        self.dropped_examples = dropped
         self.model = build_lora_model(spec.base_model_path, self.hp, self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -190,6 +211,7 @@ class SupervisedRun:
                     resumed_from_step=self.position.step,
                     n_examples=len(self.train_examples),
                     n_truncated=sum(t.truncated for t in self.train_examples),
+                    n_dropped=self.dropped_examples,
                     trained_tokens=sum(len(t.input_ids) for t in self.train_examples)
                     * self.hp.n_epochs,
                 )
@@ -350,10 +372,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     spec = TrainingSpec.model_validate(config["spec"])
     context = ray.train.get_context()
+    device = ray.train.torch.get_device()
     run = SupervisedRun(
         spec,
-        device=ray.train.torch.get_device(),
-        workers=Workers(context.get_world_rank(), context.get_world_size()),
+        device=device,
+        workers=Workers(context.get_world_rank(), context.get_world_size(), device),
         wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
     )
     try:

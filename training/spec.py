@@ -34,6 +34,12 @@ class TrainingSpec(BaseModel):
     training_file: str
     validation_file: str | None = None
     data_format: DataFormat = "chat"
+    # The validation file's own format (a chat training file may be validated on
+    # prompt/completion examples); the training file's when unset.
+    validation_data_format: DataFormat | None = None
+    # The base model's configured chat template, overriding the tokenizer's own, so that
+    # training renders examples exactly as serving renders requests.
+    chat_template: str | None = None
     output_dir: str
     hyperparameters: ResolvedHyperparameters
     seed: int
@@ -46,6 +52,10 @@ class TrainingSpec(BaseModel):
     # Weights & Biases run settings from the job's `integrations`, honoured when the
     # package and WANDB_API_KEY are present where the trainer runs.
     wandb: dict[str, Any] | None = None
+
+    @property
+    def validation_format(self) -> DataFormat:
+        return self.validation_data_format or self.data_format
 
     @property
     def adapter_dir(self) -> Path:

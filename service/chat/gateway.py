@@ -5,6 +5,7 @@ plain dicts and gets plain dicts (or SSE strings) back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -71,6 +72,7 @@ class ServingGateway:
         self.env = env or {}
         self.ray_logs = ray_logs
         self._states = {model: WARMING_UP for model in base_models}
+        self._handles: dict[str, Any] = {}
 
     def state(self, base_model: str) -> str:
         return self._states.get(base_model, "unknown")
@@ -138,19 +140,26 @@ class ServingGateway:
         logger.info("deploying serving application %s", name)
         serve.run(app, name=name, route_prefix=None)
 
-    def _handle(self, base_model: str) -> Any:
+    async def _handle(self, base_model: str) -> Any:
+        """The base model's Serve handle, made once (making one asks the Serve controller,
+        a blocking call) and then shared by every request."""
+        handle = self._handles.get(base_model)
+        if handle is not None:
+            return handle
         from ray import serve
 
         from serving.deployment import app_name
 
         try:
-            return serve.get_app_handle(app_name(base_model))
+            handle = await asyncio.to_thread(serve.get_app_handle, app_name(base_model))
         except Exception as error:
             raise ServiceUnavailable(
                 f"The model `{base_model}` is still loading; try again shortly.",
                 param="model",
                 code="model_loading",
             ) from error
+        self._handles[base_model] = handle
+        return handle
 
     async def respond(
         self, kind: str, target: InferenceTarget, body: dict[str, Any]
@@ -158,16 +167,16 @@ class ServingGateway:
         """The reply's head (status, body or stream flag), and the stream's SSE strings."""
         adapter = (target.adapter_name, target.adapter_dir) if target.adapter_name else None
         body = {**body, "model": target.adapter_name or target.base_model}
-        handle = self._handle(target.base_model).options(stream=True)
+        handle = (await self._handle(target.base_model)).options(stream=True)
         replies = handle.respond.remote(kind, body, adapter).__aiter__()
         head = await replies.__anext__()
         return head, replies
 
     async def load_adapter(self, base_model: str, name: str, adapter_dir: str) -> None:
-        error = await self._handle(base_model).load_adapter.remote(name, adapter_dir)
+        error = await (await self._handle(base_model)).load_adapter.remote(name, adapter_dir)
         if error is not None:
             logger.error("serving could not load %s: %s", name, error)
 
     async def unload_adapter(self, base_model: str, name: str) -> None:
         if self.settings.serving_enabled:
-            await self._handle(base_model).unload_adapter.remote(name)
+            await (await self._handle(base_model)).unload_adapter.remote(name)

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import GatewayDep, ModelsDep, TenantDep
 from service.errors import InvalidRequest, envelope
@@ -27,6 +28,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid JSON.") from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     if not isinstance(body.get("model"), str) or not body["model"]:
@@ -38,7 +41,8 @@ async def _answer(
     kind: str, request: Request, tenant: Any, models: Any, gateway: Any
 ) -> JSONResponse | StreamingResponse:
     body = await _json_body(request)
-    target = models.inference_target(tenant, body["model"])
+    # A database read: off the event loop, which serves every stream.
+    target = await run_in_threadpool(models.inference_target, tenant, body["model"])
     head, rest = await gateway.respond(kind, target, body)
     if head["stream"]:
         return StreamingResponse(_errors_in_band(rest), media_type="text/event-stream")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 from openai.types import FileDeleted, FileObject
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import FilesDep, TenantDep
 
@@ -23,11 +23,6 @@ class FileList(BaseModel):
     has_more: bool
 
 
-async def read_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
-    while chunk := await upload.read(1024 * 1024):
-        yield chunk
-
-
 @router.post("", response_model=FileObject)
 async def create_file(
     tenant: TenantDep,
@@ -35,7 +30,10 @@ async def create_file(
     file: UploadFile,
     purpose: Annotated[str, Form()],
 ) -> FileObject:
-    return await files.create(tenant, file.filename or "upload.jsonl", purpose, read_chunks(file))
+    # Off the event loop: copying a spooled upload and validating it line by line take
+    # seconds per GB, and every stream and health check would wait for them.
+    name = file.filename or "upload.jsonl"
+    return await run_in_threadpool(files.create, tenant, name, purpose, file.file)
 
 
 @router.get("", response_model=FileList)

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 from openai.types import FileDeleted, FileObject
-from sqlalchemy import literal, select, tuple_
+from sqlalchemy import delete, literal, select, tuple_
 
 from service.auth import Tenant
 from service.blobs import BlobTooLarge, LocalBlobStore
-from service.db import Database, FileRow, now
+from service.db import Database, FileRow, changed_rows, now
 from service.errors import InvalidRequest, NotFound
+from service.files.validator import validate_here
 from service.ids import file_id
-from training.data.validation import validate_jsonl
+from training.data.validation import ValidationReport
 
 FINE_TUNE_PURPOSES = {"fine-tune"}
+MAX_FILENAME_CHARS = 512  # the store's column (PostgreSQL enforces it)
 ACCEPTED_PURPOSES = {"fine-tune", "assistants", "batch", "vision", "user_data", "evals"}
-# Bounds the memory of the line reader: one JSONL line may not exceed this.
-MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
 def file_object(row: FileRow) -> FileObject:
@@ -36,14 +37,27 @@ def file_object(row: FileRow) -> FileObject:
 
 
 class FileService:
-    def __init__(self, db: Database, blobs: LocalBlobStore, max_upload_bytes: int):
+    def __init__(
+        self,
+        db: Database,
+        blobs: LocalBlobStore,
+        max_upload_bytes: int,
+        validate: Callable[[Path], ValidationReport] = validate_here,
+    ):
         self.db = db
         self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
+        # The app validates in a worker process (service/files/validator.py).
+        self.validate = validate
 
     @staticmethod
     def check_new_file(filename: str, purpose: str, filename_param: str = "file") -> None:
         """What a file must be before any byte is stored (uploads check it at creation)."""
+        if not 0 < len(filename) <= MAX_FILENAME_CHARS:
+            raise InvalidRequest(
+                f"The file name must be 1 to {MAX_FILENAME_CHARS} characters long",
+                param=filename_param,
+            )
         if purpose not in ACCEPTED_PURPOSES:
             raise InvalidRequest(
                 f"'{purpose}' is not one of {sorted(ACCEPTED_PURPOSES)} - 'purpose'",
@@ -55,14 +69,13 @@ class FileService:
                 param=filename_param,
             )
 
-    async def create(
-        self, tenant: Tenant, filename: str, purpose: str, chunks: AsyncIterator[bytes]
-    ) -> FileObject:
+    def create(self, tenant: Tenant, filename: str, purpose: str, stream: BinaryIO) -> FileObject:
+        """Blocking (copy and validation): the route runs it in a worker thread."""
         self.check_new_file(filename, purpose)
         new_id = file_id()
         key = f"files/{new_id}"
         try:
-            size = await self.blobs.put_stream(key, chunks, self.max_upload_bytes)
+            size = self.blobs.put_file(key, stream, self.max_upload_bytes)
         except BlobTooLarge:
             raise InvalidRequest(
                 f"File is larger than the {self.max_upload_bytes} byte limit", param="file"
@@ -92,8 +105,7 @@ class FileService:
         return file_object(row)
 
     def _validate_training_file(self, row: FileRow) -> None:
-        with self.blobs.open(row.blob_key) as stream:
-            report = validate_jsonl(_lines(stream))
+        report = self.validate(self.blobs.local_path(row.blob_key))
         row.status = "processed" if report.ok else "error"
         row.status_details = None if report.ok else report.summary()
         row.n_examples = report.n_examples
@@ -138,16 +150,21 @@ class FileService:
 
     def delete(self, tenant: Tenant, id_: str) -> FileDeleted:
         row = self.get_row(tenant, id_)
-        with self.db.session() as session:
-            session.delete(session.get(FileRow, row.id))
-        self.blobs.delete(row.blob_key)
+        if not self.remove(row.id):  # a concurrent delete got there first
+            raise NotFound(f"No such File object: {id_}", param="file_id")
         return FileDeleted(id=row.id, object="file", deleted=True)
+
+    def remove(self, id_: str) -> bool:
+        """Delete the file's row, then its blob; whether this call deleted it."""
+        with self.db.session() as session:
+            row = session.get(FileRow, id_)
+            if row is None:
+                return False
+            key = row.blob_key
+            if changed_rows(session.execute(delete(FileRow).where(FileRow.id == id_))) == 0:
+                return False
+        self.blobs.delete(key)
+        return True
 
     def content_path(self, tenant: Tenant, id_: str) -> str:
         return str(self.blobs.local_path(self.get_row(tenant, id_).blob_key))
-
-
-def _lines(stream: BinaryIO) -> Iterator[bytes]:
-    """Lines of a binary stream, each bounded so one huge line cannot exhaust memory."""
-    while line := stream.readline(MAX_LINE_BYTES):
-        yield line

@@ -69,6 +69,8 @@ def training_spec(
         training_file=training_path,
         validation_file=validation[0] if validation else None,
         data_format=data_format or "chat",  # type: ignore[arg-type]
+        validation_data_format=validation[1] if validation else None,  # type: ignore[arg-type]
+        chat_template=base.chat_template,
         output_dir=str(attempt.output_dir),
         hyperparameters=hyperparameters,
         seed=job.seed,

@@ -421,6 +421,14 @@ class Reconciler:
                         "context and were truncated from the end",
                         level="warn",
                     )
+                if record.n_dropped:
+                    add_event(
+                        session,
+                        job,
+                        f"{record.n_dropped} example(s) had no assistant token left within "
+                        "the model's context once truncated, and were left out",
+                        level="warn",
+                    )
             elif isinstance(record, Metrics):
                 self._add_metrics(session, job, record)
             elif isinstance(record, Checkpoint):

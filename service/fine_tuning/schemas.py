@@ -16,7 +16,25 @@ from service.fine_tuning.naming import SUFFIX_PATTERN
 from training.hyperparameters import SupervisedHyperparameters
 
 MAX_METADATA_PAIRS = 16
+# OpenAI's bounds on integrations: at most 5, W&B tags at most 50 of 64 characters.
+MAX_INTEGRATIONS = 5
 T = TypeVar("T")
+
+
+class WandbSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: str = Field(min_length=1, max_length=128)
+    name: Annotated[str, Field(max_length=128)] | None = None
+    entity: Annotated[str, Field(max_length=128)] | None = None
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=50
+    )
+
+
+class Integration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["wandb"]
+    wandb: WandbSettings
 
 
 class SupervisedMethod(BaseModel):
@@ -41,7 +59,7 @@ class CreateFineTuningJobRequest(BaseModel):
     suffix: Annotated[str, Field(pattern=SUFFIX_PATTERN)] | None = None
     seed: Annotated[int, Field(ge=0, le=2_147_483_647)] | None = None
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
-    integrations: list[dict[str, Any]] | None = None
+    integrations: list[Integration] | None = Field(default=None, max_length=MAX_INTEGRATIONS)
     hyperparameters: SupervisedHyperparameters | None = Field(
         default=None, description="deprecated: use method.supervised.hyperparameters"
     )

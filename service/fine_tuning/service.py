@@ -208,7 +208,9 @@ class FineTuningService:
                     "supervised": {"hyperparameters": hyperparameters.model_dump()},
                 },
                 job_metadata=request.metadata,
-                integrations=request.integrations,
+                integrations=[i.model_dump(exclude_none=True) for i in request.integrations]
+                if request.integrations is not None
+                else None,
                 status=JobStatus.VALIDATING_FILES.value,
                 model_short_id=model_short_id(),
                 result_files=[],

@@ -7,6 +7,7 @@ from typing import Literal
 from fastapi import APIRouter
 from openai.types import Model, ModelDeleted
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import GatewayDep, ModelsDep, TenantDep
 
@@ -32,6 +33,6 @@ def retrieve_model(tenant: TenantDep, models: ModelsDep, model: str) -> Model:
 async def delete_model(
     tenant: TenantDep, models: ModelsDep, gateway: GatewayDep, model: str
 ) -> ModelDeleted:
-    deleted, row = models.delete(tenant, model)
+    deleted, row = await run_in_threadpool(models.delete, tenant, model)
     await gateway.unload_adapter(row.base_model, row.id)
     return deleted

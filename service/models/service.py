@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from openai.types import Model, ModelDeleted
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from service.auth import Tenant
 from service.config import BaseModelConfig
-from service.db import CheckpointRow, Database, JobRow, ModelRow
+from service.db import CheckpointRow, Database, JobRow, ModelRow, changed_rows
 from service.errors import InvalidRequest, NotFound
 from service.fine_tuning.naming import is_checkpoint, is_fine_tuned
 from training.spec import checkpoint_adapter_dir
@@ -83,7 +83,8 @@ class ModelService:
             )
         row = self._row(tenant, model)
         with self.db.session() as session:
-            session.delete(session.get(ModelRow, row.id))
+            if not changed_rows(session.execute(delete(ModelRow).where(ModelRow.id == row.id))):
+                raise _not_found(model)
         return ModelDeleted(id=row.id, object="model", deleted=True), row
 
     def inference_target(self, tenant: Tenant, model: str) -> InferenceTarget:

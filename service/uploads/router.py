@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, UploadFile
 from openai.types import Upload
 from openai.types.uploads import UploadPart
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import TenantDep, UploadsDep
-from service.files.router import read_chunks
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
+
+
+class ExpiresAfter(BaseModel):
+    """OpenAI's bounds: anchored at creation, between one hour and 30 days."""
+
+    model_config = ConfigDict(extra="forbid")
+    anchor: Literal["created_at"]
+    seconds: Annotated[int, Field(ge=3600, le=2_592_000)]
 
 
 class CreateUploadRequest(BaseModel):
@@ -22,7 +30,7 @@ class CreateUploadRequest(BaseModel):
     purpose: str
     bytes: int
     mime_type: str = Field(min_length=1, max_length=128)
-    expires_after: dict | None = None
+    expires_after: ExpiresAfter | None = None
 
 
 class CompleteUploadRequest(BaseModel):
@@ -43,7 +51,8 @@ def create_upload(tenant: TenantDep, uploads: UploadsDep, request: CreateUploadR
 async def add_upload_part(
     tenant: TenantDep, uploads: UploadsDep, upload_id: str, data: UploadFile
 ) -> UploadPart:
-    return await uploads.add_part(tenant, upload_id, read_chunks(data))
+    # Off the event loop: the part is copied from its spool file in a worker thread.
+    return await run_in_threadpool(uploads.add_part, tenant, upload_id, data.file)
 
 
 @router.post("/{upload_id}/complete", response_model=Upload)

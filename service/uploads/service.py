@@ -7,16 +7,16 @@ after creation. The assembled file is validated exactly as a direct upload is.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from openai.types import Upload
 from openai.types.uploads import UploadPart
-from sqlalchemy import select
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
 
 from service.auth import Tenant
 from service.blobs import BlobTooLarge, LocalBlobStore
-from service.db import Database, UploadPartRow, UploadRow, now
+from service.db import Database, UploadPartRow, UploadRow, changed_rows, now
 from service.errors import InvalidRequest, NotFound
 from service.files.service import FileService
 from service.ids import file_id, upload_id, upload_part_id
@@ -89,21 +89,42 @@ class UploadService:
             )
         return row
 
-    async def add_part(self, tenant: Tenant, id_: str, chunks: AsyncIterator[bytes]) -> UploadPart:
+    def add_part(self, tenant: Tenant, id_: str, stream: BinaryIO) -> UploadPart:
+        """Blocking (the copy): the route runs it in a worker thread. The parts together
+        may not hold more than the upload declared."""
         upload = self._pending(tenant, id_)
         part = UploadPartRow(id=upload_part_id(), upload_id=upload.id, created_at=now(), bytes=0)
         part.blob_key = f"uploads/{upload.id}/{part.id}"
+        room = upload.bytes - self._stored_bytes(upload.id)
         try:
-            part.bytes = await self.blobs.put_stream(part.blob_key, chunks, MAX_PART_BYTES)
+            part.bytes = self.blobs.put_file(part.blob_key, stream, min(MAX_PART_BYTES, room))
         except BlobTooLarge:
             raise InvalidRequest(
-                f"A part may be at most {MAX_PART_BYTES} bytes", param="data"
+                f"A part may be at most {MAX_PART_BYTES} bytes, and the parts together at "
+                f"most the {upload.bytes} bytes the upload was created for ({room} left)",
+                param="data",
             ) from None
         with self.db.session() as session:
+            if self._stored_bytes(upload.id, session) + part.bytes > upload.bytes:
+                self.blobs.delete(part.blob_key)  # another part won the race for the room
+                raise InvalidRequest(
+                    f"The parts would hold more than the {upload.bytes} bytes the upload "
+                    "was created for",
+                    param="data",
+                )
             session.add(part)
         return UploadPart(
             id=part.id, object="upload.part", created_at=part.created_at, upload_id=upload.id
         )
+
+    def _stored_bytes(self, upload_id: str, session: Session | None = None) -> int:
+        query = select(func.coalesce(func.sum(UploadPartRow.bytes), 0)).where(
+            UploadPartRow.upload_id == upload_id
+        )
+        if session is not None:
+            return int(session.scalar(query) or 0)
+        with self.db.session() as own:
+            return int(own.scalar(query) or 0)
 
     def complete(self, tenant: Tenant, id_: str, part_ids: list[str], md5: str | None) -> Upload:
         upload = self._pending(tenant, id_)
@@ -136,11 +157,21 @@ class UploadService:
             tenant, new_id, key, upload.filename, upload.purpose, upload.bytes
         )
         with self.db.session() as session:
-            row = session.get(UploadRow, upload.id)
-            assert row is not None
-            row.status, row.file_id = "completed", new_id
-            for part in parts.values():
-                session.delete(session.get(UploadPartRow, part.id))
+            # Compare-and-set: of two completions racing, one wins; the other's file goes.
+            won = changed_rows(
+                session.execute(
+                    update(UploadRow)
+                    .where(UploadRow.id == upload.id, UploadRow.status == "pending")
+                    .values(status="completed", file_id=new_id)
+                )
+            )
+            if won:
+                session.execute(delete(UploadPartRow).where(UploadPartRow.upload_id == upload.id))
+        if not won:
+            self.files.remove(new_id)
+            raise InvalidRequest(
+                f"Upload {id_} was completed by another request", param="upload_id"
+            )
         self.blobs.delete(f"uploads/{upload.id}")
         upload.status, upload.file_id = "completed", new_id
         return upload_object(upload, file.model_dump())

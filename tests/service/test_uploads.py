@@ -67,3 +67,34 @@ def test_bad_uploads_are_refused_at_creation(sdk: OpenAI, fields, param):
     with pytest.raises(BadRequestError) as refused:
         sdk.uploads.create(**{"bytes": 10, "mime_type": "application/jsonl", **fields})
     assert refused.value.body["param"] == param  # type: ignore[index]
+
+
+def test_two_completions_racing_make_one_file(sdk: OpenAI, parts):
+    import threading
+
+    data = memorisation_jsonl()
+    upload = sdk.uploads.create(
+        bytes=len(data), filename="a.jsonl", mime_type="application/jsonl", purpose="fine-tune"
+    )
+    part = sdk.uploads.parts.create(upload_id=upload.id, data=data)
+    outcomes: list[str] = []
+
+    def complete() -> None:
+        try:
+            outcomes.append(sdk.uploads.complete(upload_id=upload.id, part_ids=[part.id]).status)
+        except BadRequestError:
+            outcomes.append("refused")
+
+    racers = [threading.Thread(target=complete) for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    assert sorted(outcomes) == ["completed", "refused"]
+    assert len([f for f in sdk.files.list() if f.filename == "a.jsonl"]) == 1
+
+
+def test_a_file_name_longer_than_the_store_keeps_is_refused(sdk: OpenAI):
+    with pytest.raises(BadRequestError) as refused:
+        sdk.files.create(file=("x" * 600 + ".jsonl", memorisation_jsonl()), purpose="fine-tune")
+    assert refused.value.body["param"] == "file"  # type: ignore[index]

@@ -19,6 +19,7 @@ from training.lora import build_lora_model
 from training.progress import ProgressLog
 from training.sft import SupervisedRun, forward_counts
 from training.spec import TrainingSpec
+from training.tiny_model import CHATML_TEMPLATE
 
 
 def make_spec(tmp_path: Path, model_dir: Path, name: str, **overrides) -> TrainingSpec:
@@ -225,3 +226,40 @@ def test_gradient_checkpointing_changes_memory_not_the_loss_curve(tmp_path, tiny
     train(recomputed)
     expected = [r["train_loss"] for r in records(plain, "metrics")]
     assert [r["train_loss"] for r in records(recomputed, "metrics")] == pytest.approx(expected)
+
+
+def test_the_base_models_configured_chat_template_is_the_one_trained_on(tmp_path, tiny_model_dir):
+    template = CHATML_TEMPLATE.replace(
+        "<|im_start|>{{ message['role'] }}", "<|im_start|>[{{ message['role'] }}]"
+    ).replace("<|im_start|>assistant", "<|im_start|>[assistant]")
+    spec = make_spec(tmp_path, tiny_model_dir, "template").model_copy(
+        update={"chat_template": template}
+    )
+    run = SupervisedRun(spec)
+    try:
+        from transformers import AutoTokenizer
+
+        text = AutoTokenizer.from_pretrained(tiny_model_dir).decode(run.train_examples[0].input_ids)
+        assert "[user]" in text and "[assistant]" in text
+    finally:
+        run.close()
+
+
+def test_a_validation_file_may_hold_the_other_supervised_format(tmp_path, tiny_model_dir):
+    validation = tmp_path / "valid.jsonl"
+    rows = [{"prompt": q, "completion": " " + SECRET} for q in QUESTIONS]
+    validation.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = make_spec(tmp_path, tiny_model_dir, "formats").model_copy(
+        update={"validation_file": str(validation), "validation_data_format": "prompt_completion"}
+    )
+    run = SupervisedRun(spec)
+    try:
+        assert len(run.valid_examples) == len(QUESTIONS)
+    finally:
+        run.close()
+
+
+def test_examples_with_nothing_to_learn_are_counted_and_none_left_fails(tmp_path, tiny_model_dir):
+    spec = make_spec(tmp_path, tiny_model_dir, "short").model_copy(update={"max_length": 4})
+    with pytest.raises(ValueError, match="No training example has a token to learn"):
+        SupervisedRun(spec)

@@ -142,6 +142,23 @@ def parse_example(row: dict[str, Any], data_format: DataFormat) -> BaseModel:
     return EXAMPLE_MODELS[data_format].model_validate(row)
 
 
+# Bounds the memory of the line reader: one JSONL line may not exceed this.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def bounded_lines(stream: BinaryIO) -> Iterator[bytes]:
+    """Lines of a binary stream, each bounded so one huge line cannot exhaust memory (a
+    longer line arrives in pieces, each reported as not JSON)."""
+    while line := stream.readline(MAX_LINE_BYTES):
+        yield line
+
+
+def validate_jsonl_file(path: str) -> ValidationReport:
+    """`validate_jsonl` of a file by path: what a validation worker process runs."""
+    with open(path, "rb") as stream:
+        return validate_jsonl(bounded_lines(stream))
+
+
 def validate_jsonl(
     stream: BinaryIO | Iterable[bytes], expected_format: DataFormat | None = None
 ) -> ValidationReport:
