@@ -40,6 +40,16 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest whole epoch checkpoint under `root` (a `.partial` one never counts)."""
+    steps = [
+        (int(path.name.removeprefix("step-")), path)
+        for path in root.glob("step-*")
+        if path.name.removeprefix("step-").isdigit()
+    ]
+    return max(steps)[1] if steps else None
+
+
 def save_checkpoint(
     root: Path,
     position: TrainingPosition,

@@ -8,6 +8,7 @@ non-zero, so Ray's own job status agrees with the log.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -43,7 +44,7 @@ def _user_message(error: BaseException) -> str:
 def run(spec: TrainingSpec) -> bool:
     """Train; True when the run paused (it saved a checkpoint and no adapter)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from training.sft import train_loop_per_worker
@@ -53,7 +54,11 @@ def run(spec: TrainingSpec) -> bool:
         train_loop_per_worker,
         train_loop_config={"spec": spec.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu),
-        run_config=RunConfig(name=spec.job_id, storage_path=str(Path(spec.output_dir) / "ray")),
+        run_config=RunConfig(
+            name=spec.job_id,
+            storage_path=str(Path(spec.output_dir) / "ray"),
+            failure_config=FailureConfig(max_failures=spec.max_worker_failures),
+        ),
     )
     trainer.fit()
     if was_paused(spec):
@@ -69,14 +74,26 @@ def was_paused(spec: TrainingSpec) -> bool:
     return any(isinstance(record, Paused) for record in records)
 
 
+class Stopped(BaseException):
+    """The run was told to stop (SIGTERM: a cancel, a pause past its grace, the cluster
+    shutting down). Not the training's failure: the service decides what comes next."""
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise Stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec", help="path of the job's TrainingSpec JSON")
     args = parser.parse_args(argv)
     spec = TrainingSpec.load(args.spec)
     progress = ProgressLog(spec.progress_path)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         paused = run(spec)
+    except Stopped:
+        return 128 + signal.SIGTERM  # no outcome recorded: stopping is not failing
     except BaseException as error:
         traceback.print_exc()
         progress.write(Failed(code="training_error", message=_user_message(error)))

@@ -24,13 +24,18 @@ from typing import Any, Literal
 
 import torch
 
-from training.checkpoints import TrainingPosition, load_checkpoint, save_checkpoint
+from training.checkpoints import (
+    TrainingPosition,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from training.control import pause_requested
 from training.data.batching import PackedBatch, collate, plan_micro_batches
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from training.data.validation import read_examples
 from training.lora import build_lora_model
-from training.progress import Checkpoint, Notice, Paused, Started
+from training.progress import Checkpoint, Notice, Paused, ProgressLog, Started
 from training.reporting import MetricsReporter
 from training.spec import TrainingSpec
 
@@ -373,6 +378,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = TrainingSpec.model_validate(config["spec"])
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
+    # Ray Train restarts the workers after a worker failure (FailureConfig): this attempt
+    # then continues from its own newest epoch checkpoint, not from where it began.
+    own = latest_checkpoint(spec.checkpoints_dir)
+    if own is not None:
+        spec = spec.model_copy(update={"resume_from": str(own)})
+        if context.get_world_rank() == 0:
+            ProgressLog(spec.progress_path).write(
+                Notice(
+                    message=f"A training worker failed; training continues from the "
+                    f"checkpoint at step {int(own.name.removeprefix('step-'))}"
+                )
+            )
     run = SupervisedRun(
         spec,
         device=device,

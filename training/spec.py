@@ -45,6 +45,9 @@ class TrainingSpec(BaseModel):
     seed: int
     num_workers: int = 1
     use_gpu: bool = False
+    # Worker failures (a killed or OOM-killed worker, a lost node) Ray Train recovers from
+    # by restarting the workers from the attempt's newest epoch checkpoint.
+    max_worker_failures: int = 2
     # Tokens per packed forward pass; a longer example still gets a row of its own.
     micro_batch_tokens: int = 4096
     # A checkpoint folder (training.checkpoints) this run continues from.

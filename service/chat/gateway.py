@@ -18,6 +18,8 @@ from service.models.service import InferenceTarget
 logger = logging.getLogger(__name__)
 
 HEALTHY_APP_STATES = {"RUNNING", "DEPLOYING"}
+# Control calls to a replica (load, unload an adapter) wait at most this long.
+SERVING_CALL_TIMEOUT_S = 60.0
 WARMING_UP = "engine warming up (chat answers 503 until it is ready)"
 READY = "ready"
 
@@ -178,5 +180,11 @@ class ServingGateway:
             logger.error("serving could not load %s: %s", name, error)
 
     async def unload_adapter(self, base_model: str, name: str) -> None:
-        if self.settings.serving_enabled:
-            await (await self._handle(base_model)).unload_adapter.remote(name)
+        """Best effort: a deleted model is refused before serving is asked anyway."""
+        if not self.settings.serving_enabled:
+            return
+        try:
+            handle = await self._handle(base_model)
+            await asyncio.wait_for(handle.unload_adapter.remote(name), SERVING_CALL_TIMEOUT_S)
+        except Exception:
+            logger.warning("could not unload %s from serving", name, exc_info=True)

@@ -28,7 +28,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from service.blobs import LocalBlobStore
 from service.config import BaseModelConfig, Settings
-from service.db import CheckpointRow, Database, FileRow, JobRow, ModelRow, now
+from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, ModelRow, now
 from service.fine_tuning.attempts import (
     JobCannotStart,
     next_attempt,
@@ -71,6 +71,9 @@ logger = logging.getLogger(__name__)
 SUPERVISED_FORMATS = {"chat", "prompt_completion"}
 KEEP_CHECKPOINTS = 3
 MAX_STEP_FAILURES = 10
+# Attempts of one job the scheduler starts by itself (after a lost cluster); a user's
+# resume starts one more whatever the count.
+MAX_ATTEMPTS = 5
 S = JobStatus
 
 
@@ -120,6 +123,7 @@ class Reconciler:
         self.use_gpu = use_gpu
         self.clock = clock
         self._after_commit: list[Callable[[], None]] = []
+        self._warned_waiting: set[str] = set()
         self._handlers: dict[JobStatus, Callable[[str], ReadyModel | None]] = {
             S.VALIDATING_FILES: self._validating_files,
             S.QUEUED: self._queued,
@@ -135,11 +139,24 @@ class Reconciler:
         report = TickReport()
         with self.db.session() as session:
             open_jobs = session.execute(
-                select(JobRow.id, JobRow.status, JobRow.step_failures)
+                select(JobRow.id, JobRow.status, JobRow.step_failures, JobRow.organization)
                 .where(JobRow.status.not_in([s.value for s in TERMINAL]))
                 .order_by(JobRow.arrival)
             ).all()
-        for job_id, status, failures in open_jobs:
+            alive = dict(
+                session.execute(
+                    select(JobRow.organization, func.count())
+                    .where(JobRow.status.in_([s.value for s in TRAINER_MAY_BE_ALIVE]))
+                    .group_by(JobRow.organization)
+                ).all()
+            )
+        # Fair share: a queued job of an organization with fewer trainers running goes
+        # first, so one tenant's long queue cannot starve the others; then by arrival.
+        open_jobs = sorted(
+            open_jobs,
+            key=lambda row: (row.status == S.QUEUED, alive.get(row.organization, 0)),
+        )
+        for job_id, status, failures, _ in open_jobs:
             handler = self._handlers.get(JobStatus(status))
             if handler is None:  # paused: waits for the user
                 continue
@@ -148,6 +165,7 @@ class Reconciler:
                 ready = handler(job_id)
             except LauncherUnavailable as error:  # Ray's fault, not the job's: it waits
                 report.launcher_unavailable = str(error)
+                self._warn_waiting(job_id)
                 continue
             except StaleDataError:  # another writer changed the job first: look again
                 report.conflicts.append(job_id)
@@ -165,7 +183,23 @@ class Reconciler:
                 report.ready.append(ready)
         if report.launcher_unavailable:
             logger.warning("Ray's job API is not answering: %s", report.launcher_unavailable)
+        else:
+            self._warned_waiting.clear()  # the outage is over; warn again on the next one
         return report
+
+    def _warn_waiting(self, job_id: str) -> None:
+        """One warn event per job and outage, so a user sees why the job does not move."""
+        if job_id in self._warned_waiting:
+            return
+        self._warned_waiting.add(job_id)
+        try:
+            with self.db.session() as session:
+                job = session.get(JobRow, job_id)
+                if job is not None:
+                    message = "Ray's job API is not answering; the job waits until it does"
+                    add_event(session, job, message, level="warn")
+        except StaleDataError:
+            pass
 
     def _count_failure(self, job_id: str, error: Exception) -> None:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -323,9 +357,13 @@ class Reconciler:
             if job is None:
                 return None
             info, outcome = self._observe(session, job)
-            if outcome is not None:
+            lost = info.state == LaunchState.UNKNOWN
+            # A failure recorded by a trainer whose cluster then went away is most likely
+            # the cluster's doing (its workers died with it): run again, a bounded number
+            # of times. Success is success, whatever happened to the cluster since.
+            if outcome is not None and not (lost and self._may_run_again(job, outcome)):
                 return self._finish(session, job, outcome)
-            if info.state == LaunchState.UNKNOWN:
+            if lost:
                 transition(job, S.QUEUED)
                 add_event(session, job, "Ray no longer knows this job; it is queued to run again")
             elif not info.state.active:
@@ -410,6 +448,9 @@ class Reconciler:
                 level="warn",
             )
         outcome: Outcome | None = None
+        # Steps re-run after a restart from an older checkpoint (a worker failure, a pause
+        # that had to be stopped, a lost Ray job) were reported the first time: once each.
+        reported = self._last_reported_step(session, job) if batch.records else 0
         for record in batch.records:
             if isinstance(record, Started):
                 job.trained_tokens = record.trained_tokens
@@ -430,7 +471,9 @@ class Reconciler:
                         level="warn",
                     )
             elif isinstance(record, Metrics):
-                self._add_metrics(session, job, record)
+                if record.step > reported:
+                    self._add_metrics(session, job, record)
+                    reported = record.step
             elif isinstance(record, Checkpoint):
                 self._add_checkpoint(session, job, record)
             elif isinstance(record, Paused):
@@ -512,6 +555,16 @@ class Reconciler:
         """The job, if it is (still) in `status`."""
         job = session.get(JobRow, job_id)
         return job if job is not None and job.status == status else None
+
+    @staticmethod
+    def _may_run_again(job: JobRow, outcome: Outcome) -> bool:
+        return isinstance(outcome, Failed) and job.attempts < MAX_ATTEMPTS
+
+    @staticmethod
+    def _last_reported_step(session: Session, job: JobRow) -> int:
+        steps = select(EventRow.data).where(EventRow.job_id == job.id, EventRow.type == "metrics")
+        last = session.scalars(steps.order_by(EventRow.seq.desc()).limit(1)).first()
+        return int((last or {}).get("step", 0))
 
     @staticmethod
     def _trainers_alive(session: Session) -> int:

@@ -77,3 +77,45 @@ def test_the_baseline_is_the_schema_release_0_1_made(tmp_path: Path):
         assert indexes == sorted(
             (i["name"], tuple(i["column_names"])) for i in baseline.get_indexes(table)
         ), table
+
+
+def test_a_release_0_1_postgresql_database_upgrades_in_place(postgres):
+    """Release 0.1.0 made its PostgreSQL tables with `create_all`, as the baseline does,
+    and kept no `alembic_version`: made so here, with a job in each hidden state."""
+    from alembic import command
+    from alembic.config import Config
+
+    from service.db import MIGRATIONS
+
+    url = postgres.new_database()
+    engine = create_engine(url)
+    with engine.begin() as connection:  # back to an empty database, then the release's
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(text("DROP TABLE alembic_version"))
+        for job_id, status, submission in (
+            ("ftjob-a", "paused", "ftjob-a"),
+            ("ftjob-b", "queued", "ftjob-b"),
+            ("ftjob-c", "paused", None),
+        ):
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, organization, created_at, arrival, model, "
+                    "training_file, seed, method, status, model_short_id, result_files, "
+                    "progress_offset, attempts, ray_submission_id) VALUES (:id, 'org', 1, 1, "
+                    "'ftaas-tiny', 'file-x', 1, '{}', :status, :id, '[]', 0, 1, :sid)"
+                ),
+                {"id": job_id, "status": status, "sid": submission},
+            )
+    engine.dispose()
+    db = Database(url)
+    with db.engine.connect() as connection:
+        stored = dict(connection.execute(text("SELECT id, status FROM jobs")).all())
+        version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    db.engine.dispose()
+    assert stored == {"ftjob-a": "pausing", "ftjob-b": "resuming", "ftjob-c": "paused"}
+    assert version == "0002"

@@ -135,6 +135,9 @@ def test_a_submission_ray_never_got_is_submitted_on_the_next_tick(world: World):
     report = world.tick()
     assert report.launcher_unavailable and world.status(job_id) == "starting"
     assert world.row(job_id).step_failures == 0  # Ray's outage is not the job's fault
+    world.tick()
+    warnings = [e.message for e in world.events(job_id) if e.level == "warn"]
+    assert warnings == ["Ray's job API is not answering; the job waits until it does"]
     world.ray.unavailable = False
     world.tick()
     assert world.status(job_id) == "running" and world.ray.submitted == [job_id]
@@ -343,3 +346,69 @@ def test_one_lease_holder_at_a_time_and_a_dead_holders_lease_is_taken_over(parts
     assert second.hold() and not first.hold()
     second.release()
     assert first.hold()
+
+
+def test_steps_run_again_after_a_restart_from_an_older_checkpoint_are_reported_once(
+    world: World,
+):
+    job_id = world.running()
+    world.train(job_id, steps=3)
+    world.tick()
+    del world.ray.states[job_id]  # lost: it runs again from its last checkpoint (step 1)
+    world.tick()
+    world.tick()
+    log = world.trainer(job_id)
+    for step in (2, 3, 4, 5):
+        log.write(Metrics(step=step, total_steps=5, train_loss=0.1))
+    world.tick()
+    steps = [e.data["step"] for e in world.events(job_id) if e.type == "metrics"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_one_tenants_long_queue_does_not_starve_another(world: World, parts: dict):
+    import io
+
+    from service.auth import Tenant
+    from service.fine_tuning.schemas import CreateFineTuningJobRequest
+
+    def job_of(organization: str) -> str:
+        tenant = Tenant(organization)
+        upload = parts["files"].create(
+            tenant, "t.jsonl", "fine-tune", io.BytesIO(memorisation_jsonl())
+        )
+        request = CreateFineTuningJobRequest(model="ftaas-tiny", training_file=upload.id)
+        return parts["jobs"].create(tenant, request).id
+
+    busy = [job_of("org-busy") for _ in range(3)]
+    other = job_of("org-other")  # arrives last
+    world.tick()  # all validated
+    world.tick()
+    assert world.ray.submitted == [busy[0]]
+    world.trainer(busy[0]).write(Succeeded(adapter_dir="/a"))
+    world.ray.end(busy[0])
+    world.tick()  # busy[0] finishes; the next slot goes to the tenant with none running
+    assert world.ray.submitted == [busy[0], other]
+
+
+def test_a_failure_recorded_as_the_cluster_went_away_runs_again_a_real_one_fails(world: World):
+    from training.progress import Failed
+
+    lost = world.running()
+    world.trainer(lost).write(Failed(message="Training failed: worker died"))
+    del world.ray.states[lost]  # the cluster went away with the trainer
+    world.tick()
+    assert world.status(lost) == "queued"
+    world.tick()
+    assert world.row(lost).ray_submission_id == f"{lost}-2"
+
+    real = world.job()
+    world.tick()
+    world.ray.end(lost)
+    world.trainer(lost).write(Succeeded(adapter_dir="/a"))
+    world.tick()
+    world.tick()
+    world.trainer(real).write(Failed(message="Training failed: bad data"))
+    world.ray.end(real, LaunchState.FAILED)
+    world.tick()
+    job = world.sdk.fine_tuning.jobs.retrieve(real)
+    assert job.status == "failed" and job.error and "bad data" in job.error.message

@@ -263,3 +263,12 @@ def test_examples_with_nothing_to_learn_are_counted_and_none_left_fails(tmp_path
     spec = make_spec(tmp_path, tiny_model_dir, "short").model_copy(update={"max_length": 4})
     with pytest.raises(ValueError, match="No training example has a token to learn"):
         SupervisedRun(spec)
+
+
+def test_the_newest_whole_checkpoint_is_found(tmp_path):
+    from training.checkpoints import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None
+    for name in ("step-000003", "step-000012", "step-000009", "step-000015.partial"):
+        (tmp_path / name).mkdir()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-000012"

@@ -58,3 +58,37 @@ def test_prompt_completion_learns_the_completion_and_eos(tiny_tokenizer):
         512,
     )
     assert learned_text(tiny_tokenizer, example) == " pineapple<|im_end|>"
+
+
+TOOL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "<call>{{ call['function']['name'] }}({{ call['function']['arguments'] }})</call>"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_legacy_function_call_is_learned_as_the_call_it_is(tiny_tokenizer):
+    tiny_tokenizer.chat_template, original = TOOL_TEMPLATE, tiny_tokenizer.chat_template
+    try:
+        example = ChatExample.model_validate(
+            {
+                "messages": [
+                    {"role": "user", "content": "Weather in Paris?"},
+                    {
+                        "role": "assistant",
+                        "function_call": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                    },
+                    {"role": "function", "name": "weather", "content": "sunny"},
+                    {"role": "assistant", "content": "Sunny."},
+                ],
+                "functions": [{"name": "weather", "parameters": {"type": "object"}}],
+            }
+        )
+        learned = learned_text(tiny_tokenizer, tokenize_example(example, tiny_tokenizer, 512))
+    finally:
+        tiny_tokenizer.chat_template = original
+    assert '<call>weather({"city": "Paris"})</call>' in learned.replace(" ", " ")
+    assert "Sunny." in learned and "sunny" not in learned

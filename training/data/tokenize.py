@@ -36,14 +36,41 @@ class TokenizedExample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def _template_message(message: Any) -> dict[str, Any]:
-    rendered: dict[str, Any] = {"role": message.role, "content": content_text(message.content)}
-    for key in ("name", "tool_call_id"):
-        if getattr(message, key, None) is not None:
-            rendered[key] = getattr(message, key)
-    if getattr(message, "tool_calls", None):
-        rendered["tool_calls"] = [call.model_dump() for call in message.tool_calls]
-    return rendered
+def _template_messages(example: ChatExample) -> list[dict[str, Any]]:
+    """The conversation as chat templates take it. OpenAI's legacy function calling
+    (`function_call`, `function` messages) is given to the template as the tool calls it
+    became, so that the call is rendered and learned rather than an empty turn."""
+    rendered_messages = []
+    last_call_id = None
+    for number, message in enumerate(example.messages):
+        content = content_text(message.content)
+        rendered: dict[str, Any] = {"role": message.role, "content": content}
+        for key in ("name", "tool_call_id"):
+            if getattr(message, key, None) is not None:
+                rendered[key] = getattr(message, key)
+        if isinstance(message, AssistantMessage) and message.tool_calls:
+            rendered["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if isinstance(message, AssistantMessage) and message.function_call is not None:
+            last_call_id = f"call_{number}"
+            function = message.function_call.model_dump()
+            rendered["tool_calls"] = [
+                {"id": last_call_id, "type": "function", "function": function}
+            ]
+        if message.role == "function":
+            rendered.update(role="tool", tool_call_id=last_call_id or f"call_{number}")
+        rendered_messages.append(rendered)
+    return rendered_messages
+
+
+def _tools(example: ChatExample) -> list[dict[str, Any]] | None:
+    if example.tools:
+        return [tool.model_dump(exclude_none=True) for tool in example.tools]
+    if example.functions:  # legacy: the same definitions, as tools
+        return [
+            {"type": "function", "function": f.model_dump(exclude_none=True)}
+            for f in example.functions
+        ]
+    return None
 
 
 def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Any, *, prompt: bool) -> str:
@@ -53,8 +80,8 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], tools: Any, *, promp
 
 
 def _target_spans(example: ChatExample, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
-    tools = [tool.model_dump() for tool in example.tools] if example.tools else None
-    messages = [_template_message(m) for m in example.messages]
+    tools = _tools(example)
+    messages = _template_messages(example)
     full_text = _render(tokenizer, messages, tools, prompt=False)
     spans = []
     for index, message in enumerate(example.messages):
