@@ -2,10 +2,10 @@
 `GET /v1/fine_tuning/jobs` and `GET /v1/files?limit=100`, with 1,000 and 10,000 jobs and
 100,000 files, on SQLite and on PostgreSQL (started here from Debian's package).
 
-A tenth of the jobs are open (queued, waiting for a slot, which is the most expensive
-state to step: each looks at the cluster's running count); the rest have finished. The
-launcher runs nothing. Each figure is the median of several runs; the last column is the
-ratio of 10,000 jobs to 1,000 (10x the rows).
+A tenth of the jobs are open (queued behind a full cluster: `max_running_jobs` 0); the
+rest have finished. The launcher runs nothing, so a tick's Ray calls (one per running
+job, with a 10 s timeout each) are not in these figures. Each figure is the median of
+several runs; the last column is the ratio of 10,000 jobs to 1,000 (10x the rows).
 
     .venv/bin/python bench/scheduler_scale.py [--repeat 5]
 """

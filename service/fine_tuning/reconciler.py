@@ -156,10 +156,17 @@ class Reconciler:
             open_jobs,
             key=lambda row: (row.status == S.QUEUED, alive.get(row.organization, 0)),
         )
+        full = False
         for job_id, status, failures, _ in open_jobs:
             handler = self._handlers.get(JobStatus(status))
             if handler is None:  # paused: waits for the user
                 continue
+            if status == S.QUEUED:
+                # Queued jobs come last: once the slots are full, none of the rest can start
+                # this tick, and the tick costs nothing more for a long queue.
+                full = full or self._slots_full()
+                if full:
+                    break
             self._after_commit = []
             try:
                 ready = handler(job_id)
@@ -565,6 +572,10 @@ class Reconciler:
         steps = select(EventRow.data).where(EventRow.job_id == job.id, EventRow.type == "metrics")
         last = session.scalars(steps.order_by(EventRow.seq.desc()).limit(1)).first()
         return int((last or {}).get("step", 0))
+
+    def _slots_full(self) -> bool:
+        with self.db.session() as session:
+            return self._trainers_alive(session) >= self.settings.max_running_jobs
 
     @staticmethod
     def _trainers_alive(session: Session) -> int:
