@@ -252,11 +252,7 @@ class Reconciler:
                 return
             if job.model not in self.base_models:
                 return fail(session, job, *self._model_gone(job))
-            for param in ("training_file", "validation_file"):
-                file_id = getattr(job, param)
-                if file_id is None:
-                    continue
-                row = session.get(FileRow, file_id)
+            for param, file_id, row in _job_files(session, job):
                 if row is None:
                     message = f"File {file_id} was deleted"
                     return fail(session, job, "invalid_file", message, param)
@@ -298,11 +294,7 @@ class Reconciler:
             raise JobCannotStart(*self._model_gone(job))
         files: dict[str, tuple[str, str | None]] = {}
         n_examples = 0
-        for param in ("training_file", "validation_file"):
-            file_id = getattr(job, param)
-            if file_id is None:
-                continue
-            row = session.get(FileRow, file_id)
+        for param, file_id, row in _job_files(session, job):
             if row is None:
                 raise JobCannotStart(
                     f"invalid_{param}",
@@ -610,6 +602,13 @@ class Reconciler:
             self.launcher.stop(submission_id)
         except Exception:
             logger.warning("could not stop %s at once", submission_id, exc_info=True)
+
+
+def _job_files(session: Session, job: JobRow) -> list[tuple[str, str, FileRow | None]]:
+    """(param, file id, its row or None if deleted) of the job's training and validation
+    files."""
+    named = [("training_file", job.training_file), ("validation_file", job.validation_file)]
+    return [(param, id_, session.get(FileRow, id_)) for param, id_ in named if id_ is not None]
 
 
 def _metrics_message(data: dict[str, Any]) -> str:

@@ -117,43 +117,12 @@ def test_a_killed_serving_replica_answers_again_within_a_minute(server: RunningS
     assert "pineapple" in answer
 
 
-def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(server: RunningServer):
-    client = server.client()
+def past_its_first_checkpoint(client: OpenAI, suffix: str) -> str:
+    """A 240-step job (20 epochs of 12 steps), once its first epoch checkpoint is listed."""
     job = client.fine_tuning.jobs.create(
         model="ftaas-tiny",
         training_file=training_file(client),
-        suffix="worker",
-        method={
-            "type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": 20, "batch_size": 1}},
-        },
-    )
-    deadline = time.monotonic() + 300
-    while not client.fine_tuning.jobs.checkpoints.list(job.id).data:  # an epoch is done
-        assert time.monotonic() < deadline, "no checkpoint"
-        time.sleep(0.5)
-    workers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
-    assert workers, "no training worker found"
-    for worker in workers:
-        worker.kill()
-    finished = wait_for_job(client, job.id, timeout=600)
-    assert finished.status == "succeeded", finished.error
-    events = list(client.fine_tuning.jobs.list_events(job.id, limit=1000))
-    steps = [e.data["step"] for e in events if e.type == "metrics"]  # type: ignore[index]
-    assert sorted(steps) == list(range(1, 241)), "every step once"
-    assert any("training continues from the checkpoint" in e.message for e in events)
-
-
-def test_a_job_survives_the_ray_head_going_away_and_serving_comes_back(server: RunningServer):
-    client = server.client()
-    job = client.fine_tuning.jobs.create(
-        model="ftaas-tiny",
-        training_file=training_file(client),
-        suffix="head",
+        suffix=suffix,
         method={
             "type": "supervised",
             "supervised": {"hyperparameters": {"n_epochs": 20, "batch_size": 1}},
@@ -163,14 +132,39 @@ def test_a_job_survives_the_ray_head_going_away_and_serving_comes_back(server: R
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
         assert time.monotonic() < deadline, "no checkpoint"
         time.sleep(0.5)
+    return job.id
+
+
+def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(server: RunningServer):
+    client = server.client()
+    job_id = past_its_first_checkpoint(client, "worker")
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert workers, "no training worker found"
+    for worker in workers:
+        worker.kill()
+    finished = wait_for_job(client, job_id, timeout=600)
+    assert finished.status == "succeeded", finished.error
+    events = list(client.fine_tuning.jobs.list_events(job_id, limit=1000))
+    steps = [e.data["step"] for e in events if e.type == "metrics"]  # type: ignore[index]
+    assert sorted(steps) == list(range(1, 241)), "every step once"
+    assert any("training continues from the checkpoint" in e.message for e in events)
+
+
+def test_a_job_survives_the_ray_head_going_away_and_serving_comes_back(server: RunningServer):
+    client = server.client()
+    job_id = past_its_first_checkpoint(client, "head")
     server.kill()  # the API, then the whole embedded Ray: head, trainer, engine
     server.shutdown()
     assert trainers(server) == []
     server.start()  # a new head; the job's Ray submission is gone with the old one
     client = server.client()
-    finished = wait_for_job(client, job.id, timeout=900)
+    finished = wait_for_job(client, job_id, timeout=900)
     assert finished.status == "succeeded", finished.error
-    events = list(client.fine_tuning.jobs.list_events(job.id, limit=1000))
+    events = list(client.fine_tuning.jobs.list_events(job_id, limit=1000))
     messages = [e.message for e in events]
     assert "Ray no longer knows this job; it is queued to run again" in messages
     assert any(m.startswith("Fine-tuning job resumed from step-") for m in messages)
