@@ -380,7 +380,10 @@ class Reconciler:
                 self.channel.request_pause(job.output_dir)
                 job.pause_requested_at = self.clock()
             info, outcome = self._observe(session, job)
-            if outcome is not None:  # it ended before it saw the pause request
+            lost = info.state == LaunchState.UNKNOWN
+            # It ended before it saw the pause request (a failure as its cluster went away
+            # counts as the cluster's, as when running).
+            if outcome is not None and not (lost and self._may_run_again(job, outcome)):
                 return self._finish(session, job, outcome)
             if info.state.active:
                 self._stop_after_grace(session, job)

@@ -38,9 +38,7 @@ def test_twenty_create_then_cancel_all_end_cancelled_with_no_trainer(server: Run
     cancelled = []
     for _ in range(20):
         job = client.fine_tuning.jobs.create(model="ftaas-tiny", training_file=file_id)
-        started = time.monotonic()
-        answer = client.fine_tuning.jobs.cancel(job.id)
-        assert time.monotonic() - started < 0.05 or answer.status == "cancelled"
+        answer = client.fine_tuning.jobs.cancel(job.id)  # sent the moment create answered
         assert answer.status == "cancelled"
         cancelled.append(job.id)
     time.sleep(10)  # the scheduler has ticked on all of them, and Ray has stopped any
