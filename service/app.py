@@ -33,7 +33,7 @@ from service.housekeeping import Housekeeping
 from service.models.router import router as models_router
 from service.models.service import ModelService
 from service.ray_cluster import RayCluster, connect, ray_auth_env, ray_log_dir, use_gpu
-from service.startup import server_log, startup_step, trace_logger
+from service.startup import one_at_a_time, server_log, startup_step, trace_logger
 from service.uploads.router import router as uploads_router
 from service.uploads.service import MAX_PART_BYTES, UploadService
 from training.tiny_model import TINY_MODEL_ID
@@ -70,15 +70,17 @@ class Runtime:
 
 def prepare_runtime(settings: Settings) -> Runtime:
     """The start-up steps, in order; each fails as one StartupError naming it."""
-    settings.home.mkdir(parents=True, exist_ok=True)
-    with startup_step("building the test model", settings):
-        base_models = ensure_base_models(settings)
-    where = f"joining the Ray cluster at {settings.ray_address}" if settings.ray_address else None
-    with startup_step(where or "starting the embedded Ray head", settings):
-        cluster = connect(settings)
-        gpus = use_gpu(settings)
-    with startup_step("opening the job store", settings):
-        db = Database(settings.resolved_database_url)
+    with one_at_a_time(settings):
+        with startup_step("building the test model", settings):
+            base_models = ensure_base_models(settings)
+        joining = f"joining the Ray cluster at {settings.ray_address}"
+        with startup_step(
+            joining if settings.ray_address else "starting the embedded Ray head", settings
+        ):
+            cluster = connect(settings)
+            gpus = use_gpu(settings)
+        with startup_step("opening the job store", settings):
+            db = Database(settings.resolved_database_url)
     return Runtime(base_models, db, cluster, gpus)
 
 

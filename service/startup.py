@@ -7,6 +7,7 @@ where the full log is, instead of a traceback, and exits non-zero.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import socket
 from collections.abc import Iterator
@@ -51,6 +52,21 @@ def startup_step(step: str, settings: Settings) -> Iterator[None]:
     except Exception as error:
         trace_logger.error("%s failed", step, exc_info=True)
         raise StartupError(step, one_line(error), server_log(settings)) from error
+
+
+@contextmanager
+def one_at_a_time(settings: Settings) -> Iterator[None]:
+    """Only one process prepares a FTAAS_HOME at a time (builds the test model, starts the
+    embedded head, migrates the store). Another started beside it (`uvicorn --workers 2`,
+    a second `serve` on the same home) waits here, then finds everything done and reuses
+    it, instead of starting a second Ray head or building into the same folder."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with open(settings.home / "startup.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def bind_port(settings: Settings) -> socket.socket:

@@ -8,15 +8,18 @@ each per test session on this machine); their jobs live in their own PostgreSQL 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 import sqlalchemy as sa
 
 from service.ray_cluster import free_port
 from tests.conftest import memorisation_jsonl
-from tests.e2e.conftest import RunningServer, wait_for_job
+from tests.e2e.conftest import ROOT, RunningServer, wait_for_job
 from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.e2e
@@ -83,3 +86,45 @@ def test_two_api_processes_share_one_store_and_one_scheduler(
             if process.process is not None and process.process.poll() is None:
                 process.process.terminate()
                 process.process.wait(30)
+
+
+def test_uvicorn_with_two_workers_on_one_home_shares_its_head_and_one_scheduler(
+    server: RunningServer, tmp_path
+):
+    """`uvicorn --workers 2`: both workers prepare the same FTAAS_HOME at once; one does
+    it (a start-up lock), the other reuses the head, and the store's lease lets one
+    schedule."""
+    head = (server.home / "ray.json").read_text()
+    port = free_port()
+    with open(tmp_path / "uvicorn.log", "wb") as log:
+        workers = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+             "--workers", "2", "--port", str(port)],
+            cwd=ROOT, env=server.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        base = RunningServer(server.home, port, server.user_home)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{base.base_url}/health", timeout=2)
+                break
+            except OSError:
+                assert workers.poll() is None and time.monotonic() < deadline, "no answer"
+                time.sleep(1)
+        client = base.client()
+        upload = client.files.create(file=("t.jsonl", memorisation_jsonl()), purpose="fine-tune")
+        jobs = [
+            client.fine_tuning.jobs.create(model="ftaas-tiny", training_file=upload.id).id
+            for _ in range(2)
+        ]
+        finished = [wait_for_job(client, job_id) for job_id in jobs]
+        assert [j.status for j in finished] == ["succeeded"] * 2, [j.error for j in finished]
+        for job_id in jobs:
+            events = list(client.fine_tuning.jobs.list_events(job_id, limit=1000))
+            steps = [e.data["step"] for e in events if e.type == "metrics"]  # type: ignore[index]
+            assert sorted(steps) == list(range(1, len(steps) + 1))
+        assert (server.home / "ray.json").read_text() == head  # no second Ray head
+    finally:
+        workers.terminate()
+        workers.wait(30)
