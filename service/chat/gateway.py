@@ -89,8 +89,15 @@ class ServingGateway:
         the rest of the API keep working."""
         from ray import serve
 
-        serve.start(proxy_location="Disabled")
-        existing = serve.status().applications
+        try:
+            serve.start(proxy_location="Disabled")
+            existing = serve.status().applications
+        except Exception as error:  # Serve itself did not start: every engine is down
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            for model in self.base_models:
+                self._states[model] = f"engine failed to start: Ray Serve: {reason}"
+            logger.error("starting Ray Serve failed: %s", reason, exc_info=True)
+            return
         for base in self.base_models.values():
             started = time.monotonic()
             try:
