@@ -14,6 +14,7 @@ from typing import Any
 from service.config import BaseModelConfig, Settings
 from service.errors import ServiceUnavailable
 from service.models.service import InferenceTarget
+from service.startup import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ServingGateway:
             serve.start(proxy_location="Disabled")
             existing = serve.status().applications
         except Exception as error:  # Serve itself did not start: every engine is down
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            reason = one_line(error)
             for model in self.base_models:
                 self._states[model] = f"engine failed to start: Ray Serve: {reason}"
             logger.error("starting Ray Serve failed: %s", reason, exc_info=True)
@@ -103,7 +104,7 @@ class ServingGateway:
             try:
                 self._deploy_one(base, existing)
             except Exception as error:
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+                reason = one_line(error)
                 self._states[base.id] = f"engine failed to start: {reason}"
                 logger.error(
                     "deploying the engine for %s failed: %s (logs: %s, serve/ and worker-*)",

@@ -356,13 +356,9 @@ class Reconciler:
             if job is None:
                 return None
             info, outcome = self._observe(session, job)
-            lost = info.state == LaunchState.UNKNOWN
-            # A failure recorded by a trainer whose cluster then went away is most likely
-            # the cluster's doing (its workers died with it): run again, a bounded number
-            # of times. Success is success, whatever happened to the cluster since.
-            if outcome is not None and not (lost and self._may_run_again(job, outcome)):
+            if outcome is not None:
                 return self._finish(session, job, outcome)
-            if lost:
+            if info.state == LaunchState.UNKNOWN:
                 transition(job, S.QUEUED)
                 add_event(session, job, "Ray no longer knows this job; it is queued to run again")
             elif not info.state.active:
@@ -380,10 +376,7 @@ class Reconciler:
                 self.channel.request_pause(job.output_dir)
                 job.pause_requested_at = self.clock()
             info, outcome = self._observe(session, job)
-            lost = info.state == LaunchState.UNKNOWN
-            # It ended before it saw the pause request (a failure as its cluster went away
-            # counts as the cluster's, as when running).
-            if outcome is not None and not (lost and self._may_run_again(job, outcome)):
+            if outcome is not None:  # it ended before it saw the pause request
                 return self._finish(session, job, outcome)
             if info.state.active:
                 self._stop_after_grace(session, job)
@@ -434,11 +427,20 @@ class Reconciler:
     # --- what the trainer said
     def _observe(self, session: Session, job: JobRow) -> tuple[LaunchInfo, Outcome | None]:
         """Ray first, then the log: once Ray reports the job ended, the log read after it
-        holds every record the trainer will ever write."""
+        holds every record the trainer will ever write.
+
+        A failure recorded by a trainer whose cluster then went away is most likely the
+        cluster's doing (its workers died with it): it is not the job's outcome, and the
+        job runs again, a bounded number of times. Success is success, whatever happened
+        to the cluster since."""
         assert job.ray_submission_id and job.output_dir
         info = self.launcher.info(job.ray_submission_id)
         batch = self.channel.read(job.output_dir, job.progress_offset)
-        return info, self._apply(session, job, batch)
+        outcome = self._apply(session, job, batch)
+        lost = info.state == LaunchState.UNKNOWN
+        if lost and isinstance(outcome, Failed) and job.attempts < MAX_ATTEMPTS:
+            return info, None
+        return info, outcome
 
     def _apply(self, session: Session, job: JobRow, batch: ProgressBatch) -> Outcome | None:
         job.progress_offset = batch.offset
@@ -557,10 +559,6 @@ class Reconciler:
         """The job, if it is (still) in `status`."""
         job = session.get(JobRow, job_id)
         return job if job is not None and job.status == status else None
-
-    @staticmethod
-    def _may_run_again(job: JobRow, outcome: Outcome) -> bool:
-        return isinstance(outcome, Failed) and job.attempts < MAX_ATTEMPTS
 
     @staticmethod
     def _last_reported_step(session: Session, job: JobRow) -> int:
