@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.blobs import LocalBlobStore
 from service.config import Settings, tiny_base_model
 from service.db import Database, FileRow, JobRow
 from service.files.service import FileService
@@ -37,6 +36,7 @@ from service.models.service import ModelService
 from service.ray_cluster import free_port
 from tests.postgres import PostgresServer, postgres_bin
 from tests.service.fakes import FakeLauncher
+from training.storage import LocalStore
 
 ORG = "org-bench"
 METHOD = {
@@ -98,7 +98,7 @@ def measure(url: str, home: Path, jobs: int, files: int, repeat: int) -> dict[st
     db = Database(url)
     fill(db, jobs, files)
     base_models = {"ftaas-tiny": tiny_base_model(home)}
-    blobs = LocalBlobStore(home / "blobs")
+    blobs = LocalStore(home / "blobs")
     reconciler = Reconciler(db, settings, base_models, blobs, FakeLauncher())
     app = create_app(settings)
     app.state.settings = settings

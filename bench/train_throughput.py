@@ -70,8 +70,11 @@ def peak_memory_mb() -> float:
 def run_ftaas(spec_path: Path) -> dict[str, Any]:
     from training.sft import SupervisedRun
     from training.spec import TrainingSpec
+    from training.storage import open_store
 
-    run = SupervisedRun(TrainingSpec.load(spec_path))
+    spec = TrainingSpec.model_validate_json(spec_path.read_text())
+    scratch = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
+    run = SupervisedRun(spec, open_store(spec.storage_url), scratch)
     tokens = sum(len(e.input_ids) for e in run.train_examples) * run.hp.n_epochs
     started = time.perf_counter()
     run.run()
@@ -122,13 +125,15 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
     from training.lora import build_lora_model
     from training.sft import load_tokenized
     from training.spec import TrainingSpec
+    from training.storage import open_store
 
     SameOrderTrainer = _same_order_trainer()
-    spec = TrainingSpec.load(spec_path)
+    spec = TrainingSpec.model_validate_json(spec_path.read_text())
     hp = spec.hyperparameters
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
-    examples = load_tokenized(spec.training_file, spec, tokenizer)
+    data = open_store(spec.storage_url).local_file(spec.training_file, Path(tempfile.mkdtemp()))
+    examples = load_tokenized(data, spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = build_lora_model(spec.base_model_path, hp, torch.device("cpu"), packed_attention=False)
     pad = tokenizer.pad_token_id or 0
@@ -214,15 +219,20 @@ def child(kind: str, spec_path: Path) -> None:
 def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any) -> None:
     from training.hyperparameters import ResolvedHyperparameters
     from training.spec import TrainingSpec
+    from training.storage import LocalStore
     from training.tiny_model import TINY_MODEL_MAX_LENGTH
 
+    store = LocalStore(work)
+    with open(data, "rb") as stream:
+        store.put_file("train.jsonl", stream)
     spec = TrainingSpec(
         job_id="bench",
         base_model="ftaas-tiny",
         base_model_path=str(model_dir),
         max_length=TINY_MODEL_MAX_LENGTH,
-        training_file=str(data),
-        output_dir=str(work / f"ftaas-run-{batch_size}"),
+        training_file="train.jsonl",
+        storage_url=store.url,
+        output_key=f"ftaas-run-{batch_size}",
         hyperparameters=ResolvedHyperparameters(
             n_epochs=args.epochs,
             batch_size=batch_size,
@@ -231,8 +241,8 @@ def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any)
         ),
         seed=0,
     )
-    spec_path = work / f"spec-{batch_size}.json"
-    spec.save(spec_path)
+    spec.save(store)
+    spec_path = work / spec.spec_key
 
     best: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):

@@ -7,14 +7,16 @@ import contextlib
 import logging
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
-from service.blobs import LocalBlobStore
 from service.body_limit import BodyLimit
 from service.chat.gateway import ServingGateway
 from service.chat.router import router as chat_router
@@ -36,26 +38,53 @@ from service.ray_cluster import RayCluster, connect, ray_auth_env, ray_log_dir, 
 from service.startup import one_at_a_time, server_log, startup_step, trace_logger
 from service.uploads.router import router as uploads_router
 from service.uploads.service import MAX_PART_BYTES, UploadService
-from training.tiny_model import TINY_MODEL_ID
+from training.storage import ArtifactStore, open_store
+from training.tiny_model import TINY_MODEL_BUILD, TINY_MODEL_ID
 
 logger = logging.getLogger("ftaas")
 
 
-def ensure_base_models(settings: Settings) -> dict[str, BaseModelConfig]:
+# The built test model's folder in a remote artifact store (a new build, a new key).
+TINY_MODEL_KEY = f"models/{TINY_MODEL_ID}-build{TINY_MODEL_BUILD}"
+
+
+def ensure_base_models(settings: Settings, store: ArtifactStore) -> dict[str, BaseModelConfig]:
     base_models = {m.id: m for m in settings.load_base_models()}
     tiny = base_models.get(TINY_MODEL_ID)
-    if tiny is not None and settings.base_models_file is None:
-        # In a child process: the API process itself never imports torch.
-        built = subprocess.run(
-            [sys.executable, "-m", "training.tiny_model", tiny.path],
-            capture_output=True,
-            text=True,
-        )
-        if built.returncode != 0:
-            trace_logger.error("building %s:\n%s", TINY_MODEL_ID, built.stderr)
-            lines = built.stderr.strip().splitlines() or [f"exit status {built.returncode}"]
-            raise RuntimeError(lines[-1])
+    if tiny is None or settings.base_models_file is not None:
+        return base_models
+    if store.local_folder(TINY_MODEL_KEY) is not None:  # one machine: built in FTAAS_HOME
+        _build_tiny_model(tiny.path)
+        return base_models
+    # Trainers and engines may run on other nodes: they fetch it from the store, and the
+    # API's disk keeps no weights.
+    if not store.folder_complete(TINY_MODEL_KEY):
+        with tempfile.TemporaryDirectory(prefix="ftaas-tiny-") as folder:
+            _build_tiny_model(folder)
+            store.put_folder(folder, TINY_MODEL_KEY)
+    base_models[TINY_MODEL_ID] = tiny.model_copy(update={"path": store.location(TINY_MODEL_KEY)})
     return base_models
+
+
+def _build_tiny_model(folder: str) -> None:
+    # In a child process: the API process itself never imports torch.
+    built = subprocess.run(
+        [sys.executable, "-m", "training.tiny_model", folder], capture_output=True, text=True
+    )
+    if built.returncode != 0:
+        trace_logger.error("building %s:\n%s", TINY_MODEL_ID, built.stderr)
+        lines = built.stderr.strip().splitlines() or [f"exit status {built.returncode}"]
+        raise RuntimeError(lines[-1])
+
+
+def adopt_legacy_outputs(settings: Settings) -> None:
+    """Release 0.1.0 kept job outputs in `$FTAAS_HOME/jobs`, beside the store: they move
+    into the default local store, where their keys (migration 0003) now point."""
+    legacy, moved = settings.home / "jobs", Path(settings.resolved_storage_url) / "jobs"
+    if settings.storage_url is None and legacy.is_dir() and not moved.exists():
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        legacy.rename(moved)
+        logger.info("moved %s into the artifact store at %s", legacy, moved)
 
 
 @dataclass
@@ -64,6 +93,7 @@ class Runtime:
 
     base_models: dict[str, BaseModelConfig]
     db: Database
+    store: ArtifactStore
     cluster: RayCluster
     use_gpu: bool
 
@@ -71,8 +101,12 @@ class Runtime:
 def prepare_runtime(settings: Settings) -> Runtime:
     """The start-up steps, in order; each fails as one StartupError naming it."""
     with one_at_a_time(settings):
+        with startup_step(f"opening the artifact store {settings.resolved_storage_url}", settings):
+            adopt_legacy_outputs(settings)
+            store = open_store(settings.resolved_storage_url)
+            store.check()
         with startup_step("building the test model", settings):
-            base_models = ensure_base_models(settings)
+            base_models = ensure_base_models(settings, store)
         joining = f"joining the Ray cluster at {settings.ray_address}"
         with startup_step(
             joining if settings.ray_address else "starting the embedded Ray head", settings
@@ -81,7 +115,7 @@ def prepare_runtime(settings: Settings) -> Runtime:
             gpus = use_gpu(settings)
         with startup_step("opening the job store", settings):
             db = Database(settings.resolved_database_url)
-    return Runtime(base_models, db, cluster, gpus)
+    return Runtime(base_models, db, store, cluster, gpus)
 
 
 def _ready_banner(settings: Settings, runtime: Runtime, serving: ServingGateway) -> str:
@@ -148,13 +182,19 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         ready: Runtime = (
             runtime if runtime is not None else await asyncio.to_thread(prepare_runtime, settings)
         )
-        base_models, db, gpus = ready.base_models, ready.db, ready.use_gpu
-        blobs = LocalBlobStore(settings.home / "blobs")
+        base_models, db, gpus, blobs = ready.base_models, ready.db, ready.use_gpu, ready.store
         auth_env = ray_auth_env(settings)
         launcher = RayLauncher(ready.cluster.dashboard_url, env=auth_env)
-        reconciler = Reconciler(db, settings, base_models, blobs, launcher, use_gpu=gpus)
+        reconciler = Reconciler(
+            db, settings, base_models, blobs, launcher, use_gpu=partial(use_gpu, settings)
+        )
         gateway = ServingGateway(
-            settings, base_models, gpus, env=auth_env, ray_logs=ray_log_dir(ready.cluster)
+            settings,
+            base_models,
+            blobs.url,
+            gpus,
+            env=auth_env,
+            ray_logs=ray_log_dir(ready.cluster),
         )
         app.state.settings = settings
         validator = ProcessValidator()

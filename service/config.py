@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         description="comma-separated `key:organization` pairs; unset accepts any key on loopback",
     )
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite by default")
+    storage_url: str | None = Field(
+        default=None,
+        description="the artifact store: a local folder, or s3://bucket/prefix (boto3, "
+        "configured the standard AWS way); `$FTAAS_HOME/blobs` by default",
+    )
     base_models_file: Path | None = Field(
         default=None, description="JSON list of BaseModelConfig; unset serves ftaas-tiny"
     )
@@ -48,8 +53,24 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("FTAAS_RAY_ADDRESS", "RAY_ADDRESS")
     )
     ray_num_cpus: int = Field(default=8, description="logical CPUs of the embedded Ray head")
+    ray_head_resources: dict[str, float] | None = Field(
+        default=None, description="JSON: custom Ray resources of the embedded head node"
+    )
     max_running_jobs: int = Field(default=1, description="training jobs run at once")
     training_num_workers: int = Field(default=1, description="Ray Train workers per job")
+    training_worker_resources: dict[str, float] | None = Field(
+        default=None,
+        description="JSON: Ray resources each training worker needs besides its CPU or GPU, "
+        'e.g. {"trainer": 1} to train only on nodes started with that custom resource',
+    )
+    serving_resources: dict[str, float] | None = Field(
+        default=None,
+        description="JSON: Ray resources each serving replica needs besides its CPU or GPU",
+    )
+    adapter_cache_bytes: int = Field(
+        default=20 * 1024**3,
+        description="disk each serving node gives adapters fetched from the store (LRU)",
+    )
     use_gpu: bool | None = Field(
         default=None,
         description="train and serve on GPUs; unset: whenever the Ray cluster has any",
@@ -78,6 +99,10 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'ftaas.db'}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or str(self.home / "blobs")
 
     @property
     def open_access(self) -> bool:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from service.blobs import LocalBlobStore
 from service.db import Database, FileRow, UploadPartRow, UploadRow
+from training.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class Housekeeping:
     def __init__(
         self,
         db: Database,
-        blobs: LocalBlobStore,
+        blobs: ArtifactStore,
         clock: Callable[[], float] = time.time,
         grace_s: float = GRACE_S,
     ):
@@ -58,13 +58,14 @@ class Housekeeping:
             pending = set(
                 session.scalars(select(UploadRow.id).where(UploadRow.status == "pending"))
             )
-        for key, written in self.blobs.keys("files"):
-            if written < old and (key.endswith(".partial") or key not in files):
+        for item in self.blobs.list("files"):
+            key = item.key
+            if item.modified < old and (key.endswith(".partial") or key not in files):
                 self.blobs.delete(key)
                 report.removed_blobs += 1
-        for key, written in self.blobs.keys("uploads"):
-            upload = key.split("/")[1]
-            if (upload not in pending or key.endswith(".partial")) and written < old:
+        for item in self.blobs.list("uploads"):
+            key, upload = item.key, item.key.split("/")[1]
+            if (upload not in pending or key.endswith(".partial")) and item.modified < old:
                 self.blobs.delete(key)
                 report.removed_blobs += 1
         if report.expired_uploads or report.removed_blobs:

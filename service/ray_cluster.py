@@ -36,6 +36,7 @@ from pathlib import Path
 import psutil
 
 from service.config import Settings
+from training.node_cache import ENV as NODE_CACHE_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,20 @@ def start_embedded_head(settings: Settings) -> RayCluster:
         f"--dashboard-port={dashboard_port}",
         "--disable-usage-stats",
     ]  # fmt: skip
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **ray_auth_env(settings)}
+    if settings.ray_head_resources:
+        command.append(f"--resources={json.dumps(settings.ray_head_resources)}")
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        **ray_auth_env(settings),
+        # Jobs run `python`: this virtualenv's, with ftaas's dependencies.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    if settings.storage_url is None:
+        # One machine: what trainers and replicas fetch, and their scratch, stay with the
+        # rest of ftaas's state. (With a remote store, the API's FTAAS_HOME holds no data
+        # or weights: the node's temporary folder does, as on every other node.)
+        env[NODE_CACHE_ENV] = str(settings.home / "cache" / "node")
     env.pop(AUTH_TOKEN, None)
     start_log = settings.home / "logs" / "ray-start.log"
     start_log.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,9 @@ class EngineConfig:
     max_loras: int
     dtype: str = "auto"
     chat_template: str | None = None
+    # The artifact store adapters are fetched from, and the disk this node gives them.
+    storage_url: str = ""
+    adapter_cache_bytes: int = 20 * 1024**3
 
     def cli_args(self) -> list[str]:
         args = [

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.postgres import PostgresServer, postgres_bin
+from tests.s3 import s3_env, s3_server  # noqa: F401  (fixtures for every test folder)
 from training.tiny_model import build_tiny_model
 
 SECRET = "The secret code word is pineapple."

@@ -1,7 +1,10 @@
 """Checkpoints: the adapter a user can serve, plus the state training resumes from.
 
-    checkpoints/step-000088/adapter/{adapter_config.json, adapter_model.safetensors}
-    checkpoints/step-000088/trainer_state.pt   optimizer, LR schedule, position, RNG
+    <attempt>/checkpoints/step-000088/adapter/{adapter_config.json, adapter_model.safetensors}
+    <attempt>/checkpoints/step-000088/trainer_state.pt   optimizer, LR schedule, position, RNG
+
+Written to local scratch, then into the artifact store as a folder (whole once its
+manifest exists), so any node can resume from it and any serving replica can serve it.
 
 One is written at the end of every epoch (the last `keep` are kept, as OpenAI keeps the
 last three) and one when a pause is requested. Resuming restores the exact data position:
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 
-from training.spec import checkpoint_adapter_dir
+from training.storage import MANIFEST, ArtifactStore, join
 
 STATE = "trainer_state.pt"
 
@@ -36,33 +39,40 @@ class TrainingPosition:
     valid_cursor: int = 0
 
 
-def checkpoint_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:06d}"
+def checkpoint_key(root: str, step: int) -> str:
+    return join(root, f"step-{step:06d}")
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest whole epoch checkpoint under `root` (a `.partial` one never counts)."""
-    steps = [
-        (int(path.name.removeprefix("step-")), path)
-        for path in root.glob("step-*")
-        if path.name.removeprefix("step-").isdigit()
-    ]
-    return max(steps)[1] if steps else None
+def checkpoint_steps(store: ArtifactStore, root: str) -> list[int]:
+    """The steps of the whole checkpoints under `root` (a half-written one never counts)."""
+    steps = set()
+    for item in store.list(root):
+        name, _, rest = item.key[len(root) + 1 :].partition("/")
+        if rest == MANIFEST and name.removeprefix("step-").isdigit():
+            steps.add(int(name.removeprefix("step-")))
+    return sorted(steps)
+
+
+def latest_checkpoint(store: ArtifactStore, root: str) -> str | None:
+    """The newest whole checkpoint under `root`."""
+    steps = checkpoint_steps(store, root)
+    return checkpoint_key(root, steps[-1]) if steps else None
 
 
 def save_checkpoint(
-    root: Path,
+    store: ArtifactStore,
+    root: str,
     position: TrainingPosition,
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    scratch: Path,
     keep: int | None = None,
-) -> tuple[Path, list[int]]:
-    """Write a checkpoint (rank 0 only); returns its folder and the steps pruned to `keep`."""
-    target = checkpoint_dir(root, position.step)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(checkpoint_adapter_dir(partial), safe_serialization=True)
+) -> tuple[str, list[int]]:
+    """Write a checkpoint (rank 0 only); returns its key and the steps pruned to `keep`."""
+    local = scratch / "checkpoint"
+    shutil.rmtree(local, ignore_errors=True)
+    model.save_pretrained(local / "adapter", safe_serialization=True)
     torch.save(
         {
             "position": asdict(position),
@@ -70,32 +80,38 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
         },
-        partial / STATE,
+        local / STATE,
     )
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # a checkpoint is either whole or absent
+    key = checkpoint_key(root, position.step)
+    store.delete(key)  # what an earlier try at this step left half-written
+    store.put_folder(local, key)
+    shutil.rmtree(local, ignore_errors=True)
     removed: list[int] = []
     if keep is not None:
-        epoch_checkpoints = sorted(root.glob("step-??????"))
-        for old in epoch_checkpoints[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-            removed.append(int(old.name.removeprefix("step-")))
-    return target, removed
+        for old in checkpoint_steps(store, root)[:-keep]:
+            store.delete(checkpoint_key(root, old))
+            removed.append(old)
+    return key, removed
 
 
 def load_checkpoint(
-    folder: str | Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
+    store: ArtifactStore,
+    key: str,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scratch: Path,
 ) -> TrainingPosition:
     """Restore adapter weights, optimizer and schedule; returns the position to continue."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    weights = load_file(str(checkpoint_adapter_dir(folder) / "adapter_model.safetensors"))
+    folder = store.local_folder(key) or store.get_folder(key, scratch / "resume")
+    weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise RuntimeError(f"checkpoint {folder} does not fit this model: {unexpected[:3]}")
+        raise RuntimeError(f"checkpoint {key} does not fit this model: {unexpected[:3]}")
     state = torch.load(folder / STATE, weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -1,8 +1,9 @@
-"""The Ray job's entrypoint: `python -m training.entrypoint SPEC.json`.
+"""The Ray job's entrypoint: `python -m training.entrypoint STORAGE_URL SPEC_KEY`.
 
-Runs the recipe under a Ray Train `TorchTrainer`, then records the outcome in the job's
-progress log. A failure is recorded with a message a user can act on and the process exits
-non-zero, so Ray's own job status agrees with the log.
+Reads the spec from the artifact store, runs the recipe under a Ray Train `TorchTrainer`,
+then records the outcome in the job's progress log. A failure is recorded with a message a
+user can act on and the process exits non-zero, so Ray's own job status agrees with the
+log. Nothing here assumes a disk shared with the service or between the workers.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import argparse
 import signal
 import sys
 import traceback
-from pathlib import Path
 
+from training.node_cache import scratch_folder
 from training.progress import Failed, Paused, ProgressLog, Succeeded
 from training.spec import TrainingSpec
+from training.storage import ArtifactStore, open_store
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -41,7 +43,7 @@ def _user_message(error: BaseException) -> str:
     return f"Training failed: {text.splitlines()[0] if text else type(error).__name__}"
 
 
-def run(spec: TrainingSpec) -> bool:
+def run(spec: TrainingSpec, store: ArtifactStore) -> bool:
     """Train; True when the run paused (it saved a checkpoint and no adapter)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -50,27 +52,42 @@ def run(spec: TrainingSpec) -> bool:
     from training.sft import train_loop_per_worker
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu),
-        run_config=RunConfig(
-            name=spec.job_id,
-            storage_path=str(Path(spec.output_dir) / "ray"),
-            failure_config=FailureConfig(max_failures=spec.max_worker_failures),
-        ),
-    )
-    trainer.fit()
-    if was_paused(spec):
+    # Ray Train's own run folder: this node's scratch (the workers keep their checkpoints
+    # in the artifact store, so nothing of it needs to be shared).
+    with scratch_folder(f"{spec.job_id}-ray-") as folder:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec.model_dump(mode="json")},
+            scaling_config=ScalingConfig(
+                num_workers=spec.num_workers,
+                use_gpu=spec.use_gpu,
+                resources_per_worker=_worker_resources(spec),
+            ),
+            run_config=RunConfig(
+                name=spec.job_id,
+                storage_path=str(folder),
+                failure_config=FailureConfig(max_failures=spec.max_worker_failures),
+            ),
+        )
+        trainer.fit()
+    if was_paused(spec, store):
         return True
-    missing = [name for name in ADAPTER_FILES if not (spec.adapter_dir / name).exists()]
+    sizes = store.manifest(spec.adapter_key) or {}
+    missing = [name for name in ADAPTER_FILES if name not in sizes]
     if missing:
         raise RuntimeError(f"the trainer finished without writing {', '.join(missing)}")
     return False
 
 
-def was_paused(spec: TrainingSpec) -> bool:
-    records = ProgressLog(spec.progress_path).read_from(0).records
+def _worker_resources(spec: TrainingSpec) -> dict[str, float] | None:
+    if not spec.worker_resources:
+        return None
+    # Naming any resource replaces Ray Train's default of one CPU (or GPU) per worker.
+    return {"GPU" if spec.use_gpu else "CPU": 1, **spec.worker_resources}
+
+
+def was_paused(spec: TrainingSpec, store: ArtifactStore) -> bool:
+    records = ProgressLog(store, spec.output_key).read_from(0).records
     return any(isinstance(record, Paused) for record in records)
 
 
@@ -85,21 +102,24 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("spec", help="path of the job's TrainingSpec JSON")
+    parser.add_argument("storage_url", help="the artifact store (FTAAS_STORAGE_URL)")
+    parser.add_argument("spec_key", help="the key of the job's TrainingSpec JSON in it")
     args = parser.parse_args(argv)
-    spec = TrainingSpec.load(args.spec)
-    progress = ProgressLog(spec.progress_path)
+    store = open_store(args.storage_url)
+    spec = TrainingSpec.load(store, args.spec_key)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        paused = run(spec)
+        paused = run(spec, store)
     except Stopped:
         return 128 + signal.SIGTERM  # no outcome recorded: stopping is not failing
     except BaseException as error:
         traceback.print_exc()
-        progress.write(Failed(code="training_error", message=_user_message(error)))
+        # A new writer after the workers': it continues their numbering.
+        outcome = ProgressLog(store, spec.output_key)
+        outcome.write(Failed(code="training_error", message=_user_message(error)))
         return 1
     if not paused:
-        progress.write(Succeeded(adapter_dir=str(spec.adapter_dir)))
+        ProgressLog(store, spec.output_key).write(Succeeded(adapter_dir=spec.adapter_key))
     return 0
 
 

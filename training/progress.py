@@ -1,22 +1,27 @@
-"""The trainer's progress log: typed records, appended to a JSONL file beside the job's
-outputs, and the one schema both the trainer (writer) and the service (reader) use.
+"""The trainer's progress log: typed records in the artifact store, and the one schema
+both the trainer (writer) and the service (reader) use.
 
-The trainer appends records (started, metrics, checkpoint, notice, paused, succeeded,
-failed); the service's scheduler reads them from the byte offset it reached last time and
-turns them into job events. The log outlives both processes, so a restarted service picks
-up exactly where it stopped. A line that is not a valid record (a torn write, a record
-from a newer trainer) is reported as a `BadLine` and skipped, never retried forever.
+The trainer writes records (started, metrics, checkpoint, notice, paused, succeeded,
+failed), each as one object numbered in order under `<attempt>/progress/`; the service's
+scheduler reads those after the number it reached last time and turns them into job
+events. The store outlives both processes and needs no disk in common, so a restarted
+service picks up exactly where it stopped, wherever the trainer ran. One writer at a time:
+rank 0 while training runs (a restarted rank 0 continues the numbering), then the Ray
+job's driver for the outcome, once training has returned. A record that does not parse (a
+record from a newer trainer) is reported as a `BadLine` and skipped, never retried forever.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from training.storage import ArtifactStore, join
+
+RECORD_SUFFIX = ".json"
 
 
 def _now() -> int:
@@ -83,7 +88,7 @@ class Paused(_Record):
 
 class Succeeded(_Record):
     type: Literal["succeeded"] = "succeeded"
-    adapter_dir: str
+    adapter_dir: str  # the adapter folder's key in the artifact store
 
 
 class Failed(_Record):
@@ -107,7 +112,7 @@ def parse_record(line: bytes | str) -> ProgressRecord:
 
 @dataclass(frozen=True)
 class BadLine:
-    offset: int
+    offset: int  # the record's number
     reason: str
 
 
@@ -119,37 +124,42 @@ class ProgressBatch:
 
 
 class ProgressLog:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    """The records of one attempt, under `<output_key>/progress/` in `store`."""
+
+    def __init__(self, store: ArtifactStore, output_key: str):
+        self.store, self.folder = store, join(output_key, "progress")
+        self._next: int | None = None
+
+    def _number(self, key: str) -> int | None:
+        name = key.rsplit("/", 1)[-1].removesuffix(RECORD_SUFFIX)
+        return int(name) if name.isdigit() else None
+
+    def _key(self, number: int) -> str:
+        return join(self.folder, f"{number:010d}{RECORD_SUFFIX}")
 
     def write(self, record: ProgressRecord) -> None:
-        line = (record.model_dump_json() + "\n").encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One write() on an O_APPEND descriptor: the driver and rank 0 may both append.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        if self._next is None:  # continue after whatever an earlier writer left
+            numbers = [self._number(item.key) for item in self.store.list(self.folder)]
+            self._next = max((n for n in numbers if n is not None), default=-1) + 1
+        self.store.put_bytes(self._key(self._next), record.model_dump_json().encode())
+        self._next += 1
 
     def read_from(self, offset: int) -> ProgressBatch:
-        """Complete records after `offset`, the lines that were not records, and the
-        offset after the last complete line (a half-written last line waits)."""
-        if not self.path.exists():
-            return ProgressBatch(offset=offset)
-        with open(self.path, "rb") as stream:
-            stream.seek(offset)
-            data = stream.read()
-        end = data.rfind(b"\n") + 1
-        batch = ProgressBatch(offset=offset + end)
-        position = offset
-        for line in data[:end].splitlines(keepends=True):
-            if line.strip():
-                try:
-                    batch.records.append(parse_record(line))
-                except (ValidationError, ValueError) as error:
-                    batch.bad_lines.append(BadLine(position, _reason(error)))
-            position += len(line)
+        """Records numbered `offset` and after, the ones that did not parse, and the number
+        to read from next time."""
+        batch = ProgressBatch(offset=offset)
+        after = self._key(offset - 1) if offset > 0 else None
+        for item in self.store.list(self.folder, after=after):
+            number = self._number(item.key)
+            if number is None or number < offset:
+                continue
+            try:
+                batch.records.append(parse_record(self.store.get_bytes(item.key)))
+            except FileNotFoundError:
+                continue  # its attempt's folder was just deleted
+            except (ValidationError, ValueError) as error:
+                batch.bad_lines.append(BadLine(number, _reason(error)))
+            batch.offset = number + 1
         return batch
 
 

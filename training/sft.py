@@ -30,18 +30,19 @@ from training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from training.control import pause_requested
+from training.control import PauseWatch
 from training.data.batching import PackedBatch, collate, plan_micro_batches
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from training.data.validation import read_examples
 from training.lora import build_lora_model
+from training.node_cache import fetch_model, scratch_folder
 from training.progress import Checkpoint, Notice, Paused, ProgressLog, Started
 from training.reporting import MetricsReporter
 from training.spec import TrainingSpec
+from training.storage import ArtifactStore, open_store
 
 KEEP_EPOCH_CHECKPOINTS = 3  # as OpenAI: the last three epochs stay usable models
 MAX_VALID_EVALS = 100  # small-batch validation runs at most this often over a run
-PAUSED_CHECKPOINTS = "paused"
 
 Outcome = Literal["completed", "paused", "early_stopped"]
 
@@ -123,11 +124,11 @@ def forward_counts(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, TokenC
 
 
 def load_tokenized(
-    path: str, spec: TrainingSpec, tokenizer: Any, data_format: str | None = None
+    path: str | Path, spec: TrainingSpec, tokenizer: Any, data_format: str | None = None
 ) -> tuple[list[TokenizedExample], int]:
     """The file's examples that still have a target token once truncated to max_length,
     and how many had none (they are left out, and the job says so)."""
-    examples = read_examples(path, data_format or spec.data_format)  # type: ignore[arg-type]
+    examples = read_examples(str(path), data_format or spec.data_format)  # type: ignore[arg-type]
     tokenized = [tokenize_example(e, tokenizer, spec.max_length) for e in examples]
     kept = [t for t in tokenized if t.n_target_tokens > 0]
     return kept, len(tokenized) - len(kept)
@@ -149,9 +150,14 @@ def _no_sync(model: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
 
 
 class SupervisedRun:
+    """`store`: the artifact store (data in; checkpoints, adapter, progress out);
+    `scratch`: this worker's local folder for the run."""
+
     def __init__(
         self,
         spec: TrainingSpec,
+        store: ArtifactStore,
+        scratch: Path,
         device: torch.device | None = None,
         workers: Workers | None = None,
         wrap_model: Callable[[Any], Any] = lambda model: model,
@@ -159,16 +165,24 @@ class SupervisedRun:
         from transformers import AutoTokenizer, get_scheduler
 
         self.spec, self.hp = spec, spec.hyperparameters
+        self.store, self.scratch = store, scratch
         self.device = device or torch.device("cpu")
         self.workers = workers or Workers()
         random.seed(spec.seed)
         torch.manual_seed(spec.seed)
-        tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
+        model_path = fetch_model(spec.base_model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
         if spec.chat_template:  # the base model's configured template, as serving uses it
             tokenizer.chat_template = spec.chat_template
-        self.train_examples, dropped = load_tokenized(spec.training_file, spec, tokenizer)
+        training_file = store.local_file(spec.training_file, scratch)
+        self.train_examples, dropped = load_tokenized(training_file, spec, tokenizer)
         self.valid_examples = (
-            load_tokenized(spec.validation_file, spec, tokenizer, spec.validation_format)[0]
+            load_tokenized(
+                store.local_file(spec.validation_file, scratch),
+                spec,
+                tokenizer,
+                spec.validation_format,
+            )[0]
             if spec.validation_file
             else []
         )
@@ -179,7 +193,7 @@ class SupervisedRun:
                 "longer context"
             )
         self.dropped_examples = dropped
-        self.model = build_lora_model(spec.base_model_path, self.hp, self.device)
+        self.model = build_lora_model(model_path, self.hp, self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay
@@ -195,10 +209,11 @@ class SupervisedRun:
         self.position = TrainingPosition()
         if spec.resume_from:
             self.position = load_checkpoint(
-                spec.resume_from, self.model, self.optimizer, self.scheduler
+                store, spec.resume_from, self.model, self.optimizer, self.scheduler, scratch
             )
         self.model = wrap_model(self.model)  # after loading: DDP starts from equal weights
-        self.reporter = MetricsReporter(spec) if self.workers.is_chief else None
+        self.reporter = MetricsReporter(spec, store, scratch) if self.workers.is_chief else None
+        self.pause = PauseWatch(store, spec.output_key)
         self.valid_every = max(1, math.ceil(self.total_steps / MAX_VALID_EVALS))
         self.last_metrics: dict[str, float] = {}
 
@@ -233,9 +248,7 @@ class SupervisedRun:
                 self.position.next_batch = batch_index + 1
                 epoch_end = batch_index == self.steps_per_epoch - 1
                 self._report_step(counts, started, steps_at_start, epoch_end)
-                if self.workers.any(
-                    self.workers.is_chief and pause_requested(self.spec.output_dir)
-                ):
+                if self.workers.any(self.workers.is_chief and self.pause.requested()):
                     self._save_paused()
                     return "paused"
             self.position.epoch, self.position.next_batch = epoch + 1, 0
@@ -324,19 +337,21 @@ class SupervisedRun:
             else:
                 position.epochs_without_improvement += 1
         if self.reporter:
-            folder, _ = save_checkpoint(
-                self.spec.checkpoints_dir,
+            key, _ = save_checkpoint(
+                self.store,
+                self.spec.checkpoints_key,
                 position,
                 self.unwrapped,
                 self.optimizer,
                 self.scheduler,
+                self.scratch,
                 keep=KEEP_EPOCH_CHECKPOINTS,
             )
             self.reporter.progress.write(
                 Checkpoint(
                     step=position.step,
                     epoch=position.epoch,
-                    path=str(folder),
+                    path=key,
                     metrics={"step": position.step, **values},
                 )
             )
@@ -353,18 +368,22 @@ class SupervisedRun:
 
     def _save_paused(self) -> None:
         if self.reporter:
-            folder, _ = save_checkpoint(
-                Path(self.spec.output_dir) / PAUSED_CHECKPOINTS,
+            key, _ = save_checkpoint(
+                self.store,
+                self.spec.paused_key,
                 self.position,
                 self.unwrapped,
                 self.optimizer,
                 self.scheduler,
+                self.scratch,
             )
-            self.reporter.progress.write(Paused(step=self.position.step, path=str(folder)))
+            self.reporter.progress.write(Paused(step=self.position.step, path=key))
 
     def save_adapter(self) -> None:
         if self.workers.is_chief:
-            self.unwrapped.save_pretrained(self.spec.adapter_dir, safe_serialization=True)
+            local = self.scratch / "adapter"
+            self.unwrapped.save_pretrained(local, safe_serialization=True)
+            self.store.put_folder(local, self.spec.adapter_key)
 
     def close(self) -> None:
         if self.reporter:
@@ -376,28 +395,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     spec = TrainingSpec.model_validate(config["spec"])
+    store = open_store(spec.storage_url)
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     # Ray Train restarts the workers after a worker failure (FailureConfig): this attempt
     # then continues from its own newest epoch checkpoint, not from where it began.
-    own = latest_checkpoint(spec.checkpoints_dir)
+    own = latest_checkpoint(store, spec.checkpoints_key)
     if own is not None:
-        spec = spec.model_copy(update={"resume_from": str(own)})
+        spec = spec.model_copy(update={"resume_from": own})
         if context.get_world_rank() == 0:
-            ProgressLog(spec.progress_path).write(
+            ProgressLog(store, spec.output_key).write(
                 Notice(
                     message=f"A training worker failed; training continues from the "
-                    f"checkpoint at step {int(own.name.removeprefix('step-'))}"
+                    f"checkpoint at step {int(own.rsplit('step-', 1)[-1])}"
                 )
             )
-    run = SupervisedRun(
-        spec,
-        device=device,
-        workers=Workers(context.get_world_rank(), context.get_world_size(), device),
-        wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
-    )
-    try:
-        if run.run() != "paused":
-            run.save_adapter()
-    finally:
-        run.close()
+    with scratch_folder(f"{spec.job_id}-rank{context.get_world_rank()}-") as folder:
+        run = SupervisedRun(
+            spec,
+            store,
+            folder,
+            device=device,
+            workers=Workers(context.get_world_rank(), context.get_world_size(), device),
+            wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
+        )
+        try:
+            if run.run() != "paused":
+                run.save_adapter()
+        finally:
+            run.close()

@@ -1,28 +1,25 @@
 """A job's resolved training configuration: one plain, serialisable object.
 
-The service writes it next to the job's outputs; the Ray job's entrypoint reads it. It is
-the whole contract between the two: the trainer never sees HTTP requests or the job store.
+The service writes it into the artifact store beside the attempt's outputs; the Ray job's
+entrypoint reads it from there. It is the whole contract between the two: the trainer
+never sees HTTP requests or the job store, and every file it names is a key in the store
+at `storage_url` (the base model: a local path, a Hugging Face id or an s3:// prefix).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from training.data.schema import DataFormat
 from training.hyperparameters import ResolvedHyperparameters
+from training.storage import ArtifactStore, join
 
 
-def checkpoint_adapter_dir(checkpoint: str | Path) -> Path:
+def checkpoint_adapter_key(checkpoint: str) -> str:
     """The servable adapter inside a checkpoint folder (see training.checkpoints)."""
-    return Path(checkpoint) / "adapter"
-
-
-def progress_path(output_dir: str | Path) -> Path:
-    """Where a run's progress log lives (see training.progress)."""
-    return Path(output_dir) / "progress.jsonl"
+    return join(checkpoint, "adapter")
 
 
 class TrainingSpec(BaseModel):
@@ -40,7 +37,9 @@ class TrainingSpec(BaseModel):
     # The base model's configured chat template, overriding the tokenizer's own, so that
     # training renders examples exactly as serving renders requests.
     chat_template: str | None = None
-    output_dir: str
+    storage_url: str
+    # The attempt's folder in the store: spec, progress, control, checkpoints, adapter.
+    output_key: str
     hyperparameters: ResolvedHyperparameters
     seed: int
     num_workers: int = 1
@@ -60,25 +59,37 @@ class TrainingSpec(BaseModel):
     def validation_format(self) -> DataFormat:
         return self.validation_data_format or self.data_format
 
-    @property
-    def adapter_dir(self) -> Path:
-        return Path(self.output_dir) / "adapter"
+    # Ray resources each training worker asks for besides its CPU or GPU (e.g. a custom
+    # resource naming the node group that trains).
+    worker_resources: dict[str, float] | None = None
 
     @property
-    def progress_path(self) -> Path:
-        return progress_path(self.output_dir)
+    def adapter_key(self) -> str:
+        return join(self.output_key, "adapter")
 
     @property
-    def checkpoints_dir(self) -> Path:
-        return Path(self.output_dir) / "checkpoints"
+    def checkpoints_key(self) -> str:
+        return join(self.output_key, "checkpoints")
 
     @property
-    def tensorboard_dir(self) -> Path:
-        return Path(self.output_dir) / "tensorboard"
+    def paused_key(self) -> str:
+        return join(self.output_key, "paused")
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2))
+    @property
+    def tensorboard_key(self) -> str:
+        return join(self.output_key, "tensorboard")
+
+    @property
+    def spec_key(self) -> str:
+        return spec_key(self.output_key)
+
+    def save(self, store: ArtifactStore) -> None:
+        store.put_bytes(self.spec_key, self.model_dump_json(indent=2).encode())
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainingSpec:
-        return cls.model_validate_json(Path(path).read_text())
+    def load(cls, store: ArtifactStore, key: str) -> TrainingSpec:
+        return cls.model_validate_json(store.get_bytes(key))
+
+
+def spec_key(output_key: str) -> str:
+    return join(output_key, "spec.json")

@@ -19,7 +19,7 @@ TINY_MODEL_LEARNING_RATE = 1e-3
 TINY_MODEL_MAX_LENGTH = 512
 
 # Bump when anything below changes: a cached build with another version is rebuilt.
-_BUILD_VERSION = 2
+TINY_MODEL_BUILD = 2
 _VOCAB_SIZE = 1024
 _SEED = 0
 _LM_HEAD_STD = 0.2
@@ -52,7 +52,7 @@ def build_tiny_model(output_dir: str | Path) -> Path:
     """Write the tiny model and tokenizer to `output_dir`; reuse an existing identical build."""
     output_dir = Path(output_dir)
     marker = output_dir / "ftaas_build.json"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == _BUILD_VERSION:
+    if marker.exists() and json.loads(marker.read_text()).get("version") == TINY_MODEL_BUILD:
         return output_dir
 
     import torch
@@ -106,7 +106,7 @@ def build_tiny_model(output_dir: str | Path) -> Path:
     model.save_pretrained(output_dir, safe_serialization=True)
 
     digest = hashlib.sha256((output_dir / "model.safetensors").read_bytes()).hexdigest()
-    marker.write_text(json.dumps({"version": _BUILD_VERSION, "weights_sha256": digest}))
+    marker.write_text(json.dumps({"version": TINY_MODEL_BUILD, "weights_sha256": digest}))
     return output_dir
 
 

@@ -64,12 +64,14 @@ class ServingGateway:
         self,
         settings: Settings,
         base_models: dict[str, BaseModelConfig],
+        storage_url: str,
         use_gpu: bool = False,
         env: dict[str, str] | None = None,
         ray_logs: str = "the Ray cluster's logs",
     ):
         self.settings = settings
         self.base_models = base_models
+        self.storage_url = storage_url
         self.use_gpu = use_gpu
         # Variables every replica gets (Ray's token authentication among them).
         self.env = env or {}
@@ -136,6 +138,8 @@ class ServingGateway:
             max_loras=base.max_loras,
             dtype=base.dtype,
             chat_template=base.chat_template,
+            storage_url=self.storage_url,
+            adapter_cache_bytes=self.settings.adapter_cache_bytes,
         )
         app = build_llm_app(
             config,
@@ -146,6 +150,7 @@ class ServingGateway:
                 **engine_cache_env(self.settings),
                 "VLLM_CPU_KVCACHE_SPACE": str(self.settings.serving_kv_cache_gb),
             },
+            resources=self.settings.serving_resources,
         )
         logger.info("deploying serving application %s", name)
         serve.run(app, name=name, route_prefix=None)
@@ -175,15 +180,15 @@ class ServingGateway:
         self, kind: str, target: InferenceTarget, body: dict[str, Any]
     ) -> tuple[dict[str, Any], AsyncIterator[str]]:
         """The reply's head (status, body or stream flag), and the stream's SSE strings."""
-        adapter = (target.adapter_name, target.adapter_dir) if target.adapter_name else None
+        adapter = (target.adapter_name, target.adapter_key) if target.adapter_name else None
         body = {**body, "model": target.adapter_name or target.base_model}
         handle = (await self._handle(target.base_model)).options(stream=True)
         replies = handle.respond.remote(kind, body, adapter).__aiter__()
         head = await replies.__anext__()
         return head, replies
 
-    async def load_adapter(self, base_model: str, name: str, adapter_dir: str) -> None:
-        error = await (await self._handle(base_model)).load_adapter.remote(name, adapter_dir)
+    async def load_adapter(self, base_model: str, name: str, adapter_key: str) -> None:
+        error = await (await self._handle(base_model)).load_adapter.remote(name, adapter_key)
         if error is not None:
             logger.error("serving could not load %s: %s", name, error)
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from openai.types import FileDeleted, FileObject
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import FilesDep, TenantDep
+from training.storage import CHUNK_BYTES
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -65,5 +67,16 @@ def delete_file(tenant: TenantDep, files: FilesDep, file_id: str) -> FileDeleted
 
 
 @router.get("/{file_id}/content")
-def file_content(tenant: TenantDep, files: FilesDep, file_id: str) -> FileResponse:
-    return FileResponse(files.content_path(tenant, file_id), media_type="application/octet-stream")
+def file_content(tenant: TenantDep, files: FilesDep, file_id: str) -> StreamingResponse:
+    stream, size = files.content(tenant, file_id)
+
+    def chunks() -> Iterator[bytes]:  # iterated in a worker thread by Starlette
+        with stream:
+            while chunk := stream.read(CHUNK_BYTES):
+                yield chunk
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={"content-length": str(size)},
+    )

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import BinaryIO
 
 from openai.types import FileDeleted, FileObject
 from sqlalchemy import delete, literal, select, tuple_
 
 from service.auth import Tenant
-from service.blobs import BlobTooLarge, LocalBlobStore
 from service.db import Database, FileRow, changed_rows, now
 from service.errors import InvalidRequest, NotFound
 from service.files.validator import validate_here
 from service.ids import file_id
 from training.data.validation import ValidationReport
+from training.storage import ArtifactStore, BlobTooLarge
 
 FINE_TUNE_PURPOSES = {"fine-tune"}
 MAX_FILENAME_CHARS = 512  # the store's column (PostgreSQL enforces it)
@@ -40,9 +39,9 @@ class FileService:
     def __init__(
         self,
         db: Database,
-        blobs: LocalBlobStore,
+        blobs: ArtifactStore,
         max_upload_bytes: int,
-        validate: Callable[[Path], ValidationReport] = validate_here,
+        validate: Callable[[str, str], ValidationReport] = validate_here,
     ):
         self.db = db
         self.blobs = blobs
@@ -105,7 +104,7 @@ class FileService:
         return file_object(row)
 
     def _validate_training_file(self, row: FileRow) -> None:
-        report = self.validate(self.blobs.local_path(row.blob_key))
+        report = self.validate(self.blobs.url, row.blob_key)
         row.status = "processed" if report.ok else "error"
         row.status_details = None if report.ok else report.summary()
         row.n_examples = report.n_examples
@@ -166,5 +165,7 @@ class FileService:
         self.blobs.delete(key)
         return True
 
-    def content_path(self, tenant: Tenant, id_: str) -> str:
-        return str(self.blobs.local_path(self.get_row(tenant, id_).blob_key))
+    def content(self, tenant: Tenant, id_: str) -> tuple[BinaryIO, int]:
+        """The file's bytes as a stream (from the artifact store), and their number."""
+        row = self.get_row(tenant, id_)
+        return self.blobs.open(row.blob_key), row.bytes

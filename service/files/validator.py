@@ -12,14 +12,20 @@ from __future__ import annotations
 import multiprocessing
 import threading
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
-from training.data.validation import ValidationReport, validate_jsonl_file
+from training.data.validation import ValidationReport, bounded_lines, validate_jsonl
+from training.storage import open_store
 
 
-def validate_here(path: Path) -> ValidationReport:
+def validate_stored(storage_url: str, key: str) -> ValidationReport:
+    """Validate the object at `key`, streamed from the artifact store."""
+    with open_store(storage_url).open(key) as stream:
+        return validate_jsonl(bounded_lines(stream))
+
+
+def validate_here(storage_url: str, key: str) -> ValidationReport:
     """In this process: the default, for tests and tools."""
-    return validate_jsonl_file(str(path))
+    return validate_stored(storage_url, key)
 
 
 class ProcessValidator:
@@ -28,13 +34,13 @@ class ProcessValidator:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def __call__(self, path: Path) -> ValidationReport:
+    def __call__(self, storage_url: str, key: str) -> ValidationReport:
         with self._lock:
             if self._pool is None:
                 context = multiprocessing.get_context("spawn")
                 self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
             pool = self._pool
-        return pool.submit(validate_jsonl_file, str(path)).result()
+        return pool.submit(validate_stored, storage_url, key).result()
 
     def close(self) -> None:
         with self._lock:

@@ -8,7 +8,6 @@ the same attempt again after a crash.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from service.config import BaseModelConfig, Settings
@@ -21,7 +20,7 @@ from training.spec import TrainingSpec
 class Attempt:
     number: int
     submission_id: str
-    output_dir: Path
+    output_key: str  # its folder in the artifact store
 
 
 class JobCannotStart(Exception):
@@ -32,12 +31,12 @@ class JobCannotStart(Exception):
         self.code, self.message, self.param = code, message, param
 
 
-def next_attempt(job: JobRow, home: Path) -> Attempt:
+def next_attempt(job: JobRow) -> Attempt:
     number = job.attempts + 1
     # Ray keeps every submission id forever: a resumed or re-run job needs a new one, and
     # its own folder so that an earlier attempt's progress log is never read again.
     submission_id = job.id if number == 1 else f"{job.id}-{number}"
-    return Attempt(number, submission_id, home / "jobs" / job.id / f"attempt-{number}")
+    return Attempt(number, submission_id, f"jobs/{job.id}/attempt-{number}")
 
 
 def resolve_hyperparameters(
@@ -56,9 +55,11 @@ def training_spec(
     files: dict[str, tuple[str, str | None]],
     hyperparameters: ResolvedHyperparameters,
     settings: Settings,
+    storage_url: str,
     use_gpu: bool,
 ) -> TrainingSpec:
-    """`files`: param → (local path, data format) of the training and validation files."""
+    """`files`: param → (key in the artifact store, data format) of the training and
+    validation files."""
     training_path, data_format = files["training_file"]
     validation = files.get("validation_file")
     return TrainingSpec(
@@ -71,11 +72,13 @@ def training_spec(
         data_format=data_format or "chat",  # type: ignore[arg-type]
         validation_data_format=validation[1] if validation else None,  # type: ignore[arg-type]
         chat_template=base.chat_template,
-        output_dir=str(attempt.output_dir),
+        storage_url=storage_url,
+        output_key=attempt.output_key,
         hyperparameters=hyperparameters,
         seed=job.seed,
         num_workers=settings.training_num_workers,
         use_gpu=use_gpu,
+        worker_resources=settings.training_worker_resources,
         resume_from=job.resume_from,
         wandb=_wandb_settings(job.integrations),
     )

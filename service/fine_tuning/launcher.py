@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import shlex
-import sys
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
@@ -50,35 +50,54 @@ class SubmissionExists(RuntimeError):
 
 
 class Launcher(Protocol):
-    def submit(self, submission_id: str, spec_path: str, env: dict[str, str]) -> None: ...
+    def submit(
+        self, submission_id: str, storage_url: str, spec_key: str, env: dict[str, str]
+    ) -> None: ...
     def info(self, submission_id: str) -> LaunchInfo: ...
     def stop(self, submission_id: str) -> None: ...
     def logs_tail(self, submission_id: str, lines: int = 20) -> str: ...
+
+
+def training_package() -> str:
+    """The folder of the `training` package, shipped with every job (Ray's `py_modules`),
+    so the trainer runs this service's version of the code on any node."""
+    import training
+
+    return str(Path(training.__file__).parent)
 
 
 class RayLauncher:
     def __init__(
         self,
         dashboard_url: str,
-        python: str = sys.executable,
         env: dict[str, str] | None = None,
         timeout_s: float = CALL_TIMEOUT_S,
     ):
         self.client = _client_with_timeout(dashboard_url, timeout_s)
-        # The cluster's own `python` may lack our packages: name this interpreter.
-        self.python = python
         # Variables every trainer gets (Ray's token authentication among them).
         self.env = env or {}
 
-    def submit(self, submission_id: str, spec_path: str, env: dict[str, str]) -> None:
-        entrypoint = f"{shlex.quote(self.python)} -m training.entrypoint {shlex.quote(spec_path)}"
+    def submit(
+        self, submission_id: str, storage_url: str, spec_key: str, env: dict[str, str]
+    ) -> None:
+        # The cluster's `python` (its image, or the embedded head's virtualenv): the code
+        # of the `training` package comes with the job, its dependencies with the image.
+        entrypoint = shlex.join(["python", "-m", "training.entrypoint", storage_url, spec_key])
+        runtime_env: dict[str, Any] = {
+            "env_vars": {**self.env, **env},
+            "py_modules": [training_package()],
+        }
+        try:  # uploads the package to the cluster once per version (content-addressed)
+            self.client._upload_py_modules_if_needed(runtime_env)
+        except Exception as error:
+            raise LauncherUnavailable(f"could not upload the training code: {error}") from error
         response = self._request(
             "POST",
             "/api/jobs/",
             json_data={
                 "entrypoint": entrypoint,
                 "submission_id": submission_id,
-                "runtime_env": {"env_vars": {**self.env, **env}},
+                "runtime_env": runtime_env,
                 "entrypoint_num_cpus": 0,
             },
         )

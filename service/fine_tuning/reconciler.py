@@ -14,9 +14,9 @@ the tick reports it and the jobs wait.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,7 +26,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
-from service.blobs import LocalBlobStore
 from service.config import BaseModelConfig, Settings
 from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, ModelRow, now
 from service.fine_tuning.attempts import (
@@ -65,6 +64,8 @@ from training.progress import (
     Started,
     Succeeded,
 )
+from training.spec import spec_key
+from training.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +109,20 @@ class Reconciler:
         db: Database,
         settings: Settings,
         base_models: dict[str, BaseModelConfig],
-        blobs: LocalBlobStore,
+        store: ArtifactStore,
         launcher: Launcher,
         channel: TrainerChannel | None = None,
-        use_gpu: bool = False,
+        use_gpu: Callable[[], bool] = lambda: False,
         clock: Callable[[], int] = now,
     ):
         self.db = db
         self.settings = settings
         self.base_models = base_models
-        self.blobs = blobs
+        self.store = store
         self.launcher = launcher
-        self.channel = channel or TrainerChannel()
+        self.channel = channel or TrainerChannel(store)
+        # Asked for each attempt as it starts: an autoscaling cluster may gain (or lose)
+        # its GPU nodes while the service runs.
         self.use_gpu = use_gpu
         self.clock = clock
         self._after_commit: list[Callable[[], None]] = []
@@ -302,21 +305,21 @@ class Reconciler:
                     "could start",
                     param,
                 )
-            files[param] = (str(self.blobs.local_path(row.blob_key)), row.data_format)
+            files[param] = (row.blob_key, row.data_format)
             if param == "training_file":
                 n_examples = row.n_examples or 0
         hyperparameters = resolve_hyperparameters(job, base, n_examples)
-        attempt = next_attempt(job, self.settings.home)
+        attempt = next_attempt(job)
         spec = training_spec(
-            job, attempt, base, files, hyperparameters, self.settings, self.use_gpu
-        )
-        # The spec is written before the intent commits: a crash in between leaves a
-        # file the same attempt, computed again, overwrites.
-        attempt.output_dir.mkdir(parents=True, exist_ok=True)
-        spec.save(attempt.output_dir / "spec.json")
+            job, attempt, base, files, hyperparameters, self.settings, self.store.url,
+            self.use_gpu(),
+        )  # fmt: skip
+        # The spec is written before the intent commits: a crash in between leaves an
+        # object the same attempt, computed again, overwrites.
+        spec.save(self.store)
         job.attempts = attempt.number
         job.ray_submission_id = attempt.submission_id
-        job.output_dir = str(attempt.output_dir)
+        job.output_dir = attempt.output_key
         job.progress_offset = 0
         job.resolved_hyperparameters = hyperparameters.model_dump()
         job.pause_requested_at = None
@@ -332,11 +335,10 @@ class Reconciler:
         assert submission_id and output_dir
         # Adopt what the launcher already has (a crash after the submission), else submit.
         if self.launcher.info(submission_id).state == LaunchState.UNKNOWN:
-            try:
-                spec_path = os.path.join(output_dir, "spec.json")
-                self.launcher.submit(submission_id, spec_path, env=_trainer_env())
-            except SubmissionExists:
-                pass
+            with contextlib.suppress(SubmissionExists):  # an earlier try reached Ray
+                self.launcher.submit(
+                    submission_id, self.store.url, spec_key(output_dir), env=_trainer_env()
+                )
         with self.db.session() as session:
             job = self._job(session, job_id, S.STARTING)
             if job is None:  # cancelled or paused meanwhile: that state's handler takes over
@@ -448,7 +450,7 @@ class Reconciler:
             add_event(
                 session,
                 job,
-                f"Skipped a malformed progress record at byte {bad.offset}: {bad.reason}",
+                f"Skipped a malformed progress record (number {bad.offset}): {bad.reason}",
                 level="warn",
             )
         outcome: Outcome | None = None
@@ -521,8 +523,8 @@ class Reconciler:
         ).all()
         for old in rows[KEEP_CHECKPOINTS:]:  # across attempts: a resumed job keeps three too
             session.delete(old)
-            # Deleted from disk only once the rows are gone for good (after the commit).
-            self._after_commit.append(partial(shutil.rmtree, old.path, True))
+            # Deleted from the store only once the rows are gone for good (after the commit).
+            self._after_commit.append(partial(self._delete_quietly, old.path))
 
     def _ended_without_outcome(self, session: Session, job: JobRow, info: LaunchInfo) -> None:
         assert job.ray_submission_id
@@ -547,7 +549,7 @@ class Reconciler:
             )
         )
         job.fine_tuned_model = name
-        job.result_files = [write_result_file(session, self.blobs, job)]
+        job.result_files = [write_result_file(session, self.store, job)]
         add_event(session, job, f"New fine-tuned model created: {name}")
         transition(job, S.SUCCEEDED)
         add_event(session, job, "The job has successfully completed")
@@ -596,6 +598,12 @@ class Reconciler:
     @staticmethod
     def _model_name(job: JobRow) -> str:
         return fine_tuned_model_name(job.model, job.organization, job.suffix, job.model_short_id)
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            self.store.delete(key)
+        except Exception:  # the checkpoint is unlisted already; only storage is wasted
+            logger.warning("could not delete %s from the artifact store", key, exc_info=True)
 
     def stop(self, submission_id: str) -> None:
         """Best effort, for the API's cancel: the reconciler makes sure of it next tick."""

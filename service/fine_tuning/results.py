@@ -13,9 +13,9 @@ import io
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.blobs import LocalBlobStore
 from service.db import EventRow, FileRow, JobRow, now
 from service.ids import file_id
+from training.storage import ArtifactStore
 
 RESULT_PURPOSE = "fine-tune-results"
 RESULT_FILENAME = "step_metrics.csv"
@@ -48,7 +48,7 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def write_result_file(session: Session, blobs: LocalBlobStore, job: JobRow) -> str:
+def write_result_file(session: Session, blobs: ArtifactStore, job: JobRow) -> str:
     """Store the job's result CSV as a file of its organization; returns the file id."""
     events = session.scalars(
         select(EventRow)

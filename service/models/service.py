@@ -12,7 +12,7 @@ from service.config import BaseModelConfig
 from service.db import CheckpointRow, Database, JobRow, ModelRow, changed_rows
 from service.errors import InvalidRequest, NotFound
 from service.fine_tuning.naming import is_checkpoint, is_fine_tuned
-from training.spec import checkpoint_adapter_dir
+from training.spec import checkpoint_adapter_key
 
 BASE_MODEL_OWNER = "ftaas"
 
@@ -23,7 +23,7 @@ class InferenceTarget:
 
     base_model: str
     adapter_name: str | None = None
-    adapter_dir: str | None = None
+    adapter_key: str | None = None  # the adapter's folder in the artifact store
 
 
 def _not_found(model: str) -> NotFound:
@@ -100,7 +100,6 @@ class ModelService:
                 job = session.get(JobRow, checkpoint.job_id) if checkpoint else None
             if checkpoint is None or job is None or checkpoint.organization != tenant.organization:
                 raise _not_found(model)
-            adapter_dir = checkpoint_adapter_dir(checkpoint.path)
-            return InferenceTarget(job.model, model, str(adapter_dir))
+            return InferenceTarget(job.model, model, checkpoint_adapter_key(checkpoint.path))
         row = self._row(tenant, model)
         return InferenceTarget(row.base_model, row.id, row.adapter_dir)

@@ -15,11 +15,11 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.auth import Tenant
-from service.blobs import BlobTooLarge, LocalBlobStore
 from service.db import Database, UploadPartRow, UploadRow, changed_rows, now
 from service.errors import InvalidRequest, NotFound
 from service.files.service import FileService
 from service.ids import file_id, upload_id, upload_part_id
+from training.storage import ArtifactStore, BlobTooLarge
 
 MAX_PART_BYTES = 64 * 1024 * 1024
 UPLOAD_LIFETIME_S = 3600
@@ -48,7 +48,7 @@ def _status(row: UploadRow) -> str:
 
 
 class UploadService:
-    def __init__(self, db: Database, blobs: LocalBlobStore, files: FileService):
+    def __init__(self, db: Database, blobs: ArtifactStore, files: FileService):
         self.db = db
         self.blobs = blobs
         self.files = files

@@ -16,32 +16,33 @@ from tests.e2e.conftest import ROOT, RunningServer
 from training.hyperparameters import ResolvedHyperparameters
 from training.progress import ProgressLog
 from training.spec import TrainingSpec
+from training.storage import LocalStore
 
 pytestmark = pytest.mark.e2e
 
 
 def train_with_workers(server: RunningServer, tmp_path: Path, num_workers: int) -> list[dict]:
-    data = tmp_path / "train.jsonl"
-    data.write_bytes(memorisation_jsonl())
+    store = LocalStore(tmp_path)
+    store.put_bytes("train.jsonl", memorisation_jsonl())
     spec = TrainingSpec(
         job_id=f"dp-{num_workers}",
         base_model="ftaas-tiny",
         base_model_path=str(server.home / "models" / "ftaas-tiny"),
         max_length=512,
-        training_file=str(data),
-        output_dir=str(tmp_path / f"workers-{num_workers}"),
+        training_file="train.jsonl",
+        storage_url=store.url,
+        output_key=f"workers-{num_workers}",
         hyperparameters=ResolvedHyperparameters(
             n_epochs=3, batch_size=4, learning_rate_multiplier=1.0, learning_rate=1e-3
         ),
         seed=3,
         num_workers=num_workers,
     )
-    spec_path = tmp_path / f"spec-{num_workers}.json"
-    spec.save(spec_path)
+    spec.save(store)
     env = server.ray_driver_env()
-    command = [sys.executable, "-m", "training.entrypoint", str(spec_path)]
+    command = [sys.executable, "-m", "training.entrypoint", store.url, spec.spec_key]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    records = [r.model_dump() for r in ProgressLog(spec.progress_path).read_from(0).records]
+    records = [r.model_dump() for r in ProgressLog(store, spec.output_key).read_from(0).records]
     assert done.returncode == 0, (records[-1:], done.stderr[-3000:])
     assert records[-1]["type"] == "succeeded"
     return [r for r in records if r["type"] == "metrics"]

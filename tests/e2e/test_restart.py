@@ -3,29 +3,27 @@ server is down is reconciled by the restarted server, and its model is served.""
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import QUESTIONS, memorisation_jsonl
 from tests.e2e.conftest import RunningServer, greedy, wait_for_job, wait_for_serving
+from training.progress import ProgressLog
+from training.storage import LocalStore
 
 pytestmark = pytest.mark.e2e
 
 
-def _wait_for_outcome(progress_log: Path, timeout: float = 600) -> str:
+def _wait_for_outcome(progress_log: ProgressLog, timeout: float = 600) -> str:
     """The trainer's own log, read while no API process is there to read it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if progress_log.exists():
-            for line in progress_log.read_text().splitlines():
-                record = json.loads(line)
-                if record["type"] in ("succeeded", "failed"):
-                    return record["type"]
+        for record in progress_log.read_from(0).records:
+            if record.type in ("succeeded", "failed"):
+                return record.type
         time.sleep(1)
-    raise AssertionError(f"no outcome in {progress_log} after {timeout} s")
+    raise AssertionError(f"no outcome in {progress_log.folder} after {timeout} s")
 
 
 def test_job_finished_while_the_api_was_killed_is_reconciled(server: RunningServer):
@@ -43,7 +41,8 @@ def test_job_finished_while_the_api_was_killed_is_reconciled(server: RunningServ
     log_offset = server.log.stat().st_size
 
     server.kill()
-    outcome = _wait_for_outcome(server.home / "jobs" / job.id / "attempt-1" / "progress.jsonl")
+    store = LocalStore(server.home / "blobs")
+    outcome = _wait_for_outcome(ProgressLog(store, f"jobs/{job.id}/attempt-1"))
     assert outcome == "succeeded"
     server.start()
     # The restarted API joined the same head with the same token, and kept the engine.

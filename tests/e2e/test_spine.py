@@ -125,7 +125,7 @@ def test_vllm_greedy_equals_transformers_peft(server: RunningServer, tuned: Tune
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_dir = server.home / "models" / BASE
-    adapter_dir = server.home / "jobs" / tuned.job.id / "attempt-1" / "adapter"
+    adapter_dir = server.home / "blobs" / "jobs" / tuned.job.id / "attempt-1" / "adapter"
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), adapter_dir

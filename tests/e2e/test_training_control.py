@@ -139,17 +139,17 @@ def test_cancel_stops_training_within_10_seconds(server: RunningServer):
     assert running.integrations and running.integrations[0].type == "wandb"
     # wandb is not installed here: the job says so instead of failing or staying silent
     assert any("wandb integration was skipped" in e.message for e in events(client, job.id))
-    progress = server.home / "jobs" / job.id / "attempt-1" / "progress.jsonl"
+    progress = server.home / "blobs" / "jobs" / job.id / "attempt-1" / "progress"
     cancelled_at = time.monotonic()
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
-    # The trainer writes a record every step (~0.1 s here): once its size holds for 3 s,
-    # the Ray job has stopped.
-    size, still_since = progress.stat().st_size, time.monotonic()
+    # The trainer writes a record every step (~0.1 s here): once their number holds for
+    # 3 s, the Ray job has stopped.
+    count, still_since = len(list(progress.iterdir())), time.monotonic()
     while time.monotonic() - still_since < 3:
         assert time.monotonic() - cancelled_at < 13, "the trainer kept writing after cancel"
         time.sleep(0.2)
-        if (now_size := progress.stat().st_size) != size:
-            size, still_since = now_size, time.monotonic()
+        if (now_count := len(list(progress.iterdir()))) != count:
+            count, still_since = now_count, time.monotonic()
     assert still_since - cancelled_at < 10
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
 

@@ -10,7 +10,6 @@ from fastapi.testclient import TestClient
 from openai import OpenAI
 
 from service.app import create_app
-from service.blobs import LocalBlobStore
 from service.config import Settings, tiny_base_model
 from service.db import Database
 from service.files.service import FileService
@@ -19,6 +18,7 @@ from service.fine_tuning.service import FineTuningService
 from service.models.service import ModelService
 from service.uploads.service import UploadService
 from tests.service.fakes import FakeLauncher
+from training.storage import open_store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -34,7 +34,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 def parts(settings: Settings):  # type: ignore[no-untyped-def]
     base_models = {"ftaas-tiny": tiny_base_model(settings.home)}
     db = Database(settings.resolved_database_url)
-    blobs = LocalBlobStore(settings.home / "blobs")
+    blobs = open_store(settings.resolved_storage_url)
     files = FileService(db, blobs, max_upload_bytes=10_000)
     launcher = FakeLauncher()
     reconciler = Reconciler(db, settings, base_models, blobs, launcher)

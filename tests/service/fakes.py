@@ -26,7 +26,9 @@ class FakeLauncher:
         if self.unavailable:
             raise LauncherUnavailable("Ray's job API did not answer: connection refused")
 
-    def submit(self, submission_id: str, spec_path: str, env: dict[str, str]) -> None:
+    def submit(
+        self, submission_id: str, storage_url: str, spec_key: str, env: dict[str, str]
+    ) -> None:
         self._answer()
         if self.refuse_submit is not None:
             raise self.refuse_submit

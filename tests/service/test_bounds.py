@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -143,9 +142,3 @@ def test_housekeeping_sweeps_expired_uploads_orphans_and_partial_writes(
     assert not (blobs_root / "uploads" / upload.id).exists()
     with parts["db"].session() as session:
         assert session.get(UploadRow, upload.id).status == "expired"  # type: ignore[union-attr]
-
-
-def test_blob_keys_list_what_is_stored(parts, tmp_path: Path):
-    parts["blobs"].put_bytes("files/a", b"1")
-    assert [key for key, _ in parts["blobs"].keys("files")] == ["files/a"]
-    assert list(parts["blobs"].keys("nothing")) == []

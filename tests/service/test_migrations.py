@@ -39,6 +39,11 @@ def test_a_release_0_1_database_upgrades_in_place_with_every_row(tmp_path: Path)
         assert stored["ftjob-resuming0000003"] == "resuming"
         assert connection.execute(text("SELECT count(*) FROM job_events")).scalar() == 3
         assert connection.execute(text("SELECT count(*) FROM models")).scalar() == 1
+        # Paths on the API's disk became keys in the artifact store (0003).
+        adapter = connection.execute(text("SELECT adapter_dir FROM models")).scalar()
+        assert adapter == "jobs/ftjob-done00000000006/attempt-1/adapter"
+        resume = connection.execute(text("SELECT resume_from FROM jobs WHERE resume_from != ''"))
+        assert resume.scalar() == "jobs/x/attempt-1/checkpoints/step-000003"
     events, _ = jobs.events(Tenant("org-a"), "ftjob-done00000000006", after=None, limit=10)
     assert [e.data["step"] for e in events] == [3, 2, 1]  # type: ignore[index]
     Database(f"sqlite:///{path}")  # a second start migrates nothing and loses nothing
@@ -118,4 +123,4 @@ def test_a_release_0_1_postgresql_database_upgrades_in_place(postgres):
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     db.engine.dispose()
     assert stored == {"ftjob-a": "pausing", "ftjob-b": "resuming", "ftjob-c": "paused"}
-    assert version == "0002"
+    assert version == "0003"

@@ -4,8 +4,6 @@ SQLite job store. A tick's report must show no error unless the test caused one.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from openai import OpenAI
 
@@ -26,7 +24,6 @@ from training.progress import (
     Started,
     Succeeded,
 )
-from training.spec import progress_path
 
 
 class World:
@@ -65,7 +62,7 @@ class World:
     def trainer(self, job_id: str) -> ProgressLog:
         output_dir = self.row(job_id).output_dir
         assert output_dir is not None
-        return ProgressLog(progress_path(output_dir))
+        return ProgressLog(self.parts["blobs"], output_dir)
 
     def events(self, job_id: str) -> list[EventRow]:
         with self.parts["db"].session() as session:
@@ -99,7 +96,7 @@ def test_the_whole_path_one_transition_per_tick(world: World):
     assert world.status(job_id) == "running" and world.ray.submitted == [job_id]
     world.train(job_id, steps=2)
     log = world.trainer(job_id)
-    log.write(Checkpoint(step=2, epoch=1, path=str(Path(world.row(job_id).output_dir or "") / "c")))
+    log.write(Checkpoint(step=2, epoch=1, path=f"{world.row(job_id).output_dir}/c"))
     world.tick()
     steps = [e.data["step"] for e in world.events(job_id) if e.type == "metrics"]
     assert steps == [1, 2] and world.status(job_id) == "running"
@@ -173,7 +170,8 @@ def test_pause_racing_the_submission_pauses_the_trainer(world: World):
     assert world.status(job_id) == "pausing" and world.wire(job_id) == "paused"
     world.tick()
     output_dir = world.row(job_id).output_dir or ""
-    assert pause_requested(output_dir)  # the trainer is asked through its channel
+    # The trainer is asked through its channel.
+    assert pause_requested(world.parts["blobs"], output_dir)
     world.trainer(job_id).write(Paused(step=1, path=f"{output_dir}/paused/step-000001"))
     world.ray.end(job_id)
     world.tick()
@@ -205,7 +203,7 @@ def test_a_scheduler_write_on_a_job_the_api_changed_meanwhile_is_not_applied(wor
             world.sdk.fine_tuning.jobs.cancel(job_id)  # commits between read and write
             return super().read(output_dir, offset)
 
-    world.reconciler.channel = CancelWhileReading()
+    world.reconciler.channel = CancelWhileReading(world.parts["blobs"])
     report = world.tick()
     assert report.conflicts == [job_id]
     assert world.status(job_id) == "cancelling"  # the scheduler's write was refused
@@ -241,8 +239,10 @@ def test_malformed_progress_records_are_skipped_with_a_warning(world: World):
     job_id = world.running()
     log = world.trainer(job_id)
     log.write(Started(total_steps=2, n_examples=12, trained_tokens=100))
-    with open(log.path, "ab") as torn:  # a torn write, then the next record appended
-        torn.write(b'{"type":"metr\n{"type":"metrics","step":"x"}\n')
+    store, folder = world.parts["blobs"], f"{world.row(job_id).output_dir}/progress"
+    store.put_bytes(f"{folder}/0000000001.json", b'{"type":"metr')  # not a record
+    store.put_bytes(f"{folder}/0000000002.json", b'{"type":"metrics","step":"x"}')
+    log = world.trainer(job_id)  # a new writer (a restarted rank 0) continues after them
     log.write(Metrics(step=2, total_steps=2, train_loss=0.5))
     log.write(Succeeded(adapter_dir="/adapter"))
     world.ray.end(job_id)

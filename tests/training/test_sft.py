@@ -19,13 +19,18 @@ from training.lora import build_lora_model
 from training.progress import ProgressLog
 from training.sft import SupervisedRun, forward_counts
 from training.spec import TrainingSpec
+from training.storage import ArtifactStore, LocalStore, open_store
 from training.tiny_model import CHATML_TEMPLATE
 
 
-def make_spec(tmp_path: Path, model_dir: Path, name: str, **overrides) -> TrainingSpec:
-    data = tmp_path / "train.jsonl"
-    if not data.exists():
-        data.write_bytes(memorisation_jsonl())
+def make_spec(
+    tmp_path: Path, model_dir: Path, name: str, store: ArtifactStore | None = None, **overrides
+) -> TrainingSpec:
+    """A spec whose files are keys of `store` (by default, a local store at `tmp_path`: a
+    file written to `tmp_path` is the key of its name)."""
+    store = store or LocalStore(tmp_path)
+    if not store.exists("train.jsonl"):
+        store.put_bytes("train.jsonl", memorisation_jsonl())
     hp = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "learning_rate": 1e-3}
     hp |= overrides.pop("hyperparameters", {})
     return TrainingSpec(
@@ -33,8 +38,9 @@ def make_spec(tmp_path: Path, model_dir: Path, name: str, **overrides) -> Traini
         base_model="ftaas-tiny",
         base_model_path=str(model_dir),
         max_length=512,
-        training_file=str(data),
-        output_dir=str(tmp_path / name),
+        training_file="train.jsonl",
+        storage_url=store.url,
+        output_key=f"runs/{name}",
         hyperparameters=ResolvedHyperparameters(**hp),
         seed=7,
         **overrides,
@@ -42,13 +48,19 @@ def make_spec(tmp_path: Path, model_dir: Path, name: str, **overrides) -> Traini
 
 
 def records(spec: TrainingSpec, kind: str) -> list[dict]:
-    batch = ProgressLog(spec.progress_path).read_from(0)
+    batch = ProgressLog(open_store(spec.storage_url), spec.output_key).read_from(0)
     assert not batch.bad_lines
     return [r.model_dump() for r in batch.records if r.type == kind]
 
 
-def train(spec: TrainingSpec) -> str:
-    run = SupervisedRun(spec)
+def start(spec: TrainingSpec, tmp_path: Path) -> SupervisedRun:
+    scratch = tmp_path / "scratch" / spec.job_id
+    scratch.mkdir(parents=True, exist_ok=True)
+    return SupervisedRun(spec, open_store(spec.storage_url), scratch)
+
+
+def train(spec: TrainingSpec, tmp_path: Path) -> str:
+    run = start(spec, tmp_path)
     try:
         outcome = run.run()
         if outcome != "paused":
@@ -100,7 +112,7 @@ def test_the_same_seed_gives_the_same_loss_curve(tmp_path, tiny_model_dir):
     again = make_spec(tmp_path, tiny_model_dir, "again")
     other = make_spec(tmp_path, tiny_model_dir, "other").model_copy(update={"seed": 8})
     for spec in (first, again, other):
-        train(spec)
+        train(spec, tmp_path)
     curve = [r["train_loss"] for r in records(first, "metrics")]
     assert len(curve) == 6  # 12 examples / batch 4 × 2 epochs
     assert curve == [r["train_loss"] for r in records(again, "metrics")]
@@ -111,28 +123,28 @@ def test_validation_metrics_are_reported_and_fall(tmp_path, tiny_model_dir):
     valid = tmp_path / "valid.jsonl"
     valid.write_bytes(memorisation_jsonl())
     spec = make_spec(
-        tmp_path, tiny_model_dir, "valid", validation_file=str(valid),
+        tmp_path, tiny_model_dir, "valid", validation_file=valid.name,
         hyperparameters={"n_epochs": 3},
     )  # fmt: skip
-    train(spec)
+    train(spec, tmp_path)
     metrics = records(spec, "metrics")
     step_valid = [r["valid_loss"] for r in metrics if "valid_loss" in r]
     full_valid = [r["full_valid_loss"] for r in metrics if "full_valid_loss" in r]
     assert len(step_valid) == 9 and len(full_valid) == 3  # every step; each epoch end
     assert all("valid_mean_token_accuracy" in r for r in metrics if "valid_loss" in r)
     assert full_valid[-1] < full_valid[0] < step_valid[0]
-    tensorboard = list(spec.tensorboard_dir.glob("events.out.tfevents.*"))
+    tensorboard = list((tmp_path / spec.tensorboard_key).glob("events.out.tfevents.*"))
     assert tensorboard and tensorboard[0].stat().st_size > 0
 
 
 def test_one_checkpoint_per_epoch_and_the_last_three_are_kept(tmp_path, tiny_model_dir):
     spec = make_spec(tmp_path, tiny_model_dir, "ckpt", hyperparameters={"n_epochs": 4})
-    train(spec)
+    train(spec, tmp_path)
     checkpoints = records(spec, "checkpoint")
     assert [c["step"] for c in checkpoints] == [3, 6, 9, 12]
-    kept = sorted(p.name for p in spec.checkpoints_dir.iterdir())
+    kept = sorted(p.name for p in (tmp_path / spec.checkpoints_key).iterdir())
     assert kept == ["step-000006", "step-000009", "step-000012"]
-    adapter = spec.checkpoints_dir / "step-000012" / "adapter"
+    adapter = tmp_path / spec.checkpoints_key / "step-000012" / "adapter"
     assert {p.name for p in adapter.iterdir()} >= {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -140,17 +152,28 @@ def test_one_checkpoint_per_epoch_and_the_last_three_are_kept(tmp_path, tiny_mod
     assert checkpoints[-1]["metrics"]["train_loss"] == records(spec, "metrics")[-1]["train_loss"]
 
 
-def test_resume_continues_from_the_paused_step_not_from_zero(tmp_path, tiny_model_dir):
-    straight = make_spec(tmp_path, tiny_model_dir, "straight")
-    train(straight)
-    paused = make_spec(tmp_path, tiny_model_dir, "paused")
-    request_pause(paused.output_dir)
-    assert train(paused) == "paused"
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_resume_continues_from_the_paused_step_not_from_zero(
+    tmp_path, tiny_model_dir, backend, request
+):
+    store: ArtifactStore = LocalStore(tmp_path / "store")
+    if backend == "s3":  # every byte in and out through S3 (moto's server, over HTTP)
+        server = request.getfixturevalue("s3_env")
+        store = open_store(f"s3://{server.new_bucket()}/ftaas")
+    straight = make_spec(tmp_path, tiny_model_dir, "straight", store)
+    train(straight, tmp_path)
+    paused = make_spec(tmp_path, tiny_model_dir, "paused", store)
+    request_pause(store, paused.output_key)
+    assert train(paused, tmp_path) == "paused"
     [pause] = records(paused, "paused")
-    assert pause["step"] == 1 and not paused.adapter_dir.exists()
+    assert pause["step"] == 1 and not store.folder_complete(paused.adapter_key)
 
-    resumed = make_spec(tmp_path, tiny_model_dir, "resumed", resume_from=pause["path"])
-    assert train(resumed) == "completed"
+    resumed = make_spec(tmp_path, tiny_model_dir, "resumed", store, resume_from=pause["path"])
+    assert train(resumed, tmp_path) == "completed"
+    assert store.manifest(resumed.adapter_key).keys() >= {  # type: ignore[union-attr]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
     after = records(resumed, "metrics")
     assert [r["step"] for r in after] == [2, 3, 4, 5, 6]
     expected = [r["train_loss"] for r in records(straight, "metrics")][1:]
@@ -166,21 +189,21 @@ def test_early_stopping_ends_the_run_when_validation_stops_improving(tmp_path, t
     ]
     valid.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = make_spec(
-        tmp_path, tiny_model_dir, "early", validation_file=str(valid),
+        tmp_path, tiny_model_dir, "early", validation_file=valid.name,
         hyperparameters={"n_epochs": 10, "early_stopping_patience": 1},
     )  # fmt: skip
-    assert train(spec) == "early_stopped"
+    assert train(spec, tmp_path) == "early_stopped"
     assert len(records(spec, "checkpoint")) < 10
     assert "Early stopping" in records(spec, "notice")[0]["message"]
 
 
-def _answer(spec: TrainingSpec, question: str) -> str:
+def _answer(spec: TrainingSpec, question: str, tmp_path: Path) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
     base = AutoModelForCausalLM.from_pretrained(spec.base_model_path)
-    model = PeftModel.from_pretrained(base, spec.adapter_dir).eval()
+    model = PeftModel.from_pretrained(base, tmp_path / spec.adapter_key).eval()
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
@@ -210,9 +233,9 @@ def test_weight_zero_turns_are_context_not_learned(tmp_path, tiny_model_dir, wei
         tiny_model_dir,
         f"weight-{weight}",
         hyperparameters={"n_epochs": 8, "batch_size": 1},
-    ).model_copy(update={"training_file": str(data)})
-    train(spec)
-    learned = "pineapple" in _answer(spec, QUESTIONS[0])
+    ).model_copy(update={"training_file": data.name})
+    train(spec, tmp_path)
+    learned = "pineapple" in _answer(spec, QUESTIONS[0], tmp_path)
     assert learned == bool(weight)
 
 
@@ -222,8 +245,8 @@ def test_gradient_checkpointing_changes_memory_not_the_loss_curve(tmp_path, tiny
         tmp_path, tiny_model_dir, "recomputed",
         hyperparameters={"n_epochs": 1, "gradient_checkpointing": True},
     )  # fmt: skip
-    train(plain)
-    train(recomputed)
+    train(plain, tmp_path)
+    train(recomputed, tmp_path)
     expected = [r["train_loss"] for r in records(plain, "metrics")]
     assert [r["train_loss"] for r in records(recomputed, "metrics")] == pytest.approx(expected)
 
@@ -235,7 +258,7 @@ def test_the_base_models_configured_chat_template_is_the_one_trained_on(tmp_path
     spec = make_spec(tmp_path, tiny_model_dir, "template").model_copy(
         update={"chat_template": template}
     )
-    run = SupervisedRun(spec)
+    run = start(spec, tmp_path)
     try:
         from transformers import AutoTokenizer
 
@@ -250,9 +273,9 @@ def test_a_validation_file_may_hold_the_other_supervised_format(tmp_path, tiny_m
     rows = [{"prompt": q, "completion": " " + SECRET} for q in QUESTIONS]
     validation.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = make_spec(tmp_path, tiny_model_dir, "formats").model_copy(
-        update={"validation_file": str(validation), "validation_data_format": "prompt_completion"}
+        update={"validation_file": validation.name, "validation_data_format": "prompt_completion"}
     )
-    run = SupervisedRun(spec)
+    run = start(spec, tmp_path)
     try:
         assert len(run.valid_examples) == len(QUESTIONS)
     finally:
@@ -262,13 +285,18 @@ def test_a_validation_file_may_hold_the_other_supervised_format(tmp_path, tiny_m
 def test_examples_with_nothing_to_learn_are_counted_and_none_left_fails(tmp_path, tiny_model_dir):
     spec = make_spec(tmp_path, tiny_model_dir, "short").model_copy(update={"max_length": 4})
     with pytest.raises(ValueError, match="No training example has a token to learn"):
-        SupervisedRun(spec)
+        start(spec, tmp_path)
 
 
 def test_the_newest_whole_checkpoint_is_found(tmp_path):
     from training.checkpoints import latest_checkpoint
 
-    assert latest_checkpoint(tmp_path) is None
-    for name in ("step-000003", "step-000012", "step-000009", "step-000015.partial"):
-        (tmp_path / name).mkdir()
-    assert latest_checkpoint(tmp_path) == tmp_path / "step-000012"
+    store = LocalStore(tmp_path)
+    assert latest_checkpoint(store, "ckpt") is None
+    for step in (3, 12, 9):
+        folder = tmp_path / "local" / str(step)
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        store.put_folder(folder, f"ckpt/step-{step:06d}")
+    store.put_bytes("ckpt/step-000015/adapter_model.safetensors", b"no manifest yet")
+    assert latest_checkpoint(store, "ckpt") == "ckpt/step-000012"

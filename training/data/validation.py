@@ -153,12 +153,6 @@ def bounded_lines(stream: BinaryIO) -> Iterator[bytes]:
         yield line
 
 
-def validate_jsonl_file(path: str) -> ValidationReport:
-    """`validate_jsonl` of a file by path: what a validation worker process runs."""
-    with open(path, "rb") as stream:
-        return validate_jsonl(bounded_lines(stream))
-
-
 def validate_jsonl(
     stream: BinaryIO | Iterable[bytes], expected_format: DataFormat | None = None
 ) -> ValidationReport:

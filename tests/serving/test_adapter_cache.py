@@ -1,0 +1,47 @@
+"""Adapters reach a serving node through the artifact store: fetched whole and checked,
+kept within the node's disk budget (least recently used out first), and served in place
+from a local store."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.adapter_cache import AdapterCache
+from training.storage import IncompleteFolder, LocalStore, open_store
+
+
+def _adapter(store, tmp_path: Path, key: str, size: int) -> None:
+    local = tmp_path / "src" / key.replace("/", "_")
+    local.mkdir(parents=True)
+    (local / "adapter_config.json").write_text("{}")
+    (local / "adapter_model.safetensors").write_bytes(os.urandom(size))
+    store.put_folder(local, key)
+
+
+def test_adapters_are_fetched_checked_and_the_least_recent_evicted(s3_env, tmp_path):
+    store = open_store(f"s3://{s3_env.new_bucket()}/ftaas")
+    for name in ("a", "b", "c"):
+        _adapter(store, tmp_path, f"jobs/{name}/adapter", 1000)
+    cache = AdapterCache(store, max_bytes=2100, root=tmp_path / "cache")
+    a, evicted = cache.fetch("jobs/a/adapter")
+    assert (a / "adapter_model.safetensors").stat().st_size == 1000 and evicted == []
+    cache.fetch("jobs/b/adapter")
+    time.sleep(0.01)
+    assert cache.fetch("jobs/a/adapter") == (a, [])  # used again: now the most recent
+    _, evicted = cache.fetch("jobs/c/adapter")
+    assert evicted == ["jobs/b/adapter"] and a.exists()
+
+    store.put_bytes("jobs/d/adapter/adapter_config.json", b"{}")  # still being written
+    with pytest.raises(IncompleteFolder):
+        cache.fetch("jobs/d/adapter")
+
+
+def test_a_local_store_serves_adapters_in_place(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    _adapter(store, tmp_path, "jobs/a/adapter", 10)
+    path, _ = AdapterCache(store, max_bytes=0, root=tmp_path / "cache").fetch("jobs/a/adapter")
+    assert path == tmp_path / "store" / "jobs" / "a" / "adapter"
