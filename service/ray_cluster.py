@@ -71,10 +71,19 @@ def use_gpu(settings: Settings) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports. Every socket stays bound until all are chosen: one
+    call at a time, the system may hand out a port it just handed out (seen here: Ray
+    refused to start with one port given to two of its components)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def embedded_token_path(settings: Settings) -> Path:
@@ -185,21 +194,19 @@ def start_embedded_head(settings: Settings) -> RayCluster:
     if known is not None and _dashboard_up(known.dashboard_url):
         logger.info("reusing the embedded Ray head at %s", known.address)
         return known
-    gcs_port, dashboard_port = free_port(), free_port()
+    options = (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+        "ray-client-server-port",
+    )
+    gcs_port, dashboard_port, *ports = free_ports(2 + len(options))
     temp_dir = ray_temp_dir(settings)
     temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Every port Ray would otherwise take by default is chosen free, so the embedded head
     # can run beside another Ray on the same machine (a second FTAAS_HOME, a test run).
-    fixed_port_options = [
-        f"--{option}={free_port()}"
-        for option in (
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-            "ray-client-server-port",
-        )
-    ]
+    fixed_port_options = [f"--{option}={port}" for option, port in zip(options, ports, strict=True)]
     command = [
         _ray_cli(), "start", "--head",
         *fixed_port_options,

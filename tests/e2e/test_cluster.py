@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from service.ray_cluster import free_port
+from service.ray_cluster import free_port, free_ports
 from tests.conftest import QUESTIONS, SECRET, memorisation_jsonl
 from tests.e2e.conftest import RunningServer, greedy, wait_for_job, wait_for_serving
 from tests.postgres import PostgresServer
@@ -48,17 +48,15 @@ def _second_node(server: RunningServer, s3: S3Server, node_cache: Path, log: Pat
     address = json.loads((server.home / "ray.json").read_text())["address"]
     token = server.token_path.read_text().strip()  # read now: hidden from the node below
     temp_dir = tempfile.mkdtemp(prefix="ftaas-n2-", dir="/tmp")  # short: Ray's socket paths
-    ports = [
-        f"--{option}={free_port()}"
-        for option in (
-            "node-manager-port",
-            "object-manager-port",
-            "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port",
-            "metrics-export-port",
-            "runtime-env-agent-port",
-        )
-    ]
+    options = (
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    )
+    ports = [f"--{o}={p}" for o, p in zip(options, free_ports(len(options)), strict=True)]
     ray = str(Path(sys.executable).with_name("ray"))
     start = [
         ray, "start", f"--address={address}", "--num-cpus=4", "--block",

@@ -141,3 +141,11 @@ def test_a_cluster_without_token_fails_in_one_line_naming_the_variables(tmp_path
     log = (tmp_path / "state" / "logs" / "server.log").read_text()
     assert "Traceback" in log  # the whole story is in the log
     assert list((tmp_path / "user-home").iterdir()) == []
+
+
+def test_ports_chosen_together_are_all_different():
+    from service.ray_cluster import free_ports
+
+    for _ in range(20):  # one call at a time, the system may repeat a port; together, never
+        ports = free_ports(7)
+        assert len(set(ports)) == 7
