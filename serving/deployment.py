@@ -17,7 +17,7 @@ from typing import Any
 from ray import serve
 
 from serving.adapter_cache import AdapterCache
-from serving.engine import EngineConfig, OpenAIEngine, RequestKind
+from serving.engine import EngineConfig, OpenAIEngine, RequestKind, openai_error
 from training.node_cache import fetch_model
 from training.storage import open_store
 
@@ -43,8 +43,7 @@ class LLMServer:
             local, evicted = await asyncio.to_thread(self.adapters.fetch, key)
         except Exception as fetch_error:
             message = f"The model's adapter could not be fetched: {fetch_error}"
-            return 500, {"error": {"message": message, "type": "server_error", "param": None,
-                                   "code": None}}  # fmt: skip
+            return 500, openai_error(500, message)
         for gone in [n for n, k in self.adapter_keys.items() if k in evicted]:
             await self.unload_adapter(gone)
         error = await self.engine.load_adapter(name, str(local))

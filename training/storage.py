@@ -69,14 +69,23 @@ class StoredObject:
     modified: float  # seconds since the epoch
 
 
-class _Limited(io.RawIOBase):
+class _Reader(io.RawIOBase):
+    """A raw stream defined by its `read`: buffered readers, `with` and boto3 take it."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class _Limited(_Reader):
     """A stream that raises BlobTooLarge once more than `limit` bytes were read."""
 
     def __init__(self, stream: BinaryIO, limit: int | None):
         self.stream, self.limit, self.count = stream, limit, 0
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
@@ -85,22 +94,14 @@ class _Limited(io.RawIOBase):
             raise BlobTooLarge(f"larger than {self.limit} bytes")
         return data
 
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
-
-class _Concatenation(io.RawIOBase):
+class _Concatenation(_Reader):
     """The objects at `keys`, read one after the other as one stream, hashed on the way."""
 
     def __init__(self, store: ArtifactStore, keys: Sequence[str]):
         self.store, self.keys = store, list(keys)
         self.current: BinaryIO | None = None
         self.md5 = hashlib.md5(usedforsecurity=False)
-
-    def readable(self) -> bool:
-        return True
 
     def read(self, size: int = -1) -> bytes:
         size = CHUNK_BYTES if size is None or size < 0 else size
@@ -115,11 +116,6 @@ class _Concatenation(io.RawIOBase):
                 return data
             self.current.close()
             self.current = None
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         if self.current is not None:
@@ -313,19 +309,14 @@ class LocalStore(ArtifactStore):
             path.unlink(missing_ok=True)
 
 
-class _Body(io.RawIOBase):
+class _Body(_Reader):
     """boto3's StreamingBody as a file object (buffered line reads, `with`)."""
 
     def __init__(self, body: Any):
         self.body = body
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.body.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+    def read(self, size: int = -1) -> bytes:
+        return bytes(self.body.read(None if size is None or size < 0 else size))
 
     def close(self) -> None:
         self.body.close()
