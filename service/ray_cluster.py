@@ -265,11 +265,20 @@ def connect(settings: Settings) -> RayCluster:
 
     if settings.ray_address:
         context = ray.init(address=settings.ray_address, ignore_reinit_error=True)
-        cluster = RayCluster(settings.ray_address, f"http://{context.dashboard_url}")
+        cluster = RayCluster(settings.ray_address, f"http://{_dashboard_address(context)}")
     else:
         cluster = start_embedded_head(settings)
         ray.init(address=cluster.address, ignore_reinit_error=True, log_to_driver=False)
     return cluster
+
+
+def _dashboard_address(context: object) -> str:
+    """Where the dashboard listens, as the cluster itself records it. (In a process Ray
+    started, such as a Serve replica, `ray.init` answers Ray's default port whatever the
+    head was given.)"""
+    from ray._private.services import get_webui_url_from_internal_kv
+
+    return get_webui_url_from_internal_kv() or str(getattr(context, "dashboard_url", ""))
 
 
 def _head_processes(cluster: RayCluster) -> list[psutil.Process]:
@@ -299,6 +308,13 @@ def stop_embedded_head(settings: Settings) -> None:
     cluster = _read_state(settings)
     if cluster is None:
         return
+    stop_head(cluster)
+    _state_file(settings).unlink(missing_ok=True)
+
+
+def stop_head(cluster: RayCluster) -> None:
+    """End this head's processes (found by its GCS port and temp folder) and their
+    children; `ray stop` would end every Ray on the machine."""
     processes = _head_processes(cluster)
     for process in processes:
         with contextlib.suppress(psutil.Error):
@@ -307,4 +323,3 @@ def stop_embedded_head(settings: Settings) -> None:
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.kill()
-    _state_file(settings).unlink(missing_ok=True)
