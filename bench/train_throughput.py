@@ -6,7 +6,9 @@ examples (chat data whose lengths vary like real chat logs), the same LoRA and o
 hyperparameters and the same number of optimizer steps. Each run is its own child
 process of this script, alternating, so peak memory is each run's own; the best of
 `--rounds` is kept for each. Printed: trained (non-padding) tokens per second, their
-ratio, peak memory, and the final loss of each adapter over the whole dataset.
+ratio, peak memory, the final loss of each adapter over the whole dataset, and on a GPU the
+model FLOPs utilisation (MFU: the FLOPs the training needs, per second, over the GPU's
+peak; see `model_flops`).
 
     .venv/bin/python bench/train_throughput.py [--examples 256] [--batch-sizes 8,16] [--rounds 2]
 """
@@ -67,6 +69,62 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+# Dense bf16 peak of common training GPUs (tensor cores, no sparsity), by device name.
+# FTAAS_PEAK_TFLOPS overrides it (another GPU, or another precision).
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+)
+
+
+def peak_flops() -> tuple[float, str] | None:
+    """The GPU's peak FLOP/s and where the figure comes from; None on CPU or unknown."""
+    import os
+
+    import torch
+
+    if os.environ.get("FTAAS_PEAK_TFLOPS"):
+        return float(os.environ["FTAAS_PEAK_TFLOPS"]) * 1e12, "FTAAS_PEAK_TFLOPS"
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops * 1e12, f"{name}, dense bf16"
+    return None
+
+
+def model_flops(model: Any, lengths: list[int], epochs: int) -> float:
+    """The FLOPs the training needs (model FLOPs: no recomputation, no padding).
+
+    Per token: 2 × the frozen matmul weights forward and 2 × again backward, to the
+    activations only (frozen weights get no gradient), and 6 × the LoRA weights (they do).
+    Per example of s tokens and per layer: causal attention's scores and mixing, 2·s²·width
+    forward and twice that backward."""
+    config = model.config
+    embeddings = model.get_input_embeddings().weight
+    frozen = sum(
+        p.numel()
+        for p in model.parameters()
+        if p.ndim == 2 and not p.requires_grad and p is not embeddings
+    )
+    if getattr(config, "tie_word_embeddings", False):
+        frozen += embeddings.numel()  # the output projection is the same matrix
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = config.num_attention_heads * head_dim
+    tokens = sum(lengths)
+    attention = 6 * config.num_hidden_layers * width * sum(s * s for s in lengths)
+    return epochs * ((4 * frozen + 6 * lora) * tokens + attention)
+
+
 def run_ftaas(spec_path: Path) -> dict[str, Any]:
     from training.sft import SupervisedRun
     from training.spec import TrainingSpec
@@ -80,11 +138,13 @@ def run_ftaas(spec_path: Path) -> dict[str, Any]:
     run.run()
     seconds = time.perf_counter() - started
     run.close()
+    lengths = [len(e.input_ids) for e in run.train_examples]
     return {
         "tokens": tokens,
         "seconds": seconds,
         "steps": run.position.step,
         "final_loss": final_loss(run.unwrapped, run.train_examples),
+        "model_flops": model_flops(run.unwrapped, lengths, run.hp.n_epochs),
     }
 
 
@@ -133,7 +193,7 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
     data = open_store(spec.storage_url).local_file(spec.training_file, Path(tempfile.mkdtemp()))
-    examples = load_tokenized(data, spec, tokenizer)
+    examples, _ = load_tokenized(data, spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = build_lora_model(spec.base_model_path, hp, torch.device("cpu"), packed_attention=False)
     pad = tokenizer.pad_token_id or 0
@@ -187,6 +247,7 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
         "steps": state.global_step,
         "final_loss": final_loss(model, examples),
         "padding_share": 1 - real / sum(padded_lengths),
+        "model_flops": model_flops(model, [len(e.input_ids) for e in examples], hp.n_epochs),
     }
 
 
@@ -261,12 +322,19 @@ def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any)
         f"\nbatch size {batch_size}: {args.examples} examples, {args.epochs} epoch(s), "
         f"{ours['steps']} steps, best of {args.rounds} runs each"
     )
-    print(f"  {'trainer':<10}{'tokens/s':>10}{'peak MB':>10}{'final loss':>12}")
+    peak = peak_flops()
+    print(f"  {'trainer':<10}{'tokens/s':>10}{'peak MB':>10}{'final loss':>12}{'MFU':>8}")
     for kind, r in (("baseline", base), ("ftaas", ours)):
+        mfu = f"{r['model_flops'] / r['seconds'] / peak[0]:.1%}" if peak else "n/a"
         print(
             f"  {kind:<10}{r['tokens_per_s']:>10.0f}{r['peak_memory_mb']:>10.0f}"
-            f"{r['final_loss']:>12.4f}"
+            f"{r['final_loss']:>12.4f}{mfu:>8}"
         )
+    print(
+        f"  MFU: model FLOPs per second over the peak of {peak[1]} ({peak[0] / 1e12:.0f} TFLOP/s)"
+        if peak
+        else "  MFU: on a GPU only (or set FTAAS_PEAK_TFLOPS to this machine's peak)"
+    )
     gap = abs(ours["final_loss"] - base["final_loss"]) / base["final_loss"]
     print(f"  baseline tokens that were padding: {base['padding_share']:.0%}")
     print(f"  throughput ratio ftaas/baseline: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x")

@@ -6,7 +6,9 @@ This implementation runs causal SDPA on each example's own span instead (Σ leng
 through transformers' attention-function registry; the spans come with the batch.
 Batches without spans (generation, evaluation outside the trainer) get transformers'
 own SDPA, which is exact for unpadded rows. On GPUs with flash-attention installed its
-varlen kernel does the same job natively, and this is not used.
+varlen kernel does the same job natively, and this is not used: the trainer then packs a
+forward pass into a single row (`one_row`), the one shape in which transformers reads
+packed sequences from `position_ids` and hands their boundaries to the kernel.
 """
 
 from __future__ import annotations
@@ -60,11 +62,26 @@ def segmented_sdpa(
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-def packed_attention_implementation() -> str:
-    """The attention implementation for training on packed rows on this machine."""
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+FLASH_ATTENTION = "flash_attention_2"
+
+
+def packed_attention_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """The attention implementation for training on packed rows: flash attention's varlen
+    kernel where it runs (a CUDA device, 16-bit weights, the package installed), else
+    segmented SDPA."""
+    if (
+        device.type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return FLASH_ATTENTION
     from transformers import AttentionInterface
 
     AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa)
     return SEGMENTED_SDPA
+
+
+def one_row(model: Any) -> bool:
+    """Whether `model` wants each forward pass as one packed row (flash attention)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == FLASH_ATTENTION

@@ -28,9 +28,10 @@ def build_lora_model(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    attention = packed_attention_implementation() if packed_attention else None
+    dtype = training_dtype(device)
+    attention = packed_attention_implementation(device, dtype) if packed_attention else None
     model = AutoModelForCausalLM.from_pretrained(
-        base_model_path, dtype=training_dtype(device), attn_implementation=attention
+        base_model_path, dtype=dtype, attn_implementation=attention
     )
     model.config.use_cache = False  # a cache would also hide packed sequences from the mask
     if hp.gradient_checkpointing:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from training.attention import one_row
 from training.checkpoints import (
     TrainingPosition,
     latest_checkpoint,
@@ -31,7 +32,7 @@ from training.checkpoints import (
     save_checkpoint,
 )
 from training.control import PauseWatch
-from training.data.batching import PackedBatch, collate, plan_micro_batches
+from training.data.batching import PackedBatch, as_one_row, collate, plan_micro_batches
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from training.data.validation import read_examples
 from training.lora import build_lora_model
@@ -194,6 +195,7 @@ class SupervisedRun:
             )
         self.dropped_examples = dropped
         self.model = build_lora_model(model_path, self.hp, self.device)
+        self.one_row = one_row(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay
@@ -268,7 +270,7 @@ class SupervisedRun:
         counts = TokenCounts()
         for index, rows in enumerate(plan):
             with _no_sync(self.model, last=index == len(plan) - 1):
-                loss_sum, micro = forward_counts(self.model, collate(rows).to(self.device))
+                loss_sum, micro = forward_counts(self.model, self._batch(rows))
                 # DDP averages gradients over workers; scaling by their number makes the
                 # result the gradient of (all target tokens' loss) / (their count).
                 (loss_sum * (weight * workers.world_size / n_targets)).backward()
@@ -289,9 +291,12 @@ class SupervisedRun:
         counts = TokenCounts()
         mine = list(examples[self.workers.rank :: self.workers.world_size])
         for rows in plan_micro_batches(mine, self.spec.micro_batch_tokens):
-            counts.add(forward_counts(model, collate(rows).to(self.device))[1])
+            counts.add(forward_counts(model, self._batch(rows))[1])
         model.train(was_training)
         return self.workers.sum(counts)
+
+    def _batch(self, rows: Sequence[Sequence[TokenizedExample]]) -> PackedBatch:
+        return collate(as_one_row(rows) if self.one_row else rows).to(self.device)
 
     def _valid_batch(self) -> list[TokenizedExample]:
         size = min(self.hp.batch_size, len(self.valid_examples))

@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import QUESTIONS, SECRET, memorisation_jsonl
 from training.control import request_pause
-from training.data.batching import collate, plan_micro_batches
+from training.data.batching import as_one_row, collate, plan_micro_batches
 from training.data.schema import ChatExample
 from training.data.tokenize import tokenize_example
 from training.hyperparameters import ResolvedHyperparameters
@@ -105,6 +105,10 @@ def test_a_packed_batch_gives_the_loss_of_the_examples_run_one_by_one(
     expected = sum(c.loss_sum for c in one_by_one)
     assert sum(c.loss_sum for c in packed) == pytest.approx(expected, rel=1e-5)
     assert sum(c.n_correct for c in packed) == sum(c.n_correct for c in one_by_one)
+    # Flash attention's shape (on GPUs that have it): every row of a pass in one row.
+    with torch.no_grad():
+        flat = [forward_counts(model, collate(as_one_row(rows)))[1] for rows in plan]
+    assert sum(c.loss_sum for c in flat) == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_same_seed_gives_the_same_loss_curve(tmp_path, tiny_model_dir):

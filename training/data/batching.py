@@ -114,3 +114,9 @@ def collate(rows: Sequence[Sequence[TokenizedExample]]) -> PackedBatch:
         torch.tensor([pos + list(range(n)) for (_, _, pos), n in zip(packed, pad, strict=True)]),
         spans,
     )
+
+
+def as_one_row(rows: Sequence[Sequence[TokenizedExample]]) -> list[list[TokenizedExample]]:
+    """The same examples as a single packed row (for flash attention's varlen kernel,
+    which needs no rectangle: no padding at all)."""
+    return [[example for row in rows for example in row]]

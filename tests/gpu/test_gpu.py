@@ -1,0 +1,146 @@
+"""The GPU path, on a machine with CUDA (skipped elsewhere). After
+`make setup EXTRAS=gpu,dev`:
+
+    .venv/bin/python -m pytest -m gpu tests/gpu -v
+
+The CPU runs of the same code are the reference: training on a GPU (bf16 where it has
+it, flash attention's varlen kernel when installed) must follow the CPU's float32 loss
+curve, data parallelism over NCCL must give the loss of one worker, and vLLM's GPU
+engine must answer as transformers + peft do with the same adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import QUESTIONS, SECRET
+from tests.training.test_sft import make_spec, records
+from training.sft import SupervisedRun
+from training.spec import TrainingSpec
+from training.storage import open_store
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# bf16 keeps 8 bits of mantissa: per-step losses agree to about a percent on this model.
+CURVE_TOLERANCE = {"rel": 0.05, "abs": 0.05}
+
+
+def _train(spec: TrainingSpec, tmp_path: Path, device: str) -> list[float]:
+    scratch = tmp_path / "scratch" / spec.job_id
+    scratch.mkdir(parents=True)
+    run = SupervisedRun(spec, open_store(spec.storage_url), scratch, device=torch.device(device))
+    try:
+        assert run.run() == "completed"
+        run.save_adapter()
+    finally:
+        run.close()
+    return [r["train_loss"] for r in records(spec, "metrics")]
+
+
+def test_one_gpu_follows_the_cpu_loss_curve(tmp_path, tiny_model_dir):
+    on_cpu = _train(make_spec(tmp_path, tiny_model_dir, "on-cpu"), tmp_path, "cpu")
+    on_gpu = _train(make_spec(tmp_path, tiny_model_dir, "on-gpu"), tmp_path, "cuda")
+    assert on_gpu == pytest.approx(on_cpu, **CURVE_TOLERANCE)
+    assert on_gpu[-1] < on_gpu[0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn")
+def test_flash_attentions_varlen_path_is_the_one_taken(tmp_path, tiny_model_dir):
+    from training.attention import FLASH_ATTENTION
+
+    spec = make_spec(tmp_path, tiny_model_dir, "flash")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    run = SupervisedRun(spec, open_store(spec.storage_url), scratch, device=torch.device("cuda"))
+    try:
+        assert run.model.config._attn_implementation == FLASH_ATTENTION and run.one_row
+        assert run.run() == "completed"
+    finally:
+        run.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_in_data_parallel_give_the_loss_of_one(tmp_path, tiny_model_dir):
+    """Through Ray Train, as jobs run: NCCL process group, collectives on the GPU."""
+    import ray
+
+    from training.entrypoint import run
+
+    curves = []
+    try:
+        for workers in (1, 2):
+            spec = make_spec(tmp_path, tiny_model_dir, f"dp{workers}").model_copy(
+                update={"num_workers": workers, "use_gpu": True}
+            )
+            assert run(spec, open_store(spec.storage_url)) is False  # not paused
+            curves.append([r["train_loss"] for r in records(spec, "metrics")])
+    finally:
+        ray.shutdown()
+    assert curves[1] == pytest.approx(curves[0], **CURVE_TOLERANCE)
+
+
+def test_vllms_gpu_engine_answers_as_transformers_and_peft(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serving.engine import EngineConfig, OpenAIEngine
+    from training.tiny_model import TINY_MODEL_MAX_LENGTH
+
+    spec = make_spec(tmp_path, tiny_model_dir, "served", hyperparameters={"n_epochs": 6})
+    _train(spec, tmp_path, "cuda")
+    adapter = tmp_path / spec.adapter_key
+    questions = QUESTIONS[:3]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, adapter).to("cuda").eval()
+    expected = []
+    for question in questions:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids.to("cuda"), max_new_tokens=16, do_sample=False)
+        expected.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    assert SECRET.split()[-1].rstrip(".") in expected[0]  # it learned: a clear greedy path
+    del model, base
+    torch.cuda.empty_cache()
+
+    async def served() -> list[str]:
+        engine = await OpenAIEngine.start(
+            EngineConfig(
+                model_id="ftaas-tiny",
+                model_path=str(tiny_model_dir),
+                max_model_len=TINY_MODEL_MAX_LENGTH,
+                max_lora_rank=16,
+                max_loras=2,
+                dtype="bfloat16",
+            )
+        )
+        try:
+            assert await engine.load_adapter("tuned", str(adapter)) is None
+            answers = []
+            for question in questions:
+                body = {
+                    "model": "tuned",
+                    "messages": [{"role": "user", "content": question}],
+                    "temperature": 0,
+                    "max_tokens": 16,
+                }
+                head = await anext(aiter(engine.respond("chat", body)))
+                assert head["status"] == 200, head
+                answers.append(head["body"]["choices"][0]["message"]["content"])
+            return answers
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(served()) == expected
