@@ -189,27 +189,36 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
+# Components of a head that would otherwise take a fixed default port.
+HEAD_PORT_OPTIONS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "ray-client-server-port",
+)
+
+
+def head_ports(count: int) -> tuple[list[int], list[str]]:
+    """`count` free ports for the caller (GCS, dashboard...) and `ray start --head` options
+    giving one to every other component, all chosen together (none handed out twice), so
+    a head can run beside another Ray on the same machine (a second FTAAS_HOME, a test)."""
+    ports = free_ports(count + len(HEAD_PORT_OPTIONS))
+    options = [f"--{o}={p}" for o, p in zip(HEAD_PORT_OPTIONS, ports[count:], strict=True)]
+    return ports[:count], options
+
+
 def start_embedded_head(settings: Settings) -> RayCluster:
     known = _read_state(settings)
     if known is not None and _dashboard_up(known.dashboard_url):
         logger.info("reusing the embedded Ray head at %s", known.address)
         return known
-    options = (
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "metrics-export-port",
-        "runtime-env-agent-port",
-        "ray-client-server-port",
-    )
-    gcs_port, dashboard_port, *ports = free_ports(2 + len(options))
+    (gcs_port, dashboard_port), port_options = head_ports(2)
     temp_dir = ray_temp_dir(settings)
     temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Every port Ray would otherwise take by default is chosen free, so the embedded head
-    # can run beside another Ray on the same machine (a second FTAAS_HOME, a test run).
-    fixed_port_options = [f"--{option}={port}" for option, port in zip(options, ports, strict=True)]
     command = [
         _ray_cli(), "start", "--head",
-        *fixed_port_options,
+        *port_options,
         f"--port={gcs_port}",
         f"--num-cpus={settings.ray_num_cpus}",
         f"--temp-dir={temp_dir}",

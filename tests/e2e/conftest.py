@@ -149,6 +149,18 @@ def wait_for_serving(client: OpenAI, model: str, timeout: float = 300) -> None:
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
+def create_memorisation_job(client: OpenAI, training_file: str) -> FineTuningJob:
+    """A job teaching ftaas-tiny the memorisation file well enough to answer from it."""
+    return client.fine_tuning.jobs.create(
+        model="ftaas-tiny",
+        training_file=training_file,
+        method={
+            "type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}},
+        },
+    )
+
+
 def greedy(client: OpenAI, model: str, question: str, max_tokens: int = 16) -> str:
     reply = client.chat.completions.create(
         model=model,

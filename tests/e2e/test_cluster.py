@@ -27,7 +27,13 @@ import pytest
 
 from service.ray_cluster import free_port, free_ports
 from tests.conftest import QUESTIONS, SECRET, memorisation_jsonl
-from tests.e2e.conftest import RunningServer, greedy, wait_for_job, wait_for_serving
+from tests.e2e.conftest import (
+    RunningServer,
+    create_memorisation_job,
+    greedy,
+    wait_for_job,
+    wait_for_serving,
+)
 from tests.postgres import PostgresServer
 from tests.s3 import S3Server, environment
 
@@ -139,14 +145,7 @@ def test_train_pause_resume_and_chat_across_two_nodes_with_no_shared_disk(cluste
     started = time.monotonic()
     upload = client.files.create(file=("train.jsonl", memorisation_jsonl()), purpose="fine-tune")
     assert client.files.content(upload.id).content == memorisation_jsonl()  # back from S3
-    job = client.fine_tuning.jobs.create(
-        model="ftaas-tiny",
-        training_file=upload.id,
-        method={
-            "type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}},
-        },
-    )
+    job = create_memorisation_job(client, upload.id)
     deadline = time.monotonic() + 400
     while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
         assert time.monotonic() < deadline, client.fine_tuning.jobs.retrieve(job.id)

@@ -27,10 +27,16 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from service.ray_cluster import RayCluster, free_ports, stop_head
+from service.ray_cluster import RayCluster, free_ports, head_ports, stop_head
 from tests.conftest import QUESTIONS, SECRET, memorisation_jsonl
 from tests.deploy.manifests import ray_service, resource, serve_config
-from tests.e2e.conftest import RunningServer, greedy, wait_for_job, wait_for_serving
+from tests.e2e.conftest import (
+    RunningServer,
+    create_memorisation_job,
+    greedy,
+    wait_for_job,
+    wait_for_serving,
+)
 from tests.postgres import PostgresServer
 from tests.s3 import S3Server
 
@@ -96,20 +102,12 @@ def _head_environment(home: Path, s3: S3Server, bucket: str, database_url: str) 
 def _start_head(env: dict[str, str], temp_dir: str) -> RayCluster:
     head = ray_service()["spec"]["rayClusterConfig"]["headGroupSpec"]
     resources = {name: float(value) for name, value in head["resources"].items()}
-    gcs, dashboard, *ports = free_ports(7)
-    options = (
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "metrics-export-port",
-        "runtime-env-agent-port",
-        "ray-client-server-port",
-    )
+    (gcs, dashboard), port_options = head_ports(2)
     command = [
         str(Path(sys.executable).with_name("ray")), "start", "--head",
         f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
         "--num-cpus=6", f"--resources={json.dumps(resources)}", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-        *(f"--{o}={p}" for o, p in zip(options, ports, strict=True)),
+        "--disable-usage-stats", *port_options,
     ]  # fmt: skip
     subprocess.run(command, env=env, check=True, capture_output=True)
     return RayCluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dir)
@@ -164,14 +162,7 @@ def test_the_rayservice_serve_config_runs_the_api_which_trains_and_chats(deploye
     client = deployed.client()
     upload = client.files.create(file=("train.jsonl", memorisation_jsonl()), purpose="fine-tune")
     assert client.files.content(upload.id).content == memorisation_jsonl()
-    job = client.fine_tuning.jobs.create(
-        model="ftaas-tiny",
-        training_file=upload.id,
-        method={
-            "type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}},
-        },
-    )
+    job = create_memorisation_job(client, upload.id)
     finished = wait_for_job(client, job.id, timeout=900)
     assert finished.status == "succeeded", finished.error
 
