@@ -133,12 +133,12 @@ def run_ftaas(spec_path: Path) -> dict[str, Any]:
     spec = TrainingSpec.model_validate_json(spec_path.read_text())
     scratch = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
     run = SupervisedRun(spec, open_store(spec.storage_url), scratch)
-    tokens = sum(len(e.input_ids) for e in run.train_examples) * run.hp.n_epochs
+    lengths = [len(e.input_ids) for e in run.train_examples]
+    tokens = sum(lengths) * run.hp.n_epochs
     started = time.perf_counter()
     run.run()
     seconds = time.perf_counter() - started
     run.close()
-    lengths = [len(e.input_ids) for e in run.train_examples]
     return {
         "tokens": tokens,
         "seconds": seconds,
