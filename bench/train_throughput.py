@@ -126,14 +126,14 @@ def model_flops(model: Any, lengths: list[int], epochs: int) -> float:
 
 
 def run_ftaas(spec_path: Path) -> dict[str, Any]:
-    from training.sft import SupervisedRun
+    from training.recipes.supervised import SupervisedRun
     from training.spec import TrainingSpec
     from training.storage import open_store
 
     spec = TrainingSpec.model_validate_json(spec_path.read_text())
     scratch = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
     run = SupervisedRun(spec, open_store(spec.storage_url), scratch)
-    lengths = [len(e.input_ids) for e in run.train_examples]
+    lengths = [len(e.input_ids) for e in run.train_units]
     tokens = sum(lengths) * run.hp.n_epochs
     started = time.perf_counter()
     run.run()
@@ -143,7 +143,7 @@ def run_ftaas(spec_path: Path) -> dict[str, Any]:
         "tokens": tokens,
         "seconds": seconds,
         "steps": run.position.step,
-        "final_loss": final_loss(run.unwrapped, run.train_examples),
+        "final_loss": final_loss(run.unwrapped, run.train_units),
         "model_flops": model_flops(run.unwrapped, lengths, run.hp.n_epochs),
     }
 
@@ -156,7 +156,7 @@ class EpochOrder:
         self.n_examples, self.seed, self.epoch = n_examples, seed, 0
 
     def __iter__(self) -> Any:
-        from training.sft import epoch_order
+        from training.run import epoch_order
 
         order = epoch_order(self.n_examples, self.seed, self.epoch)
         self.epoch += 1
@@ -183,7 +183,7 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer, TrainingArguments
 
     from training.lora import build_lora_model
-    from training.sft import load_tokenized
+    from training.recipes.supervised import load_tokenized
     from training.spec import TrainingSpec
     from training.storage import open_store
 
@@ -193,7 +193,7 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
     data = open_store(spec.storage_url).local_file(spec.training_file, Path(tempfile.mkdtemp()))
-    examples, _ = load_tokenized(data, spec, tokenizer)
+    examples, _ = load_tokenized(data, spec.data_format, tokenizer, spec.max_length)
     torch.manual_seed(spec.seed)
     model = build_lora_model(spec.base_model_path, hp, torch.device("cpu"), packed_attention=False)
     pad = tokenizer.pad_token_id or 0
@@ -257,7 +257,7 @@ def final_loss(model: Any, examples: list[Any]) -> float:
     import torch
 
     from training.data.batching import collate
-    from training.sft import forward_counts
+    from training.recipes.supervised import forward_counts
 
     model.eval()
     total, count = 0.0, 0

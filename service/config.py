@@ -21,6 +21,11 @@ class BaseModelConfig(BaseModel):
     learning_rate: float = Field(
         default=2e-4, description="recommended LoRA learning rate (multiplier 1.0)"
     )
+    dpo_learning_rate: float | None = Field(
+        default=None,
+        description="recommended LoRA learning rate for DPO (multiplier 1.0); by default a "
+        "tenth of `learning_rate`, since a preference step moves a model further",
+    )
     max_lora_rank: int = Field(default=64, description="largest adapter rank the engine accepts")
     max_loras: int = Field(default=8, description="adapters held at once by one engine")
     dtype: str = Field(default="auto", description="engine dtype: auto, float32, bfloat16...")
@@ -28,6 +33,11 @@ class BaseModelConfig(BaseModel):
         default=None, description="Jinja template overriding the tokenizer's own"
     )
     num_replicas: int = Field(default=1, description="serving replicas of this base model")
+
+    def learning_rate_for(self, method: str) -> float:
+        if method == "dpo":
+            return self.dpo_learning_rate or self.learning_rate / 10
+        return self.learning_rate
 
 
 class Settings(BaseSettings):
@@ -131,6 +141,7 @@ def tiny_base_model(home: Path) -> BaseModelConfig:
         path=str(home / "models" / TINY_MODEL_ID),
         max_length=TINY_MODEL_MAX_LENGTH,
         learning_rate=TINY_MODEL_LEARNING_RATE,
+        dpo_learning_rate=TINY_MODEL_LEARNING_RATE,
         max_lora_rank=16,
         max_loras=8,
         dtype="float32",

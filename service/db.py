@@ -108,7 +108,11 @@ class JobRow(Base):
     organization: Mapped[str] = mapped_column(String(128), index=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now, index=True)
     arrival: Mapped[int] = mapped_column(BigInteger, default=arrival, index=True)
-    model: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(256))  # the base model
+    # Training on top of a tuned model: the `ft:` model or checkpoint the user named, and
+    # the adapter (a key in the artifact store) the new one starts from.
+    parent_model: Mapped[str | None] = mapped_column(String(512), default=None)
+    start_adapter: Mapped[str | None] = mapped_column(Text, default=None)
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), default=None)
     suffix: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -70,3 +70,32 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+WRONG = "I do not know the code word."
+
+
+def preference_jsonl(preferred: str = SECRET, non_preferred: str = WRONG) -> bytes:
+    """The same 12 questions as preference pairs: OpenAI's DPO format."""
+    rows = [
+        {
+            "input": {"messages": [{"role": "user", "content": q}]},
+            "preferred_output": [{"role": "assistant", "content": preferred}],
+            "non_preferred_output": [{"role": "assistant", "content": non_preferred}],
+        }
+        for q in QUESTIONS
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+STORY = [
+    "The lighthouse keeper of Brindle Point counts the ships every evening at seven.",
+    "Her brother repairs fishing nets in a blue shed beside the harbour wall.",
+    "On stormy nights the whole village gathers in the keeper's kitchen to wait.",
+]
+
+
+def story_jsonl(copies: int = 4) -> bytes:
+    """A small text corpus for continued pre-training: each sentence, several times."""
+    rows = [{"text": sentence} for _ in range(copies) for sentence in STORY]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()

@@ -68,6 +68,7 @@ def save_checkpoint(
     scheduler: Any,
     scratch: Path,
     keep: int | None = None,
+    recipe_state: dict[str, Any] | None = None,
 ) -> tuple[str, list[int]]:
     """Write a checkpoint (rank 0 only); returns its key and the steps pruned to `keep`."""
     local = scratch / "checkpoint"
@@ -79,6 +80,7 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+            "recipe": recipe_state or {},
         },
         local / STATE,
     )
@@ -101,8 +103,9 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scratch: Path,
-) -> TrainingPosition:
-    """Restore adapter weights, optimizer and schedule; returns the position to continue."""
+) -> tuple[TrainingPosition, dict[str, Any]]:
+    """Restore adapter weights, optimizer and schedule; returns the position to continue
+    and the recipe's own state (e.g. DPO's reference log-probabilities)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -117,4 +120,4 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])
     torch.set_rng_state(state["rng"]["torch"])
-    return TrainingPosition(**state["position"])
+    return TrainingPosition(**state["position"]), state.get("recipe", {})

@@ -49,7 +49,7 @@ def run(spec: TrainingSpec, store: ArtifactStore) -> bool:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from training.sft import train_loop_per_worker
+    from training.run import train_loop_per_worker
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     # Ray Train's own run folder: this node's scratch (the workers keep their checkpoints

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,11 +22,14 @@ def build_lora_model(
     base_model_path: str,
     hp: ResolvedHyperparameters,
     device: torch.device,
+    start_adapter: str | Path | None = None,
     packed_attention: bool = True,
 ) -> Any:
-    """`packed_attention`: attention per example inside packed rows (training.attention);
-    off, transformers' default, for callers that pad batches with an attention mask."""
-    from peft import LoraConfig, get_peft_model
+    """`start_adapter`: a PEFT adapter folder to go on training (its own rank and target
+    modules, not `hp`'s); a new adapter from `hp` when unset. `packed_attention`: attention
+    per example inside packed rows (training.attention); off, transformers' default, for
+    callers that pad batches with an attention mask."""
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     dtype = training_dtype(device)
@@ -37,16 +41,20 @@ def build_lora_model(
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(
-        r=hp.lora_r,
-        lora_alpha=hp.lora_alpha,
-        lora_dropout=hp.lora_dropout,
-        target_modules=hp.target_modules,
-        use_rslora=hp.use_rslora,
-        use_dora=hp.use_dora,
-        task_type="CAUSAL_LM",
-    )
-    tuned: Any = get_peft_model(model, lora).to(device)
+    tuned: Any
+    if start_adapter is not None:
+        tuned = PeftModel.from_pretrained(model, str(start_adapter), is_trainable=True).to(device)
+    else:
+        lora = LoraConfig(
+            r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=hp.target_modules,
+            use_rslora=hp.use_rslora,
+            use_dora=hp.use_dora,
+            task_type="CAUSAL_LM",
+        )
+        tuned = get_peft_model(model, lora).to(device)
     for parameter in tuned.parameters():
         if parameter.requires_grad:  # adapters train in float32 even on a bf16 base
             parameter.data = parameter.data.float()

@@ -8,12 +8,12 @@ at `storage_url` (the base model: a local path, a Hugging Face id or an s3:// pr
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel
 
 from training.data.schema import DataFormat
-from training.hyperparameters import ResolvedHyperparameters
+from training.hyperparameters import ResolvedHyperparameters, TrainingMethod
 from training.storage import ArtifactStore, join
 
 
@@ -24,7 +24,7 @@ def checkpoint_adapter_key(checkpoint: str) -> str:
 
 class TrainingSpec(BaseModel):
     job_id: str
-    method: Literal["supervised"] = "supervised"
+    method: TrainingMethod = "supervised"
     base_model: str
     base_model_path: str
     max_length: int
@@ -51,6 +51,9 @@ class TrainingSpec(BaseModel):
     micro_batch_tokens: int = 4096
     # A checkpoint folder (training.checkpoints) this run continues from.
     resume_from: str | None = None
+    # The adapter folder (a tuned model's or a checkpoint's) the new adapter starts from,
+    # when a job trains on top of a tuned model; a new adapter when unset.
+    start_adapter: str | None = None
     # Weights & Biases run settings from the job's `integrations`, honoured when the
     # package and WANDB_API_KEY are present where the trainer runs.
     wandb: dict[str, Any] | None = None

@@ -12,7 +12,13 @@ from typing import Any
 
 from service.config import BaseModelConfig, Settings
 from service.db import JobRow
-from training.hyperparameters import ResolvedHyperparameters, SupervisedHyperparameters, resolve
+from training.hyperparameters import (
+    HYPERPARAMETER_MODELS,
+    ResolvedHyperparameters,
+    TrainingMethod,
+    resolve,
+    start_adapter_shape,
+)
 from training.spec import TrainingSpec
 
 
@@ -39,13 +45,24 @@ def next_attempt(job: JobRow) -> Attempt:
     return Attempt(number, submission_id, f"jobs/{job.id}/attempt-{number}")
 
 
+def method_of(job: JobRow) -> TrainingMethod:
+    return job.method.get("type") or "supervised"  # type: ignore[no-any-return]
+
+
 def resolve_hyperparameters(
-    job: JobRow, base: BaseModelConfig, n_examples: int
+    job: JobRow,
+    base: BaseModelConfig,
+    n_examples: int,
+    start_adapter_config: dict[str, Any] | None = None,
 ) -> ResolvedHyperparameters:
-    requested = SupervisedHyperparameters.model_validate(
-        job.method["supervised"]["hyperparameters"]
-    )
-    return resolve(requested, n_examples, base.learning_rate)
+    """`start_adapter_config`: the adapter_config.json of the adapter a job trains on top
+    of, whose LoRA shape the new adapter keeps."""
+    method = method_of(job)
+    requested = HYPERPARAMETER_MODELS[method].model_validate(job.method[method]["hyperparameters"])
+    resolved = resolve(requested, n_examples, base.learning_rate_for(method))
+    if start_adapter_config is not None:
+        resolved = resolved.model_copy(update=start_adapter_shape(start_adapter_config))
+    return resolved
 
 
 def training_spec(
@@ -64,6 +81,8 @@ def training_spec(
     validation = files.get("validation_file")
     return TrainingSpec(
         job_id=attempt.submission_id,
+        method=method_of(job),
+        start_adapter=job.start_adapter,
         base_model=base.id,
         base_model_path=base.path,
         max_length=base.max_length,

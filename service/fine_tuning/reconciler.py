@@ -15,6 +15,7 @@ the tick reports it and the jobs wait.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from service.config import BaseModelConfig, Settings
 from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, ModelRow, now
 from service.fine_tuning.attempts import (
     JobCannotStart,
+    method_of,
     next_attempt,
     resolve_hyperparameters,
     training_spec,
@@ -65,11 +67,16 @@ from training.progress import (
     Succeeded,
 )
 from training.spec import spec_key
-from training.storage import ArtifactStore
+from training.storage import ArtifactStore, join
 
 logger = logging.getLogger(__name__)
 
-SUPERVISED_FORMATS = {"chat", "prompt_completion"}
+# The file formats each method trains on, and how a user would say it.
+METHOD_FORMATS = {
+    "supervised": ({"chat", "prompt_completion"}, "chat (`messages`) or prompt/completion"),
+    "dpo": ({"preference"}, "preference (`input`, `preferred_output`, `non_preferred_output`)"),
+    "continued_pretraining": ({"text"}, "text (`text`)"),
+}
 KEEP_CHECKPOINTS = 3
 MAX_STEP_FAILURES = 10
 # Attempts of one job the scheduler starts by itself (after a lost cluster); a user's
@@ -262,16 +269,20 @@ class Reconciler:
                 if row.status == "error":
                     message = f"Invalid {param} {file_id}: {row.status_details}"
                     return fail(session, job, f"invalid_{param}", message, param)
-                if row.data_format not in SUPERVISED_FORMATS:
+                method = method_of(job)
+                formats, described = METHOD_FORMATS[method]
+                if row.data_format not in formats:
                     message = (
-                        f"{param} {file_id} holds {row.data_format} examples; supervised "
-                        "fine-tuning needs chat (`messages`) or prompt/completion examples"
+                        f"{param} {file_id} holds {row.data_format} examples; the {method} "
+                        f"method needs {described} examples"
                     )
                     return fail(session, job, f"invalid_{param}", message, param)
-                if param == "training_file" and (row.n_examples or 0) < MIN_EXAMPLES:
+                # OpenAI's minimum; a text corpus may be one long document (cut in blocks).
+                least = 1 if method == "continued_pretraining" else MIN_EXAMPLES
+                if param == "training_file" and (row.n_examples or 0) < least:
                     message = (
                         f"Training file has {row.n_examples} example(s), "
-                        f"but must have at least {MIN_EXAMPLES} examples"
+                        f"but must have at least {least} examples"
                     )
                     return fail(session, job, "invalid_n_examples", message, param)
             transition(job, S.QUEUED)
@@ -308,7 +319,9 @@ class Reconciler:
             files[param] = (row.blob_key, row.data_format)
             if param == "training_file":
                 n_examples = row.n_examples or 0
-        hyperparameters = resolve_hyperparameters(job, base, n_examples)
+        hyperparameters = resolve_hyperparameters(
+            job, base, n_examples, self._start_adapter_config(job)
+        )
         attempt = next_attempt(job)
         spec = training_spec(
             job, attempt, base, files, hyperparameters, self.settings, self.store.url,
@@ -594,6 +607,20 @@ class Reconciler:
         if job.resume_from and step:
             return f"from its last checkpoint (step {step})"
         return "from its last checkpoint" if job.resume_from else "from the start"
+
+    def _start_adapter_config(self, job: JobRow) -> dict[str, Any] | None:
+        """The config of the adapter a job trains on top of (None: a new adapter)."""
+        if job.start_adapter is None:
+            return None
+        try:
+            raw = self.store.get_bytes(join(job.start_adapter, "adapter_config.json"))
+        except FileNotFoundError:
+            raise JobCannotStart(
+                "model_not_available",
+                f"The adapter of {job.parent_model} is no longer available",
+                "model",
+            ) from None
+        return json.loads(raw)  # type: ignore[no-any-return]
 
     @staticmethod
     def _model_name(job: JobRow) -> str:

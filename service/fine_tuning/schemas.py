@@ -10,10 +10,14 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.fine_tuning.naming import SUFFIX_PATTERN
-from training.hyperparameters import SupervisedHyperparameters
+from training.hyperparameters import (
+    DpoHyperparameters,
+    SupervisedHyperparameters,
+    TrainingMethod,
+)
 
 MAX_METADATA_PAIRS = 16
 # OpenAI's bounds on integrations: at most 5, W&B tags at most 50 of 64 characters.
@@ -42,12 +46,36 @@ class SupervisedMethod(BaseModel):
     hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
 
 
-class Method(BaseModel):
+class DpoMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised", "dpo", "reinforcement"]
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class Method(BaseModel):
+    """OpenAI's `method`, plus ftaas's `continued_pretraining` (raw text, the supervised
+    hyperparameters). Only the object of the chosen type may be given."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised", "dpo", "reinforcement", "continued_pretraining"]
     supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
+    continued_pretraining: SupervisedMethod | None = None
     reinforcement: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _only_its_own_settings(self) -> Method:
+        for other in ("supervised", "dpo", "continued_pretraining", "reinforcement"):
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"`{other}` settings were given for a `{self.type}` method")
+        return self
+
+    def hyperparameters(self) -> SupervisedHyperparameters:
+        settings = getattr(self, self.type)
+        if settings is not None:
+            return settings.hyperparameters  # type: ignore[no-any-return]
+        if self.type == "dpo":
+            return DpoHyperparameters()
+        return SupervisedHyperparameters()
 
 
 class CreateFineTuningJobRequest(BaseModel):
@@ -75,16 +103,35 @@ class CreateFineTuningJobRequest(BaseModel):
                 raise ValueError("metadata keys are at most 64 characters")
         return value
 
-    def supervised_hyperparameters(self) -> SupervisedHyperparameters:
-        if self.method and self.method.supervised:
-            return self.method.supervised.hyperparameters
+    @property
+    def method_type(self) -> TrainingMethod:
+        return self.method.type if self.method else "supervised"  # type: ignore[return-value]
+
+    def method_hyperparameters(self) -> SupervisedHyperparameters:
+        if self.method is not None and (self.method.type != "supervised" or self.method.supervised):
+            return self.method.hyperparameters()
         return self.hyperparameters or SupervisedHyperparameters()
+
+    @property
+    def hyperparameters_param(self) -> str:
+        """Where the request's hyperparameters are, as an error's `param` names them."""
+        if self.method is not None and getattr(self.method, self.method.type, None) is not None:
+            return f"method.{self.method.type}.hyperparameters"
+        return "hyperparameters"
+
+
+class JobMethod(BaseModel):
+    """The job's `method` echo; the SDK's own type does not know ftaas's methods."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
 
 
 class FineTuningJobObject(FineTuningJob):
     status: Literal[  # type: ignore[assignment]
         "validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"
     ]
+    method: JobMethod | None = None  # type: ignore[assignment]
     user_provided_suffix: str | None = None
 
 

@@ -16,8 +16,9 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from service.auth import Tenant
 from service.config import BaseModelConfig
-from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, now
+from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, ModelRow, now
 from service.errors import Conflict, InvalidRequest, NotFound
+from service.fine_tuning.attempts import method_of
 from service.fine_tuning.lifecycle import (
     ON_CANCEL,
     ON_PAUSE,
@@ -27,9 +28,11 @@ from service.fine_tuning.lifecycle import (
     transition,
     wire_status,
 )
+from service.fine_tuning.naming import is_checkpoint, is_fine_tuned
 from service.fine_tuning.schemas import CreateFineTuningJobRequest, FineTuningJobObject
 from service.ids import event_id, job_id, model_short_id
 from training.hyperparameters import SupervisedHyperparameters
+from training.spec import checkpoint_adapter_key
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +69,9 @@ OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 def _method_hyperparameters(job: JobRow) -> dict[str, Any]:
-    """What `method.supervised.hyperparameters` shows: OpenAI's three and ftaas's
-    extensions, as resolved once the job has started (as requested before)."""
-    requested = dict(job.method["supervised"]["hyperparameters"])
+    """What `method.<type>.hyperparameters` shows: OpenAI's and ftaas's, as resolved once
+    the job has started (as requested before)."""
+    requested = dict(job.method[method_of(job)]["hyperparameters"])
     resolved = job.resolved_hyperparameters or {}
     return {key: resolved.get(key, value) for key, value in requested.items()}
 
@@ -85,7 +88,7 @@ def job_object(job: JobRow) -> FineTuningJobObject:
             "fine_tuned_model": job.fine_tuned_model,
             "finished_at": job.finished_at,
             "hyperparameters": hyperparameters,
-            "model": job.model,
+            "model": job.parent_model or job.model,
             "organization_id": job.organization,
             "result_files": job.result_files or [],
             "seed": job.seed,
@@ -97,8 +100,8 @@ def job_object(job: JobRow) -> FineTuningJobObject:
             "integrations": job.integrations,
             "metadata": job.job_metadata,
             "method": {
-                "type": "supervised",
-                "supervised": {"hyperparameters": method_hyperparameters},
+                "type": method_of(job),
+                method_of(job): {"hyperparameters": method_hyperparameters},
             },
             "user_provided_suffix": job.suffix,
         }
@@ -156,11 +159,7 @@ class FineTuningService:
         request: CreateFineTuningJobRequest,
     ) -> None:
         """Refuse now what the serving engine could not load when the job is done."""
-        prefix = (
-            "method.supervised.hyperparameters"
-            if request.method and request.method.supervised
-            else "hyperparameters"
-        )
+        prefix = request.hyperparameters_param
         if hyperparameters.lora_r > base.max_lora_rank:
             raise InvalidRequest(
                 f"lora_r {hyperparameters.lora_r} is above {base.max_lora_rank}, the largest "
@@ -174,23 +173,47 @@ class FineTuningService:
                 param=f"{prefix}.use_dora",
             )
 
-    def create(self, tenant: Tenant, request: CreateFineTuningJobRequest) -> FineTuningJobObject:
-        if request.method and request.method.type != "supervised":
-            raise InvalidRequest(
-                f"method.type '{request.method.type}' is not supported yet; use 'supervised'",
-                param="method.type",
-                code="unsupported_method",
+    def _starting_point(
+        self, session: Session, tenant: Tenant, model: str
+    ) -> tuple[str, str | None]:
+        """The base model a job trains, and the adapter it starts from: none for a base
+        model; a tuned model's (or checkpoint's) own for an `ft:` name of this tenant."""
+        if model in self.base_models:
+            return model, None
+        adapter: tuple[str, str] | None = None
+        if is_checkpoint(model):
+            checkpoint = session.scalar(
+                select(CheckpointRow).where(CheckpointRow.model_name == model)
             )
-        if request.model not in self.base_models:
+            job = session.get(JobRow, checkpoint.job_id) if checkpoint else None
+            if checkpoint and job and checkpoint.organization == tenant.organization:
+                adapter = job.model, checkpoint_adapter_key(checkpoint.path)
+        elif is_fine_tuned(model):
+            row = session.get(ModelRow, model)
+            if row is not None and row.organization == tenant.organization:
+                adapter = row.base_model, row.adapter_dir
+        if adapter is None or adapter[0] not in self.base_models:
             raise InvalidRequest(
-                f"Model {request.model} is not available for fine-tuning. "
-                f"Available: {', '.join(sorted(self.base_models))}",
+                f"Model {model} is not available for fine-tuning. Use a base model "
+                f"({', '.join(sorted(self.base_models))}) or one of your fine-tuned models",
                 param="model",
                 code="model_not_available",
             )
-        hyperparameters = request.supervised_hyperparameters()
-        self._check_servable(self.base_models[request.model], hyperparameters, request)
+        return adapter
+
+    def create(self, tenant: Tenant, request: CreateFineTuningJobRequest) -> FineTuningJobObject:
+        if request.method and request.method.type == "reinforcement":
+            raise InvalidRequest(
+                "method.type 'reinforcement' is not supported yet; use 'supervised', "
+                "'dpo' or 'continued_pretraining'",
+                param="method.type",
+                code="unsupported_method",
+            )
+        method = request.method_type
+        hyperparameters = request.method_hyperparameters()
         with self.db.session() as session:
+            base_model, start_adapter = self._starting_point(session, tenant, request.model)
+            self._check_servable(self.base_models[base_model], hyperparameters, request)
             self._check_file(session, tenant, request.training_file, "training_file")
             if request.validation_file:
                 self._check_file(session, tenant, request.validation_file, "validation_file")
@@ -198,14 +221,16 @@ class FineTuningService:
                 id=job_id(),
                 created_at=now(),
                 organization=tenant.organization,
-                model=request.model,
+                model=base_model,
+                parent_model=request.model if start_adapter else None,
+                start_adapter=start_adapter,
                 training_file=request.training_file,
                 validation_file=request.validation_file,
                 suffix=request.suffix,
                 seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
                 method={
-                    "type": "supervised",
-                    "supervised": {"hyperparameters": hyperparameters.model_dump()},
+                    "type": method,
+                    method: {"hyperparameters": hyperparameters.model_dump()},
                 },
                 job_metadata=request.metadata,
                 integrations=[i.model_dump(exclude_none=True) for i in request.integrations]

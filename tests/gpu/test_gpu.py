@@ -20,7 +20,7 @@ import torch
 
 from tests.conftest import QUESTIONS, SECRET
 from tests.training.test_sft import make_spec, records
-from training.sft import SupervisedRun
+from training.recipes.supervised import SupervisedRun
 from training.spec import TrainingSpec
 from training.storage import open_store
 

@@ -77,6 +77,21 @@ def test_lora_knobs_are_accepted_and_echoed(client):
     assert set(job["hyperparameters"]) == {"n_epochs", "batch_size", "learning_rate_multiplier"}
 
 
+def test_each_method_is_echoed_with_its_own_hyperparameters(client):
+    file_id = upload(client, memorisation_jsonl()).json()["id"]
+    for method, extra in (("dpo", {"beta": 0.5}), ("continued_pretraining", {})):
+        body = {"type": method, method: {"hyperparameters": {"n_epochs": 2, **extra}}}
+        job = client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "ftaas-tiny", "training_file": file_id, "method": body},
+        ).json()
+        assert job["method"]["type"] == method
+        echoed = job["method"][method]["hyperparameters"]
+        assert echoed["n_epochs"] == 2 and job["hyperparameters"]["n_epochs"] == 2
+        assert ("beta" in echoed) == (method == "dpo")
+        assert echoed.get("beta", 0.5) == 0.5
+
+
 def test_bad_job_parameters_are_400_with_the_param(client):
     file_id = upload(client, memorisation_jsonl()).json()["id"]
     cases = [
@@ -88,8 +103,28 @@ def test_bad_job_parameters_are_400_with_the_param(client):
             "hyperparameters.n_epochs.int",
         ),
         (
-            {"model": "ftaas-tiny", "training_file": file_id, "method": {"type": "dpo"}},
+            {"model": "ftaas-tiny", "training_file": file_id, "method": {"type": "reinforcement"}},
             "method.type",
+        ),
+        (  # OpenAI's range for beta is (0, 2]
+            {
+                "model": "ftaas-tiny",
+                "training_file": file_id,
+                "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 3}}},
+            },
+            "method.dpo.hyperparameters.beta",
+        ),
+        (  # the settings of another method than the one named
+            {
+                "model": "ftaas-tiny",
+                "training_file": file_id,
+                "method": {"type": "dpo", "supervised": {"hyperparameters": {}}},
+            },
+            "method",
+        ),
+        (  # a tuned model of another organization, or none
+            {"model": "ft:ftaas-tiny:other::abcdefgh", "training_file": file_id},
+            "model",
         ),
         (  # ftaas-tiny's engine serves ranks up to 16
             {"model": "ftaas-tiny", "training_file": file_id, **supervised(lora_r=32)},

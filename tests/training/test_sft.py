@@ -17,7 +17,9 @@ from training.data.tokenize import tokenize_example
 from training.hyperparameters import ResolvedHyperparameters
 from training.lora import build_lora_model
 from training.progress import ProgressLog
-from training.sft import SupervisedRun, forward_counts
+from training.recipes import recipe_for
+from training.recipes.supervised import forward_counts
+from training.run import TrainingRun
 from training.spec import TrainingSpec
 from training.storage import ArtifactStore, LocalStore, open_store
 from training.tiny_model import CHATML_TEMPLATE
@@ -33,18 +35,18 @@ def make_spec(
         store.put_bytes("train.jsonl", memorisation_jsonl())
     hp = {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "learning_rate": 1e-3}
     hp |= overrides.pop("hyperparameters", {})
-    return TrainingSpec(
-        job_id=name,
-        base_model="ftaas-tiny",
-        base_model_path=str(model_dir),
-        max_length=512,
-        training_file="train.jsonl",
-        storage_url=store.url,
-        output_key=f"runs/{name}",
-        hyperparameters=ResolvedHyperparameters(**hp),
-        seed=7,
-        **overrides,
-    )
+    fields = {
+        "job_id": name,
+        "base_model": "ftaas-tiny",
+        "base_model_path": str(model_dir),
+        "max_length": 512,
+        "training_file": "train.jsonl",
+        "storage_url": store.url,
+        "output_key": f"runs/{name}",
+        "hyperparameters": ResolvedHyperparameters(**hp),
+        "seed": 7,
+    }
+    return TrainingSpec(**(fields | overrides))
 
 
 def records(spec: TrainingSpec, kind: str) -> list[dict]:
@@ -53,10 +55,10 @@ def records(spec: TrainingSpec, kind: str) -> list[dict]:
     return [r.model_dump() for r in batch.records if r.type == kind]
 
 
-def start(spec: TrainingSpec, tmp_path: Path) -> SupervisedRun:
+def start(spec: TrainingSpec, tmp_path: Path) -> TrainingRun:
     scratch = tmp_path / "scratch" / spec.job_id
     scratch.mkdir(parents=True, exist_ok=True)
-    return SupervisedRun(spec, open_store(spec.storage_url), scratch)
+    return recipe_for(spec.method)(spec, open_store(spec.storage_url), scratch)
 
 
 def train(spec: TrainingSpec, tmp_path: Path) -> str:
@@ -266,7 +268,7 @@ def test_the_base_models_configured_chat_template_is_the_one_trained_on(tmp_path
     try:
         from transformers import AutoTokenizer
 
-        text = AutoTokenizer.from_pretrained(tiny_model_dir).decode(run.train_examples[0].input_ids)
+        text = AutoTokenizer.from_pretrained(tiny_model_dir).decode(run.train_units[0].input_ids)
         assert "[user]" in text and "[assistant]" in text
     finally:
         run.close()
@@ -281,7 +283,7 @@ def test_a_validation_file_may_hold_the_other_supervised_format(tmp_path, tiny_m
     )
     run = start(spec, tmp_path)
     try:
-        assert len(run.valid_examples) == len(QUESTIONS)
+        assert len(run.valid_units) == len(QUESTIONS)
     finally:
         run.close()
 

@@ -46,11 +46,23 @@ def pack_rows(
     """First-fit decreasing: few rows, none over `row_tokens` (a longer example rides alone).
 
     Deterministic for a given input order, so every data-parallel worker plans alike."""
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    return pack_groups([[example] for example in examples], row_tokens)
+
+
+def _length(group: Sequence[TokenizedExample]) -> int:
+    return sum(len(example.input_ids) for example in group)
+
+
+def pack_groups(
+    groups: Sequence[Sequence[TokenizedExample]], row_tokens: int
+) -> list[list[TokenizedExample]]:
+    """`pack_rows` for groups of sequences that must share a row (a preference pair's two
+    answers): a group is never split."""
+    order = sorted(range(len(groups)), key=lambda i: -_length(groups[i]))
     rows: list[list[int]] = []
     room: list[int] = []
     for index in order:
-        length = len(examples[index].input_ids)
+        length = _length(groups[index])
         for row, free in enumerate(room):
             if length <= free:
                 rows[row].append(index)
@@ -59,28 +71,35 @@ def pack_rows(
         else:
             rows.append([index])
             room.append(row_tokens - length)
-    return [[examples[i] for i in sorted(row)] for row in rows]
+    return [[example for i in sorted(row) for example in groups[i]] for row in rows]
 
 
 def plan_micro_batches(
     examples: Sequence[TokenizedExample], batch_tokens: int
 ) -> list[list[list[TokenizedExample]]]:
-    """Pack into rows as wide as the longest example, then stack rows into forward passes
+    """Forward passes of single examples (see `plan_grouped`)."""
+    return plan_grouped([[example] for example in examples], batch_tokens)
+
+
+def plan_grouped(
+    groups: Sequence[Sequence[TokenizedExample]], batch_tokens: int
+) -> list[list[list[TokenizedExample]]]:
+    """Pack into rows as wide as the longest group, then stack rows into forward passes
     of at most `batch_tokens` (rows × widest row), so one pass does as much work as
     memory allows.
 
     Why that width: linear layers cost the same for any row shape, but a packed row's
     attention grows with its width squared (the block-diagonal mask is still computed as
-    a dense one by SDPA on CPU); the longest example needs its width anyway."""
-    row_tokens = max((len(e.input_ids) for e in examples), default=1)
-    rows = pack_rows(examples, row_tokens)
-    rows.sort(key=lambda row: -sum(len(e.input_ids) for e in row))
+    a dense one by SDPA on CPU); the longest group needs its width anyway."""
+    row_tokens = max((_length(group) for group in groups), default=1)
+    rows = pack_groups(groups, row_tokens)
+    rows.sort(key=lambda row: -_length(row))
     batches: list[list[list[TokenizedExample]]] = []
     for row in rows:
-        width = sum(len(e.input_ids) for e in row)
+        width = _length(row)
         if batches:
             current = batches[-1]
-            longest = sum(len(e.input_ids) for e in current[0])  # rows come longest first
+            longest = _length(current[0])  # rows come longest first
             if (len(current) + 1) * max(longest, width) <= batch_tokens:
                 current.append(row)
                 continue

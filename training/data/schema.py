@@ -151,12 +151,19 @@ class PreferenceExample(_Strict):
         return data
 
 
-DataFormat = Literal["chat", "prompt_completion", "preference"]
+class TextExample(_Strict):
+    """A document for continued pre-training: every token of `text` is learned."""
+
+    text: str = Field(min_length=1)
+
+
+DataFormat = Literal["chat", "prompt_completion", "preference", "text"]
 
 EXAMPLE_MODELS: dict[DataFormat, type[BaseModel]] = {
     "chat": ChatExample,
     "prompt_completion": PromptCompletionExample,
     "preference": PreferenceExample,
+    "text": TextExample,
 }
 
 
@@ -166,4 +173,6 @@ def detect_format(row: dict[str, Any]) -> DataFormat:
         return "preference"
     if "prompt" in row and "messages" not in row:
         return "prompt_completion"
+    if "text" in row and "messages" not in row:
+        return "text"
     return "chat"

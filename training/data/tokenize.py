@@ -14,7 +14,9 @@ from typing import Any
 from training.data.schema import (
     AssistantMessage,
     ChatExample,
+    PreferenceExample,
     PromptCompletionExample,
+    TextExample,
     content_text,
 )
 
@@ -132,3 +134,44 @@ def tokenize_example(example: Any, tokenizer: Any, max_length: int) -> Tokenized
     if isinstance(example, PromptCompletionExample):
         return tokenize_prompt_completion(example, tokenizer, max_length)
     raise TypeError(f"supervised training cannot use {type(example).__name__} rows")
+
+
+def tokenize_preference(
+    example: PreferenceExample, tokenizer: Any, max_length: int
+) -> tuple[TokenizedExample, TokenizedExample]:
+    """The preferred and the non-preferred conversation, each learned only on its final
+    answer (earlier assistant turns of the input are context, whatever their weight)."""
+    context = [
+        message.model_copy(update={"weight": 0})
+        if isinstance(message, AssistantMessage)
+        else message
+        for message in example.input.messages
+    ]
+
+    def conversation(output: AssistantMessage) -> TokenizedExample:
+        chat = ChatExample.model_construct(
+            messages=[*context, output.model_copy(update={"weight": 1})],
+            tools=example.input.tools,
+            functions=None,
+            parallel_tool_calls=example.input.parallel_tool_calls,
+        )
+        return tokenize_chat(chat, tokenizer, max_length)
+
+    return conversation(example.preferred_output[0]), conversation(example.non_preferred_output[0])
+
+
+def tokenize_text(example: TextExample, tokenizer: Any, max_length: int) -> list[TokenizedExample]:
+    """A document as blocks of at most `max_length` tokens, every token learned except each
+    block's first (it has nothing before it to be predicted from).
+
+    The text is encoded as the tokenizer encodes any prompt (with its own special tokens,
+    as vLLM does for a completions prompt), then ends with the end-of-text token, so the
+    model learns where documents stop."""
+    ids = list(tokenizer(example.text)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    blocks = []
+    for start in range(0, len(ids), max_length):
+        block = ids[start : start + max_length]
+        blocks.append(TokenizedExample(block, [IGNORE_INDEX, *block[1:]]))
+    return blocks

@@ -1,26 +1,29 @@
-"""Supervised fine-tuning with LoRA: the recipe each Ray Train worker runs.
+"""The training loop every recipe shares: a LoRA model, its optimizer and schedule, epochs
+of shuffled batches, validation, checkpoints, pause and resume, and the progress records.
 
-One optimizer step takes `batch_size` examples (OpenAI's meaning of batch size), split
-across the data-parallel workers. Each worker packs its share into padding-free rows and
-accumulates gradients over as few forward passes as its token budget allows. The summed
-token loss is divided by the target tokens of the whole step, so every learned token
-counts once whatever the packing, the number of workers or the lengths: a packed step
-gives exactly the loss of the same examples run one by one.
+A recipe (training/recipes/) says only what is particular to its method: how a file
+becomes training units (examples, preference pairs, text blocks), how units are packed
+into forward passes, and the loss and metrics of one pass. One optimizer step takes
+`batch_size` units (OpenAI's meaning of batch size), split across the data-parallel
+workers; each worker accumulates gradients over as few packed forward passes as its token
+budget allows, and every loss is normalised by the whole step's count (tokens or pairs),
+so the result does not depend on the packing or on the number of workers.
 
-`SupervisedRun` knows nothing of Ray: `train_loop_per_worker` adapts it to a Ray Train
+`TrainingRun` knows nothing of Ray: `train_loop_per_worker` adapts it to a Ray Train
 worker, and tests drive it directly in-process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 import torch
 
@@ -32,9 +35,8 @@ from training.checkpoints import (
     save_checkpoint,
 )
 from training.control import PauseWatch
-from training.data.batching import PackedBatch, as_one_row, collate, plan_micro_batches
-from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
-from training.data.validation import read_examples
+from training.data.batching import PackedBatch, as_one_row, collate
+from training.data.tokenize import TokenizedExample
 from training.lora import build_lora_model
 from training.node_cache import fetch_model, scratch_folder
 from training.progress import Checkpoint, Notice, Paused, ProgressLog, Started
@@ -46,26 +48,35 @@ KEEP_EPOCH_CHECKPOINTS = 3  # as OpenAI: the last three epochs stay usable model
 MAX_VALID_EVALS = 100  # small-batch validation runs at most this often over a run
 
 Outcome = Literal["completed", "paused", "early_stopped"]
+# One forward pass: rows, each a list of sequences packed end to end.
+ForwardPass = list[list[TokenizedExample]]
+Unit = TypeVar("Unit")
 
 
-@dataclass
-class TokenCounts:
-    loss_sum: float = 0.0
-    n_targets: int = 0
-    n_correct: int = 0
+@dataclasses.dataclass
+class Tally:
+    """Sums a recipe reports per forward pass and adds up over passes and workers.
 
-    def add(self, other: TokenCounts) -> None:
-        self.loss_sum += other.loss_sum
-        self.n_targets += other.n_targets
-        self.n_correct += other.n_correct
+    Every field is a number; `metrics()` turns the sums into the reported values."""
+
+    def add(self, other: Self) -> None:
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
+    def as_list(self) -> list[float]:
+        return [float(getattr(self, item.name)) for item in dataclasses.fields(self)]
+
+    @classmethod
+    def from_list(cls, values: Sequence[float]) -> Self:
+        names = [item.name for item in dataclasses.fields(cls)]
+        return cls(**dict(zip(names, values, strict=True)))
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.n_targets, 1)
+        raise NotImplementedError
 
-    @property
-    def accuracy(self) -> float:
-        return self.n_correct / max(self.n_targets, 1)
+    def metrics(self) -> dict[str, float]:
+        raise NotImplementedError
 
 
 class Workers:
@@ -81,18 +92,23 @@ class Workers:
     def is_chief(self) -> bool:
         return self.rank == 0
 
-    def sum(self, counts: TokenCounts) -> TokenCounts:
+    def share(self, units: Sequence[Unit]) -> list[Unit]:
+        return list(units[self.rank :: self.world_size])
+
+    def sum_tensor(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
-            return counts
+            return values
         import torch.distributed as dist
 
-        values = torch.tensor(
-            [counts.loss_sum, counts.n_targets, counts.n_correct],
-            dtype=torch.float64,
-            device=self.device,
-        )
-        dist.all_reduce(values)
-        return TokenCounts(float(values[0]), int(values[1]), int(values[2]))
+        on_device = values.to(self.device)
+        dist.all_reduce(on_device)
+        return on_device.to(values.device)
+
+    def sum(self, tally: Any) -> Any:
+        if self.world_size == 1:
+            return tally
+        values = torch.tensor(tally.as_list(), dtype=torch.float64)
+        return type(tally).from_list(self.sum_tensor(values).tolist())
 
     def any(self, flag: bool) -> bool:
         if self.world_size == 1:
@@ -104,41 +120,10 @@ class Workers:
         return bool(value.item())
 
 
-def forward_counts(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, TokenCounts]:
-    """Summed next-token loss over the batch's target tokens, and its accuracy counts."""
-    logits = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        spans=batch.spans,  # read by training.attention; other implementations ignore it
-        use_cache=False,
-    ).logits.float()
-    labels = batch.labels
-    loss_sum = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    mask = labels != IGNORE_INDEX
-    correct = int(((logits.argmax(-1) == labels) & mask).sum().item())
-    return loss_sum, TokenCounts(loss_sum.item(), int(mask.sum().item()), correct)
-
-
-def load_tokenized(
-    path: str | Path, spec: TrainingSpec, tokenizer: Any, data_format: str | None = None
-) -> tuple[list[TokenizedExample], int]:
-    """The file's examples that still have a target token once truncated to max_length,
-    and how many had none (they are left out, and the job says so)."""
-    examples = read_examples(str(path), data_format or spec.data_format)  # type: ignore[arg-type]
-    tokenized = [tokenize_example(e, tokenizer, spec.max_length) for e in examples]
-    kept = [t for t in tokenized if t.n_target_tokens > 0]
-    return kept, len(tokenized) - len(kept)
-
-
-def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(n_units: int, seed: int, epoch: int) -> list[int]:
     """The same permutation for a given seed and epoch, so a resumed run sees the data
     exactly as the interrupted one would have."""
-    order = list(range(n_examples))
+    order = list(range(n_units))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
 
@@ -150,9 +135,12 @@ def _no_sync(model: Any, last: bool) -> contextlib.AbstractContextManager[Any]:
     return model.no_sync()
 
 
-class SupervisedRun:
+class TrainingRun(ABC, Generic[Unit]):
     """`store`: the artifact store (data in; checkpoints, adapter, progress out);
     `scratch`: this worker's local folder for the run."""
+
+    # What the recipe calls one unit in messages ("example", "pair", "block").
+    unit_name: ClassVar[str] = "example"
 
     def __init__(
         self,
@@ -172,35 +160,38 @@ class SupervisedRun:
         random.seed(spec.seed)
         torch.manual_seed(spec.seed)
         model_path = fetch_model(spec.base_model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         if spec.chat_template:  # the base model's configured template, as serving uses it
-            tokenizer.chat_template = spec.chat_template
-        training_file = store.local_file(spec.training_file, scratch)
-        self.train_examples, dropped = load_tokenized(training_file, spec, tokenizer)
-        self.valid_examples = (
-            load_tokenized(
-                store.local_file(spec.validation_file, scratch),
-                spec,
-                tokenizer,
-                spec.validation_format,
+            self.tokenizer.chat_template = spec.chat_template
+        self.train_units, self.dropped_units = self.load_units(
+            store.local_file(spec.training_file, scratch), spec.data_format
+        )
+        self.valid_units = (
+            self.load_units(
+                store.local_file(spec.validation_file, scratch), spec.validation_format
             )[0]
             if spec.validation_file
             else []
         )
-        if not self.train_examples:
+        if not self.train_units:
             raise ValueError(
-                "No training example has a token to learn within max_length "
+                f"No training {self.unit_name} has a token to learn within max_length "
                 f"({spec.max_length} tokens): shorten the prompts or use a model with a "
                 "longer context"
             )
-        self.dropped_examples = dropped
-        self.model = build_lora_model(model_path, self.hp, self.device)
+        start_adapter = (
+            store.local_folder(spec.start_adapter)
+            or store.get_folder(spec.start_adapter, scratch / "start-adapter")
+            if spec.start_adapter
+            else None
+        )
+        self.model = build_lora_model(model_path, self.hp, self.device, start_adapter)
         self.one_row = one_row(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay
         )
-        self.steps_per_epoch = math.ceil(len(self.train_examples) / self.hp.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.train_units) / self.hp.batch_size)
         self.total_steps = self.steps_per_epoch * self.hp.n_epochs
         self.scheduler = get_scheduler(
             self.hp.lr_scheduler,
@@ -210,18 +201,64 @@ class SupervisedRun:
         )
         self.position = TrainingPosition()
         if spec.resume_from:
-            self.position = load_checkpoint(
+            self.position, state = load_checkpoint(
                 store, spec.resume_from, self.model, self.optimizer, self.scheduler, scratch
             )
+            self.restore(state)
+        else:
+            self.begin()
         self.model = wrap_model(self.model)  # after loading: DDP starts from equal weights
         self.reporter = MetricsReporter(spec, store, scratch) if self.workers.is_chief else None
         self.pause = PauseWatch(store, spec.output_key)
         self.valid_every = max(1, math.ceil(self.total_steps / MAX_VALID_EVALS))
         self.last_metrics: dict[str, float] = {}
 
+    # --- what a recipe defines
+    @abstractmethod
+    def load_units(self, path: Path, data_format: str) -> tuple[list[Unit], int]:
+        """The file's units that have something to learn within max_length, and how many
+        had nothing left once truncated (they are left out, and the job says so)."""
+
+    @abstractmethod
+    def sequences(self, unit: Unit) -> list[TokenizedExample]:
+        """The token sequences of a unit (they always share a forward pass)."""
+
+    @abstractmethod
+    def plan(self, units: Sequence[Unit]) -> list[ForwardPass]:
+        """This worker's units of one step as packed forward passes."""
+
+    @abstractmethod
+    def normalizer(self, batch: Sequence[Unit]) -> Any:
+        """What the step's losses are divided by (its token or pair counts), computed on
+        the whole step's batch so that every worker divides alike."""
+
+    @abstractmethod
+    def forward(self, model: Any, rows: ForwardPass, normalizer: Any) -> tuple[torch.Tensor, Tally]:
+        """One packed forward pass: its share of the step's loss, and its tally."""
+
+    @abstractmethod
+    def new_tally(self) -> Tally: ...
+
+    def begin(self) -> None:
+        """Before the first step of a run that does not resume (e.g. reference values)."""
+
+    def recipe_state(self) -> dict[str, Any]:
+        """What the recipe needs to resume, saved with every checkpoint."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """The recipe's part of a checkpoint, when resuming."""
+
+    # --- shared
     @property
     def unwrapped(self) -> Any:
         return self.model.module if hasattr(self.model, "module") else self.model
+
+    def unit_tokens(self, unit: Unit) -> int:
+        return sum(len(s.input_ids) for s in self.sequences(unit))
+
+    def batch(self, rows: ForwardPass) -> PackedBatch:
+        return collate(as_one_row(rows) if self.one_row else rows).to(self.device)
 
     # --- train
     def run(self) -> Outcome:
@@ -231,25 +268,27 @@ class SupervisedRun:
                 Started(
                     total_steps=self.total_steps,
                     resumed_from_step=self.position.step,
-                    n_examples=len(self.train_examples),
-                    n_truncated=sum(t.truncated for t in self.train_examples),
-                    n_dropped=self.dropped_examples,
-                    trained_tokens=sum(len(t.input_ids) for t in self.train_examples)
+                    n_examples=len(self.train_units),
+                    n_truncated=sum(
+                        any(s.truncated for s in self.sequences(u)) for u in self.train_units
+                    ),
+                    n_dropped=self.dropped_units,
+                    trained_tokens=sum(self.unit_tokens(u) for u in self.train_units)
                     * self.hp.n_epochs,
                 )
             )
         steps_at_start = self.position.step
         self.model.train()
         for epoch in range(self.position.epoch, self.hp.n_epochs):
-            order = epoch_order(len(self.train_examples), self.spec.seed, epoch)
+            order = epoch_order(len(self.train_units), self.spec.seed, epoch)
             for batch_index in range(self.position.next_batch, self.steps_per_epoch):
                 start = batch_index * self.hp.batch_size
-                batch = [self.train_examples[i] for i in order[start : start + self.hp.batch_size]]
-                counts = self.train_step(batch)
+                batch = [self.train_units[i] for i in order[start : start + self.hp.batch_size]]
+                tally = self.train_step(batch)
                 self.position.step += 1
                 self.position.next_batch = batch_index + 1
                 epoch_end = batch_index == self.steps_per_epoch - 1
-                self._report_step(counts, started, steps_at_start, epoch_end)
+                self._report_step(tally, started, steps_at_start, epoch_end)
                 if self.workers.any(self.workers.is_chief and self.pause.requested()):
                     self._save_paused()
                     return "paused"
@@ -258,68 +297,62 @@ class SupervisedRun:
                 return "early_stopped"
         return "completed"
 
-    def train_step(self, batch: Sequence[TokenizedExample]) -> TokenCounts:
-        """One optimizer step over `batch`; returns the step's summed counts (all workers)."""
+    def train_step(self, batch: Sequence[Unit]) -> Tally:
+        """One optimizer step over `batch`; returns the step's summed tally (all workers)."""
         workers = self.workers
-        n_targets = max(sum(e.n_target_tokens for e in batch), 1)
-        mine = list(batch[workers.rank :: workers.world_size])
+        normalizer = self.normalizer(batch)
+        mine = workers.share(batch)
         weight = 1.0
-        if not mine:  # fewer examples than workers: join the all-reduce with a zero loss
+        if not mine:  # fewer units than workers: join the all-reduce with a zero loss
             mine, weight = [batch[0]], 0.0
-        plan = plan_micro_batches(mine, self.spec.micro_batch_tokens)
-        counts = TokenCounts()
+        plan = self.plan(mine)
+        tally = self.new_tally()
         for index, rows in enumerate(plan):
             with _no_sync(self.model, last=index == len(plan) - 1):
-                loss_sum, micro = forward_counts(self.model, self._batch(rows))
+                loss, part = self.forward(self.model, rows, normalizer)
                 # DDP averages gradients over workers; scaling by their number makes the
-                # result the gradient of (all target tokens' loss) / (their count).
-                (loss_sum * (weight * workers.world_size / n_targets)).backward()
+                # result the gradient of the whole step's loss.
+                (loss * (weight * workers.world_size)).backward()
             if weight:
-                counts.add(micro)
+                tally.add(part)
         torch.nn.utils.clip_grad_norm_(self.trainable, self.hp.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return workers.sum(counts)
+        return workers.sum(tally)
 
     # --- evaluate
     @torch.no_grad()
-    def evaluate(self, examples: Sequence[TokenizedExample]) -> TokenCounts:
+    def evaluate(self, units: Sequence[Unit]) -> Tally:
         model = self.unwrapped  # no DDP hooks: evaluation has no gradients to sync
         was_training = model.training
         model.eval()
-        counts = TokenCounts()
-        mine = list(examples[self.workers.rank :: self.workers.world_size])
-        for rows in plan_micro_batches(mine, self.spec.micro_batch_tokens):
-            counts.add(forward_counts(model, self._batch(rows))[1])
+        tally = self.new_tally()
+        mine = self.workers.share(units)
+        if mine:
+            normalizer = self.normalizer(units)
+            for rows in self.plan(mine):
+                tally.add(self.forward(model, rows, normalizer)[1])
         model.train(was_training)
-        return self.workers.sum(counts)
+        return self.workers.sum(tally)
 
-    def _batch(self, rows: Sequence[Sequence[TokenizedExample]]) -> PackedBatch:
-        return collate(as_one_row(rows) if self.one_row else rows).to(self.device)
-
-    def _valid_batch(self) -> list[TokenizedExample]:
-        size = min(self.hp.batch_size, len(self.valid_examples))
+    def _valid_batch(self) -> list[Unit]:
+        size = min(self.hp.batch_size, len(self.valid_units))
         cursor = self.position.valid_cursor
-        picked = [self.valid_examples[(cursor + i) % len(self.valid_examples)] for i in range(size)]
-        self.position.valid_cursor = (cursor + size) % len(self.valid_examples)
+        picked = [self.valid_units[(cursor + i) % len(self.valid_units)] for i in range(size)]
+        self.position.valid_cursor = (cursor + size) % len(self.valid_units)
         return picked
 
     # --- report
     def _report_step(
-        self, counts: TokenCounts, started: float, steps_at_start: int, epoch_end: bool
+        self, tally: Tally, started: float, steps_at_start: int, epoch_end: bool
     ) -> None:
         step = self.position.step
-        values = {"train_loss": counts.loss, "train_mean_token_accuracy": counts.accuracy}
-        if self.valid_examples and (step % self.valid_every == 0 or epoch_end):
-            valid = self.evaluate(self._valid_batch())
-            values |= {"valid_loss": valid.loss, "valid_mean_token_accuracy": valid.accuracy}
-        if self.valid_examples and epoch_end:
-            full = self.evaluate(self.valid_examples)
-            values |= {
-                "full_valid_loss": full.loss,
-                "full_valid_mean_token_accuracy": full.accuracy,
-            }
+        values = _prefixed("train_", tally.metrics())
+        if self.valid_units and (step % self.valid_every == 0 or epoch_end):
+            values |= _prefixed("valid_", self.evaluate(self._valid_batch()).metrics())
+        if self.valid_units and epoch_end:
+            values |= _prefixed("full_valid_", self.evaluate(self.valid_units).metrics())
         self.last_metrics = values
         if self.reporter:
             elapsed = time.monotonic() - started
@@ -351,6 +384,7 @@ class SupervisedRun:
                 self.scheduler,
                 self.scratch,
                 keep=KEEP_EPOCH_CHECKPOINTS,
+                recipe_state=self.recipe_state(),
             )
             self.reporter.progress.write(
                 Checkpoint(
@@ -381,6 +415,7 @@ class SupervisedRun:
                 self.optimizer,
                 self.scheduler,
                 self.scratch,
+                recipe_state=self.recipe_state(),
             )
             self.reporter.progress.write(Paused(step=self.position.step, path=key))
 
@@ -395,9 +430,15 @@ class SupervisedRun:
             self.reporter.close()
 
 
+def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {prefix + name: value for name, value in values.items()}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
+
+    from training.recipes import recipe_for
 
     spec = TrainingSpec.model_validate(config["spec"])
     store = open_store(spec.storage_url)
@@ -416,7 +457,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             )
     with scratch_folder(f"{spec.job_id}-rank{context.get_world_rank()}-") as folder:
-        run = SupervisedRun(
+        run = recipe_for(spec.method)(
             spec,
             store,
             folder,
