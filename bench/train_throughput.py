@@ -1,5 +1,6 @@
-"""Trainer throughput: ftaas's packed, padding-free LoRA trainer against transformers'
-`Trainer` + peft padding each batch to its longest example.
+"""Trainer throughput: ftaas's packed, padding-free LoRA trainer against the usual
+padded trainers: transformers' `Trainer` + peft for supervised tuning (`--method
+supervised`), TRL's `DPOTrainer` + peft for DPO (`--method dpo`).
 
 Both runs use the same base model (ftaas-tiny, built in-process), the same tokenized
 examples (chat data whose lengths vary like real chat logs), the same LoRA and optimiser
@@ -10,7 +11,17 @@ ratio, peak memory, the final loss of each adapter over the whole dataset, and o
 model FLOPs utilisation (MFU: the FLOPs the training needs, per second, over the GPU's
 peak; see `model_flops`).
 
-    .venv/bin/python bench/train_throughput.py [--examples 256] [--batch-sizes 8,16] [--rounds 2]
+For DPO both trainers take the same preference pairs, β, RPO weight (TRL's loss_type
+["sigmoid", "sft"]), LoRA and schedule, with the reference being the adapter switched off;
+the reference forward passes are in both timings (ftaas makes them once, before the first
+step; TRL at every step). Printed: pairs and tokens (both answers) per second, and the
+final DPO loss of each adapter over every pair, scored alike.
+
+`--model small` trains a randomly initialised Llama of about 150 M parameters instead of
+ftaas-tiny (same tokenizer), for GPUs, where the tiny model cannot fill the device.
+
+    .venv/bin/python bench/train_throughput.py [--method supervised|dpo] [--model tiny|small]
+        [--examples 256] [--batch-sizes 8,16] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -59,6 +70,57 @@ def chat_rows(n: int, seed: int) -> list[dict[str, Any]]:
         }
         for _ in range(n)
     ]
+
+
+def preference_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    """OpenAI's preference format, with the lengths of `chat_rows`."""
+    chosen, rejected = chat_rows(n, seed), chat_rows(n, seed + 1)
+    return [
+        {
+            "input": {"messages": [a["messages"][0]]},
+            "preferred_output": [a["messages"][1]],
+            "non_preferred_output": [b["messages"][1]],
+        }
+        for a, b in zip(chosen, rejected, strict=True)
+    ]
+
+
+SMALL_MODEL = {  # about 150 M parameters with ftaas-tiny's 1,024-token vocabulary
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "head_dim": 64,
+}
+
+
+def build_model(work: Path, size: str) -> Path:
+    """ftaas-tiny, or a larger random Llama with its tokenizer (`SMALL_MODEL`)."""
+    import shutil
+
+    from training.tiny_model import build_tiny_model
+
+    tiny = build_tiny_model(work / "ftaas-tiny")
+    if size == "tiny":
+        return tiny
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    folder = work / f"llama-{size}"
+    shutil.copytree(tiny, folder, ignore=shutil.ignore_patterns("*.safetensors", "ftaas_*"))
+    config = AutoConfig.from_pretrained(tiny)
+    for key, value in SMALL_MODEL.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def peak_memory_mb() -> float:
@@ -126,24 +188,31 @@ def model_flops(model: Any, lengths: list[int], epochs: int) -> float:
 
 
 def run_ftaas(spec_path: Path) -> dict[str, Any]:
-    from training.recipes.supervised import SupervisedRun
+    from training.recipes import recipe_for
     from training.spec import TrainingSpec
     from training.storage import open_store
 
     spec = TrainingSpec.model_validate_json(spec_path.read_text())
     scratch = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
-    run = SupervisedRun(spec, open_store(spec.storage_url), scratch)
-    lengths = [len(e.input_ids) for e in run.train_units]
+    run = recipe_for(spec.method)(spec, open_store(spec.storage_url), scratch, device=device())
+    lengths = [len(s.input_ids) for unit in run.train_units for s in run.sequences(unit)]
     tokens = sum(lengths) * run.hp.n_epochs
     started = time.perf_counter()
+    run.begin()  # done once in the constructor too: DPO's reference pass, timed here
     run.run()
     seconds = time.perf_counter() - started
     run.close()
+    scored = (
+        final_loss(run.unwrapped, run.train_units)
+        if spec.method == "supervised"
+        else final_dpo_loss(run.unwrapped, run.train_units, run.hp.beta)
+    )
     return {
+        "units": len(run.train_units) * run.hp.n_epochs,
         "tokens": tokens,
         "seconds": seconds,
         "steps": run.position.step,
-        "final_loss": final_loss(run.unwrapped, run.train_units),
+        "final_loss": scored,
         "model_flops": model_flops(run.unwrapped, lengths, run.hp.n_epochs),
     }
 
@@ -166,10 +235,8 @@ class EpochOrder:
         return self.n_examples
 
 
-def _same_order_trainer() -> Any:
-    from transformers import Trainer
-
-    class SameOrderTrainer(Trainer):
+def _same_order(trainer: Any) -> Any:
+    class SameOrderTrainer(trainer):  # type: ignore[misc,valid-type]
         seed = 0
 
         def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
@@ -180,14 +247,14 @@ def _same_order_trainer() -> Any:
 
 def run_baseline(spec_path: Path) -> dict[str, Any]:
     import torch
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     from training.lora import build_lora_model
     from training.recipes.supervised import load_tokenized
     from training.spec import TrainingSpec
     from training.storage import open_store
 
-    SameOrderTrainer = _same_order_trainer()
+    SameOrderTrainer = _same_order(Trainer)
     spec = TrainingSpec.model_validate_json(spec_path.read_text())
     hp = spec.hyperparameters
 
@@ -195,7 +262,7 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
     data = open_store(spec.storage_url).local_file(spec.training_file, Path(tempfile.mkdtemp()))
     examples, _ = load_tokenized(data, spec.data_format, tokenizer, spec.max_length)
     torch.manual_seed(spec.seed)
-    model = build_lora_model(spec.base_model_path, hp, torch.device("cpu"), packed_attention=False)
+    model = build_lora_model(spec.base_model_path, hp, device(), packed_attention=False)
     pad = tokenizer.pad_token_id or 0
 
     padded_lengths: list[int] = []
@@ -242,6 +309,7 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
         seconds = time.perf_counter() - started
     real = sum(len(e.input_ids) for e in examples)
     return {
+        "units": len(examples) * hp.n_epochs,
         "tokens": real * hp.n_epochs,
         "seconds": seconds,
         "steps": state.global_step,
@@ -249,6 +317,106 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
         "padding_share": 1 - real / sum(padded_lengths),
         "model_flops": model_flops(model, [len(e.input_ids) for e in examples], hp.n_epochs),
     }
+
+
+def run_trl(spec_path: Path) -> dict[str, Any]:
+    """TRL's DPOTrainer with the same peft model, data, order and hyperparameters."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from training.data.validation import read_examples
+    from training.lora import build_lora_model
+    from training.recipes.dpo import load_pairs
+    from training.spec import TrainingSpec
+    from training.storage import open_store
+
+    spec = TrainingSpec.model_validate_json(spec_path.read_text())
+    hp = spec.hyperparameters
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
+    data = open_store(spec.storage_url).local_file(spec.training_file, Path(tempfile.mkdtemp()))
+    rows = [e.model_dump(exclude_none=True) for e in read_examples(str(data), "preference")]
+
+    def turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    dataset = Dataset.from_list(  # TRL's conversational preference format
+        [
+            {
+                "prompt": turns(r["input"]["messages"]),
+                "chosen": turns(r["preferred_output"]),
+                "rejected": turns(r["non_preferred_output"]),
+            }
+            for r in rows
+        ]
+    )
+    torch.manual_seed(spec.seed)
+    model = build_lora_model(spec.base_model_path, hp, device(), packed_attention=False)
+    steps = math.ceil(len(rows) / hp.batch_size) * hp.n_epochs
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=hp.batch_size,
+            num_train_epochs=hp.n_epochs,
+            learning_rate=hp.learning_rate,
+            lr_scheduler_type=hp.lr_scheduler,
+            warmup_steps=int(steps * hp.warmup_ratio),
+            weight_decay=hp.weight_decay,
+            max_grad_norm=hp.max_grad_norm,
+            seed=spec.seed,
+            beta=hp.beta,
+            loss_type=["sigmoid", "sft"] if hp.rpo_alpha else ["sigmoid"],
+            loss_weights=[1.0, hp.rpo_alpha] if hp.rpo_alpha else None,
+            max_length=spec.max_length,
+            logging_steps=10_000,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+        )
+        trainer = _same_order(DPOTrainer)(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        trainer.seed = spec.seed
+        started = time.perf_counter()
+        state = trainer.train()
+        seconds = time.perf_counter() - started
+    # Counted and scored with ftaas's tokenization, so both runs are measured alike.
+    pairs, _ = load_pairs(data, "preference", tokenizer, spec.max_length)
+    tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
+    lengths = [len(s.input_ids) for p in pairs for s in (p.chosen, p.rejected)]
+    return {
+        "units": len(pairs) * hp.n_epochs,
+        "tokens": tokens * hp.n_epochs,
+        "seconds": seconds,
+        "steps": state.global_step,
+        "final_loss": final_dpo_loss(model, pairs, hp.beta),
+        "model_flops": model_flops(model, lengths, hp.n_epochs),
+    }
+
+
+def final_dpo_loss(model: Any, pairs: list[Any], beta: float) -> float:
+    """Mean DPO loss (the sigmoid term) of an adapter over every pair, one pair at a time,
+    the reference being the adapter switched off."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.data.batching import collate
+    from training.recipes.dpo import sequence_logps
+
+    model.eval()
+    total = 0.0
+    on = next(model.parameters()).device
+    with torch.no_grad():
+        for pair in pairs:
+            batch = collate([[pair.chosen], [pair.rejected]]).to(on)
+            policy, _ = sequence_logps(model, batch)
+            with model.disable_adapter():
+                reference, _ = sequence_logps(model, batch)
+            ratio = policy - reference
+            total += -F.logsigmoid(beta * (ratio[0] - ratio[1])).item()
+    return total / len(pairs)
 
 
 def final_loss(model: Any, examples: list[Any]) -> float:
@@ -261,9 +429,10 @@ def final_loss(model: Any, examples: list[Any]) -> float:
 
     model.eval()
     total, count = 0.0, 0
+    on = next(model.parameters()).device
     with torch.no_grad():
         for example in examples:
-            _, counts = forward_counts(model, collate([[example]]))
+            _, counts = forward_counts(model, collate([[example]]).to(on))
             total, count = total + counts.loss_sum, count + counts.n_targets
     return total / count
 
@@ -272,7 +441,8 @@ def child(kind: str, spec_path: Path) -> None:
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = run_ftaas(spec_path) if kind == "ftaas" else run_baseline(spec_path)
+    runs = {"ftaas": run_ftaas, "baseline": run_baseline, "trl": run_trl}
+    result = runs[kind](spec_path)
     result["peak_memory_mb"] = peak_memory_mb()
     print("RESULT " + json.dumps(result))
 
@@ -286,28 +456,32 @@ def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any)
     store = LocalStore(work)
     with open(data, "rb") as stream:
         store.put_file("train.jsonl", stream)
+    dpo = args.method == "dpo"
     spec = TrainingSpec(
         job_id="bench",
+        method=args.method,
         base_model="ftaas-tiny",
         base_model_path=str(model_dir),
         max_length=TINY_MODEL_MAX_LENGTH,
         training_file="train.jsonl",
+        data_format="preference" if dpo else "chat",
         storage_url=store.url,
         output_key=f"ftaas-run-{batch_size}",
         hyperparameters=ResolvedHyperparameters(
             n_epochs=args.epochs,
             batch_size=batch_size,
             learning_rate_multiplier=1.0,
-            learning_rate=LEARNING_RATE,
+            learning_rate=LEARNING_RATE / 10 if dpo else LEARNING_RATE,
         ),
         seed=0,
     )
     spec.save(store)
     spec_path = work / spec.spec_key
 
+    peer = "trl" if dpo else "baseline"
     best: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):
-        for kind in ("baseline", "ftaas"):
+        for kind in (peer, "ftaas"):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", kind, "--spec", str(spec_path)],
                 capture_output=True, text=True, check=True, cwd=ROOT,
@@ -317,18 +491,22 @@ def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any)
             if kind not in best or result["tokens_per_s"] > best[kind]["tokens_per_s"]:
                 best[kind] = result
 
-    base, ours = best["baseline"], best["ftaas"]
+    base, ours = best[peer], best["ftaas"]
+    unit = "pairs" if dpo else "examples"
     print(
-        f"\nbatch size {batch_size}: {args.examples} examples, {args.epochs} epoch(s), "
-        f"{ours['steps']} steps, best of {args.rounds} runs each"
+        f"\n{args.method}, {args.model} model, batch size {batch_size}: {args.examples} {unit}, "
+        f"{args.epochs} epoch(s), {ours['steps']} steps, best of {args.rounds} runs each"
     )
     peak = peak_flops()
-    print(f"  {'trainer':<10}{'tokens/s':>10}{'peak MB':>10}{'final loss':>12}{'MFU':>8}")
-    for kind, r in (("baseline", base), ("ftaas", ours)):
+    print(
+        f"  {'trainer':<10}{unit + '/s':>11}{'tokens/s':>10}{'peak MB':>10}"
+        f"{'final loss':>12}{'MFU':>8}"
+    )
+    for kind, r in ((peer, base), ("ftaas", ours)):
         mfu = f"{r['model_flops'] / r['seconds'] / peak[0]:.1%}" if peak else "n/a"
         print(
-            f"  {kind:<10}{r['tokens_per_s']:>10.0f}{r['peak_memory_mb']:>10.0f}"
-            f"{r['final_loss']:>12.4f}{mfu:>8}"
+            f"  {kind:<10}{r['units'] / r['seconds']:>11.1f}{r['tokens_per_s']:>10.0f}"
+            f"{r['peak_memory_mb']:>10.0f}{r['final_loss']:>12.4f}{mfu:>8}"
         )
     print(
         f"  MFU: model FLOPs per second over the peak of {peak[1]} ({peak[0] / 1e12:.0f} TFLOP/s)"
@@ -336,8 +514,9 @@ def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any)
         else "  MFU: on a GPU only (or set FTAAS_PEAK_TFLOPS to this machine's peak)"
     )
     gap = abs(ours["final_loss"] - base["final_loss"]) / base["final_loss"]
-    print(f"  baseline tokens that were padding: {base['padding_share']:.0%}")
-    print(f"  throughput ratio ftaas/baseline: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    if "padding_share" in base:
+        print(f"  {peer} tokens that were padding: {base['padding_share']:.0%}")
+    print(f"  throughput ratio ftaas/{peer}: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x")
     print(f"  final loss difference: {gap:.2%}")
 
 
@@ -349,19 +528,20 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="8,16", help="comma-separated")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--child", choices=["ftaas", "baseline"])
+    parser.add_argument("--method", choices=["supervised", "dpo"], default="supervised")
+    parser.add_argument("--model", choices=["tiny", "small"], default="tiny")
+    parser.add_argument("--child", choices=["ftaas", "baseline", "trl"])
     parser.add_argument("--spec")
     args = parser.parse_args()
     if args.child:
         child(args.child, Path(args.spec))
         return
 
-    from training.tiny_model import build_tiny_model
-
     work = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
-    model_dir = build_tiny_model(work / "ftaas-tiny")
+    model_dir = build_model(work, args.model)
     data = work / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(args.examples, seed=1)))
+    rows = preference_rows if args.method == "dpo" else chat_rows
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(args.examples, seed=1)))
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         compare(work, model_dir, data, batch_size, args)
 

@@ -20,6 +20,7 @@ import torch
 
 from tests.conftest import QUESTIONS, SECRET
 from tests.training.test_sft import make_spec, records
+from training.recipes import recipe_for
 from training.recipes.supervised import SupervisedRun
 from training.spec import TrainingSpec
 from training.storage import open_store
@@ -36,7 +37,9 @@ CURVE_TOLERANCE = {"rel": 0.05, "abs": 0.05}
 def _train(spec: TrainingSpec, tmp_path: Path, device: str) -> list[float]:
     scratch = tmp_path / "scratch" / spec.job_id
     scratch.mkdir(parents=True)
-    run = SupervisedRun(spec, open_store(spec.storage_url), scratch, device=torch.device(device))
+    run = recipe_for(spec.method)(
+        spec, open_store(spec.storage_url), scratch, device=torch.device(device)
+    )
     try:
         assert run.run() == "completed"
         run.save_adapter()
@@ -48,6 +51,15 @@ def _train(spec: TrainingSpec, tmp_path: Path, device: str) -> list[float]:
 def test_one_gpu_follows_the_cpu_loss_curve(tmp_path, tiny_model_dir):
     on_cpu = _train(make_spec(tmp_path, tiny_model_dir, "on-cpu"), tmp_path, "cpu")
     on_gpu = _train(make_spec(tmp_path, tiny_model_dir, "on-gpu"), tmp_path, "cuda")
+    assert on_gpu == pytest.approx(on_cpu, **CURVE_TOLERANCE)
+    assert on_gpu[-1] < on_gpu[0]
+
+
+def test_dpo_on_one_gpu_follows_the_cpu_loss_curve(tmp_path, tiny_model_dir):
+    from tests.training.test_dpo import dpo_spec
+
+    on_cpu = _train(dpo_spec(tmp_path, tiny_model_dir, "dpo-cpu"), tmp_path, "cpu")
+    on_gpu = _train(dpo_spec(tmp_path, tiny_model_dir, "dpo-gpu"), tmp_path, "cuda")
     assert on_gpu == pytest.approx(on_cpu, **CURVE_TOLERANCE)
     assert on_gpu[-1] < on_gpu[0]
 
@@ -87,6 +99,7 @@ def test_two_gpus_in_data_parallel_give_the_loss_of_one(tmp_path, tiny_model_dir
     assert curves[1] == pytest.approx(curves[0], **CURVE_TOLERANCE)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_vllms_gpu_engine_answers_as_transformers_and_peft(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -145,18 +145,24 @@ def sequence_logps(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, torch.
     return logps, counts
 
 
+def load_pairs(
+    path: str | Path, data_format: str, tokenizer: Any, max_length: int
+) -> tuple[list[Pair], int]:
+    """The file's pairs whose two answers both keep a token within max_length, and how
+    many lost one (they are left out)."""
+    pairs = []
+    for example in read_examples(str(path), data_format):  # type: ignore[arg-type]
+        assert isinstance(example, PreferenceExample)
+        pairs.append(Pair.of(*tokenize_preference(example, tokenizer, max_length)))
+    kept = [p for p in pairs if p.chosen.n_target_tokens and p.rejected.n_target_tokens]
+    return kept, len(pairs) - len(kept)
+
+
 class DpoRun(TrainingRun[Pair]):
     unit_name = "pair"
 
     def load_units(self, path: Path, data_format: str) -> tuple[list[Pair], int]:
-        examples = read_examples(str(path), data_format)  # type: ignore[arg-type]
-        pairs = []
-        for example in examples:
-            assert isinstance(example, PreferenceExample)
-            chosen, rejected = tokenize_preference(example, self.tokenizer, self.spec.max_length)
-            pairs.append(Pair.of(chosen, rejected))
-        kept = [p for p in pairs if p.chosen.n_target_tokens and p.rejected.n_target_tokens]
-        return kept, len(pairs) - len(kept)
+        return load_pairs(path, data_format, self.tokenizer, self.spec.max_length)
 
     def sequences(self, unit: Pair) -> list[TokenizedExample]:
         return [unit.chosen, unit.rejected]
