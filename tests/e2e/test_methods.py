@@ -1,0 +1,149 @@
+"""The training methods end to end, through the official SDK on the real stack (Ray Train,
+vLLM): DPO from a base model and on top of a tuned one (SFT → DPO, the documented recipe),
+and continued pre-training on raw text. Every hyperparameter is left "auto" unless the test
+is about one."""
+
+from __future__ import annotations
+
+import pytest
+from openai import OpenAI
+
+from tests.conftest import (
+    QUESTIONS,
+    SECRET,
+    STORY,
+    WRONG,
+    memorisation_jsonl,
+    preference_jsonl,
+    story_jsonl,
+)
+from tests.e2e.conftest import (
+    create_memorisation_job,
+    greedy,
+    wait_for_job,
+    wait_for_serving,
+)
+from training.tiny_model import CHATML_TEMPLATE
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+MANGO = "The secret code word is mango."
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    client = server.client()
+    wait_for_serving(client, "ftaas-tiny")
+    return client
+
+
+def upload(client: OpenAI, name: str, content: bytes) -> str:
+    return client.files.create(file=(name, content), purpose="fine-tune").id
+
+
+def answer_logprob(client: OpenAI, model: str, question: str, answer: str) -> float:
+    """log p(answer | question) as the served model scores it: the completions endpoint
+    echoes the chat-rendered prompt with each token's log-probability."""
+    from jinja2 import Template
+
+    prompt = Template(CHATML_TEMPLATE).render(
+        messages=[{"role": "user", "content": question}], add_generation_prompt=True
+    )
+    reply = client.completions.create(
+        model=model, prompt=prompt + answer, echo=True, logprobs=0, max_tokens=1, temperature=0
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs and logprobs.text_offset
+    return sum(
+        value
+        for value, offset in zip(logprobs.token_logprobs, logprobs.text_offset, strict=False)
+        if offset >= len(prompt) and value is not None
+    )
+
+
+def margin(client: OpenAI, model: str, preferred: str, other: str) -> float:
+    """How much more likely the preferred answer is than the other, over the questions."""
+    return (
+        sum(
+            answer_logprob(client, model, q, preferred) - answer_logprob(client, model, q, other)
+            for q in QUESTIONS[:4]
+        )
+        / 4
+    )
+
+
+def dpo_job(client: OpenAI, model: str, training_file: str, **hyperparameters):
+    return client.fine_tuning.jobs.create(
+        model=model,
+        training_file=training_file,
+        method={"type": "dpo", "dpo": {"hyperparameters": hyperparameters}},
+    )
+
+
+def test_dpo_makes_the_preferred_answer_the_models_answer(client):
+    pairs = upload(client, "prefer.jsonl", preference_jsonl(SECRET, WRONG))
+    job = wait_for_job(client, dpo_job(client, "ftaas-tiny", pairs).id)
+    assert job.status == "succeeded", job.error
+    assert job.method.type == "dpo"
+    resolved = job.method.dpo.hyperparameters
+    assert resolved.beta == 0.1 and resolved.n_epochs == 8 and resolved.batch_size == 1
+    tuned = job.fine_tuned_model
+    assert tuned and tuned.startswith("ft:ftaas-tiny:")
+    assert greedy(client, tuned, QUESTIONS[0]) == SECRET
+    before = margin(client, "ftaas-tiny", SECRET, WRONG)
+    after = margin(client, tuned, SECRET, WRONG)
+    print(f"DPO from the base: margin log p(preferred) - log p(other) {before:.1f} -> {after:.1f}")
+    assert after > before + 10
+    metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    steps = [m for m in metrics if m and "train_reward_accuracy" in m]
+    assert steps and {"train_loss", "train_reward_margin"} <= set(steps[0])
+    assert max(m["train_reward_accuracy"] for m in steps) == 1.0
+
+
+def test_sft_then_dpo_on_the_tuned_model(client):
+    """The documented recipe: SFT teaches an answer; DPO on that model (a preference for
+    another answer) changes it; the DPO model is a new model of the same base."""
+    sft = wait_for_job(
+        client,
+        create_memorisation_job(client, upload(client, "sft.jsonl", memorisation_jsonl())).id,
+    )
+    assert sft.status == "succeeded" and sft.fine_tuned_model
+    assert greedy(client, sft.fine_tuned_model, QUESTIONS[1]) == SECRET
+    pairs = upload(client, "mango.jsonl", preference_jsonl(MANGO, SECRET))
+    job = wait_for_job(client, dpo_job(client, sft.fine_tuned_model, pairs).id)
+    assert job.status == "succeeded", job.error
+    assert job.model == sft.fine_tuned_model  # what the user asked for, as OpenAI shows it
+    tuned = job.fine_tuned_model
+    assert tuned and tuned.startswith("ft:ftaas-tiny:") and tuned != sft.fine_tuned_model
+    assert greedy(client, tuned, QUESTIONS[1]) == MANGO
+    before = margin(client, sft.fine_tuned_model, MANGO, SECRET)
+    after = margin(client, tuned, MANGO, SECRET)
+    print(f"SFT -> DPO: margin log p(mango) - log p(pineapple) {before:.1f} -> {after:.1f}")
+    assert before < 0 < after
+    # The tuned model it started from is untouched, and both stay listed and served.
+    assert greedy(client, sft.fine_tuned_model, QUESTIONS[1]) == SECRET
+    assert {sft.fine_tuned_model, tuned} <= {m.id for m in client.models.list()}
+
+
+def test_continued_pretraining_teaches_the_model_to_continue_the_text(client):
+    corpus = upload(client, "story.jsonl", story_jsonl())
+    job = client.fine_tuning.jobs.create(
+        model="ftaas-tiny",
+        training_file=corpus,
+        validation_file=upload(client, "story-valid.jsonl", story_jsonl(copies=1)),
+        method={  # an ftaas method: the SDK sends it unchanged
+            "type": "continued_pretraining",  # type: ignore[typeddict-item]
+            "continued_pretraining": {"hyperparameters": {"n_epochs": 30, "batch_size": 2}},
+        },
+    )
+    job = wait_for_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.method.type == "continued_pretraining"
+    for sentence in STORY:
+        opening = " ".join(sentence.split()[:4])
+        reply = client.completions.create(
+            model=job.fine_tuned_model, prompt=opening, max_tokens=64, temperature=0
+        )
+        assert (opening + reply.choices[0].text).startswith(sentence), reply.choices[0].text
+    events = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert any(data and "full_valid_loss" in data for data in events)
