@@ -201,7 +201,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         app.state.files = FileService(db, blobs, settings.max_upload_bytes, validator)
         app.state.uploads = UploadService(db, blobs, app.state.files)
         app.state.jobs = FineTuningService(db, base_models, reconciler.stop)
-        app.state.models = ModelService(db, base_models, started_at=now())
+        app.state.models = ModelService(
+            db, base_models, now(), store=blobs, max_adapter_bytes=settings.max_adapter_bytes
+        )
         app.state.gateway = gateway
         lease = Lease(db)
         housekeeping = Housekeeping(db, blobs)

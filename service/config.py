@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         default=512 * 1024 * 1024, description="largest file (direct or assembled upload)"
     )
+    max_adapter_bytes: int = Field(
+        default=8 * 1024**3, description="largest adapter weights file an import may unpack"
+    )
     max_request_bytes: int = Field(
         default=16 * 1024 * 1024,
         description="largest JSON request body (chat, completions, jobs, uploads)",

@@ -178,7 +178,7 @@ class ModelRow(Base):
     id: Mapped[str] = mapped_column(String(512), primary_key=True)
     organization: Mapped[str] = mapped_column(String(128), index=True)
     base_model: Mapped[str] = mapped_column(String(256))
-    job_id: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str | None] = mapped_column(String(64), default=None)  # None: imported
     adapter_dir: Mapped[str] = mapped_column(Text)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 

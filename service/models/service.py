@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
 
 from openai.types import Model, ModelDeleted
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, select
 
 from service.auth import Tenant
 from service.config import BaseModelConfig
-from service.db import CheckpointRow, Database, JobRow, ModelRow, changed_rows
+from service.db import CheckpointRow, Database, FileRow, JobRow, ModelRow, changed_rows, now
 from service.errors import InvalidRequest, NotFound
-from service.fine_tuning.naming import is_checkpoint, is_fine_tuned
+from service.fine_tuning.naming import (
+    SUFFIX_PATTERN,
+    fine_tuned_model_name,
+    is_checkpoint,
+    is_fine_tuned,
+)
+from service.ids import model_short_id
+from service.models.adapters import (
+    adapter_archive,
+    archive_folder_name,
+    check_adapter,
+    unpack_adapter,
+)
 from training.spec import checkpoint_adapter_key
+from training.storage import ArtifactStore, join
 
 BASE_MODEL_OWNER = "ftaas"
 
@@ -34,16 +52,29 @@ def _not_found(model: str) -> NotFound:
     )
 
 
+class ImportAdapterRequest(BaseModel):
+    """POST /v1/models: a PEFT LoRA adapter (an uploaded archive) as a model of a base."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: str = Field(min_length=1, max_length=256)
+    adapter_file: str = Field(min_length=1, max_length=64, description="an uploaded file's id")
+    suffix: Annotated[str, Field(pattern=SUFFIX_PATTERN)] | None = None
+
+
 class ModelService:
     def __init__(
         self,
         db: Database,
         base_models: dict[str, BaseModelConfig],
         started_at: int,
+        store: ArtifactStore | None = None,
+        max_adapter_bytes: int = 8 * 1024**3,
     ):
         self.db = db
         self.base_models = base_models
         self.started_at = started_at
+        self.store = store
+        self.max_adapter_bytes = max_adapter_bytes
 
     def _base(self, model_id: str) -> Model:
         return Model(
@@ -103,3 +134,58 @@ class ModelService:
             return InferenceTarget(job.model, model, checkpoint_adapter_key(checkpoint.path))
         row = self._row(tenant, model)
         return InferenceTarget(row.base_model, row.id, row.adapter_dir)
+
+    # --- adapters out and in
+    def adapter_archive(self, tenant: Tenant, model: str) -> tuple[Iterator[bytes], str]:
+        """A tuned model's (or checkpoint's) adapter as a .tar.gz stream, and its file name."""
+        target = self.inference_target(tenant, model)
+        if target.adapter_key is None:
+            raise InvalidRequest(
+                f"`{model}` is a base model: only fine-tuned models have an adapter",
+                param="model",
+            )
+        assert self.store is not None
+        if not self.store.folder_complete(target.adapter_key):
+            raise _not_found(model)
+        folder = archive_folder_name(model)
+        return adapter_archive(self.store, target.adapter_key, folder), f"{folder}.tar.gz"
+
+    def import_adapter(self, tenant: Tenant, request: ImportAdapterRequest) -> Model:
+        """Check an uploaded adapter archive against its base model's engine, store it and
+        register it as a model of that base (served, listed and deleted like tuned ones)."""
+        base = self.base_models.get(request.base_model)
+        if base is None:
+            raise InvalidRequest(
+                f"Base model {request.base_model} is not configured. "
+                f"Available: {', '.join(sorted(self.base_models))}",
+                param="base_model",
+                code="model_not_available",
+            )
+        with self.db.session() as session:
+            file = session.get(FileRow, request.adapter_file)
+        if file is None or file.organization != tenant.organization:
+            raise InvalidRequest(
+                f"invalid adapter_file: {request.adapter_file}",
+                param="adapter_file",
+                code="invalid_file",
+            )
+        assert self.store is not None
+        short_id = model_short_id()
+        key = join("imported", short_id, "adapter")
+        with tempfile.TemporaryDirectory(prefix="ftaas-import-") as scratch:
+            archive = self.store.local_file(file.blob_key, Path(scratch))
+            folder = unpack_adapter(archive, Path(scratch) / "adapter", self.max_adapter_bytes)
+            check_adapter(folder, base)
+            self.store.put_folder(folder, key)
+        name = fine_tuned_model_name(base.id, tenant.organization, request.suffix, short_id)
+        row = ModelRow(
+            id=name,
+            organization=tenant.organization,
+            base_model=base.id,
+            job_id=None,
+            adapter_dir=key,
+            created_at=now(),
+        )
+        with self.db.session() as session:
+            session.add(row)
+        return self._tuned(row)

@@ -45,7 +45,7 @@ def parts(settings: Settings):  # type: ignore[no-untyped-def]
         "files": files,
         "uploads": UploadService(db, blobs, files),
         "jobs": FineTuningService(db, base_models, reconciler.stop),
-        "models": ModelService(db, base_models, started_at=0),
+        "models": ModelService(db, base_models, started_at=0, store=blobs),
         "reconciler": reconciler,
         "launcher": launcher,
     }

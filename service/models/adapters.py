@@ -1,0 +1,197 @@
+"""Adapters in and out: a tuned model's PEFT folder as an archive, and an external PEFT
+LoRA adapter checked against what the serving engine can load.
+
+Out: `adapter_config.json` and `adapter_model.safetensors` as a gzipped tar with one
+folder, streamed from the artifact store as it is read (no temporary copy, bounded memory).
+
+In: a tar (any compression) or zip archive holding those two files, anywhere in it. Only
+those two names are read, each as a regular file within its size bound; nothing in the
+archive names a path on this machine. The adapter must be LoRA of a rank the base model's
+engine accepts, with no `modules_to_save`, no DoRA and no weights for embeddings or the
+output layer (vLLM serves none of those), on linear layers the base model has, with their
+shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import re
+import tarfile
+import time
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from service.config import BaseModelConfig
+from service.errors import InvalidRequest
+from training.storage import CHUNK_BYTES, ArtifactStore, join
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG, WEIGHTS)
+MAX_CONFIG_BYTES = 1024 * 1024
+# peft's names for a LoRA weight: <module>.lora_A.weight / <module>.lora_B.weight.
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
+UNSERVABLE = ("embed_tokens", "lm_head", "wte", "wpe", "modules_to_save")
+
+
+def archive_folder_name(model: str) -> str:
+    """The archive's folder: the model name with what file systems dislike replaced."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "adapter"
+
+
+def adapter_archive(store: ArtifactStore, key: str, folder: str) -> Iterator[bytes]:
+    """The adapter folder at `key` as a .tar.gz, produced while it streams: each file's
+    tar header, its bytes from the store, its padding, then the end of the archive."""
+    sizes = store.manifest(key) or {}
+    gzip = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip format
+    for name in ADAPTER_FILES:
+        info = tarfile.TarInfo(f"{folder}/{name}")
+        info.size, info.mode, info.mtime = sizes[name], 0o644, int(time.time())
+        yield gzip.compress(info.tobuf(format=tarfile.PAX_FORMAT))
+        with store.open(join(key, name)) as stream:
+            while chunk := stream.read(CHUNK_BYTES):
+                yield gzip.compress(chunk)
+        yield gzip.compress(b"\0" * (-info.size % tarfile.BLOCKSIZE))
+    yield gzip.compress(b"\0" * (2 * tarfile.BLOCKSIZE))
+    yield gzip.flush()
+
+
+def _bad(message: str) -> InvalidRequest:
+    return InvalidRequest(message, param="adapter_file", code="invalid_adapter")
+
+
+def _members(archive: Path) -> dict[str, tuple[int, Any]]:
+    """Each adapter file's size and how to open it, found by its name anywhere in the
+    archive (regular files only)."""
+    found: dict[str, tuple[int, Any]] = {}
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zipped:
+            for entry in zipped.infolist():
+                name = entry.filename.rsplit("/", 1)[-1]
+                if name in ADAPTER_FILES and not entry.is_dir():
+                    found.setdefault(name, (entry.file_size, ("zip", entry.filename)))
+        return found
+    try:
+        with tarfile.open(archive, mode="r:*") as tar:
+            for member in tar:
+                name = member.name.rsplit("/", 1)[-1]
+                if name in ADAPTER_FILES and member.isreg():
+                    found.setdefault(name, (member.size, ("tar", member.name)))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
+        raise _bad(f"The adapter file is not a tar or zip archive ({error})") from None
+    return found
+
+
+@contextlib.contextmanager
+def _open_member(archive: Path, where: tuple[str, str]) -> Iterator[IO[bytes]]:
+    kind, name = where
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as zipped, zipped.open(name) as stream:
+            yield stream
+        return
+    with tarfile.open(archive, mode="r:*") as tar:
+        member = tar.extractfile(name)
+        assert member is not None  # a regular file, checked by _members
+        with member:
+            yield member
+
+
+def unpack_adapter(archive: Path, target: Path, max_weights_bytes: int) -> Path:
+    """The archive's two adapter files, copied into `target` (bounded)."""
+    members = _members(archive)
+    missing = [name for name in ADAPTER_FILES if name not in members]
+    if missing:
+        raise _bad(
+            f"The archive has no {' or '.join(missing)}: export the adapter with peft's "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    for name, bound in ((CONFIG, MAX_CONFIG_BYTES), (WEIGHTS, max_weights_bytes)):
+        size, where = members[name]
+        if size > bound:
+            raise _bad(f"{name} is {size} bytes, more than {bound}")
+        with _open_member(archive, where) as stream, open(target / name, "wb") as out:
+            copied = 0
+            while chunk := stream.read(CHUNK_BYTES):
+                copied += len(chunk)
+                if copied > bound:
+                    raise _bad(f"{name} is more than {bound} bytes")
+                out.write(chunk)
+    return target
+
+
+@functools.lru_cache(maxsize=16)
+def linear_layers(base_path: str) -> dict[str, tuple[int, int]]:
+    """The base model's linear layers (name → (in, out features)), from its config alone:
+    the model is built on PyTorch's meta device, so no weight is read or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from training.node_cache import fetch_model
+
+    config = AutoConfig.from_pretrained(fetch_model(base_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+
+
+def check_adapter(folder: Path, base: BaseModelConfig) -> dict[str, Any]:
+    """Refuse, with a 400 naming the problem, an adapter the engine for `base` cannot
+    serve; returns its config."""
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _bad(f"{CONFIG} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise _bad(f"{CONFIG} must be a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise _bad(f"Only LoRA adapters can be served (peft_type is {config.get('peft_type')!r})")
+    rank = config.get("r")
+    if not isinstance(rank, int) or not 1 <= rank <= base.max_lora_rank:
+        raise _bad(
+            f"The adapter's rank r={rank!r} is outside 1..{base.max_lora_rank}, the ranks "
+            f"the engine serving {base.id} accepts"
+        )
+    if config.get("modules_to_save"):
+        raise _bad(
+            "The adapter has modules_to_save (fully trained layers), which vLLM cannot serve"
+        )
+    if config.get("use_dora"):
+        raise _bad("DoRA adapters cannot be served by the vLLM engine")
+    shapes = _weight_shapes(folder / WEIGHTS)
+    layers = linear_layers(base.path)
+    for key, shape in shapes.items():
+        if any(part in key for part in UNSERVABLE):
+            raise _bad(f"The adapter has weights for {key}, which vLLM cannot serve")
+        match = LORA_KEY.match(key)
+        if match is None:
+            raise _bad(f"{key} is not a LoRA weight (lora_A or lora_B)")
+        module = match["module"]
+        if module not in layers:
+            raise _bad(f"The adapter targets {module}, which {base.id} does not have")
+        in_features, out_features = layers[module]
+        expected = [rank, in_features] if match["side"] == "A" else [out_features, rank]
+        if list(shape) != expected:
+            raise _bad(f"{key} has shape {list(shape)}; {base.id} needs {expected}")
+    if not shapes:
+        raise _bad(f"{WEIGHTS} holds no weights")
+    return config
+
+
+def _weight_shapes(path: Path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
+    except Exception as error:
+        raise _bad(f"{WEIGHTS} is not a safetensors file ({error})") from None

@@ -1,0 +1,187 @@
+"""Adapters out and in through the API (no Ray, no engine): an uploaded PEFT adapter is
+checked against the base model, registered, listed and downloaded back byte for byte; what
+the engine could not serve is refused with a 400 naming the problem."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.service.test_api import assert_envelope
+from training.hyperparameters import ResolvedHyperparameters
+from training.lora import build_lora_model
+
+
+@pytest.fixture
+def api(client, parts, tiny_model_dir):  # type: ignore[no-untyped-def]
+    """The client, with the base model's config where the import check reads it."""
+    base = parts["base_models"]["ftaas-tiny"]
+    parts["models"].base_models["ftaas-tiny"] = base.model_copy(
+        update={"path": str(tiny_model_dir)}
+    )
+    parts["files"].max_upload_bytes = 10_000_000
+    return client
+
+
+def peft_folder(tmp_path: Path, model_dir: Path, name: str = "adapter", **lora) -> Path:
+    settings = {"lora_r": 8, "target_modules": ["q_proj", "v_proj"]} | lora
+    hp = ResolvedHyperparameters(
+        n_epochs=1, batch_size=1, learning_rate_multiplier=1, learning_rate=0, **settings
+    )
+    model = build_lora_model(str(model_dir), hp, torch.device("cpu"))
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if "lora_B" in key:
+                parameter.normal_()
+    model.save_pretrained(tmp_path / name, safe_serialization=True)
+    return tmp_path / name
+
+
+def tar_gz(folder: Path, prefix: str = "my-adapter") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=f"{prefix}/{path.name}")
+    return buffer.getvalue()
+
+
+def upload(client, content: bytes, name: str = "adapter.tar.gz") -> str:
+    response = client.post(
+        "/v1/files", files={"file": (name, content)}, data={"purpose": "user_data"}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def register(client, content: bytes, **extra):
+    body = {"base_model": "ftaas-tiny", "adapter_file": upload(client, content)} | extra
+    return client.post("/v1/models", json=body)
+
+
+def test_an_uploaded_adapter_becomes_a_model_and_downloads_back_the_same(
+    api, tmp_path, tiny_model_dir
+):
+    folder = peft_folder(tmp_path, tiny_model_dir)
+    created = register(api, tar_gz(folder), suffix="imported")
+    assert created.status_code == 200, created.text
+    model = created.json()
+    assert model["id"].startswith("ft:ftaas-tiny:local:imported:")
+    assert model["owned_by"] == "local" and model["object"] == "model"
+    assert model["id"] in {m["id"] for m in api.get("/v1/models").json()["data"]}
+    assert api.get(f"/v1/models/{model['id']}").json()["id"] == model["id"]
+
+    download = api.get(f"/v1/models/{model['id']}/adapter")
+    assert download.status_code == 200 and download.headers["content-type"] == "application/gzip"
+    assert download.headers["content-disposition"].endswith('.tar.gz"')
+    with tarfile.open(fileobj=io.BytesIO(download.content), mode="r:gz") as tar:
+        names = sorted(tar.getnames())
+        out = tmp_path / "downloaded"
+        tar.extractall(out, filter="data")
+    assert [n.split("/", 1)[1] for n in names] == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    [unpacked] = list(out.iterdir())
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (unpacked / name).read_bytes() == (folder / name).read_bytes()
+
+
+def test_a_zip_archive_is_accepted_too(api, tmp_path, tiny_model_dir):
+    folder = peft_folder(tmp_path, tiny_model_dir)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zipped:
+        for path in folder.iterdir():
+            zipped.write(path, arcname=path.name)
+    assert register(api, buffer.getvalue()).status_code == 200
+
+
+def _rewrite(folder: Path, config: dict | None = None, weights: dict | None = None) -> Path:
+    if config is not None:
+        current = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps(current | config))
+    if weights is not None:
+        save_file(weights, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_adapters_the_engine_cannot_serve_are_refused_with_the_reason(
+    api, tmp_path, tiny_model_dir
+):
+    def fresh(name: str, **lora) -> Path:
+        return peft_folder(tmp_path, tiny_model_dir, name, **lora)
+
+    weights = load_file(str(fresh("w") / "adapter_model.safetensors"))
+    some_key = next(iter(weights))
+    cases = {
+        "rank": fresh("rank", lora_r=32),  # ftaas-tiny's engine serves ranks up to 16
+        "modules_to_save": _rewrite(fresh("mts"), {"modules_to_save": ["lm_head"]}),
+        "DoRA": _rewrite(fresh("dora"), {"use_dora": True}),
+        "LoRA": _rewrite(fresh("ia3"), {"peft_type": "IA3"}),
+        "lm_head": _rewrite(
+            fresh("head"),
+            weights=weights | {"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 128)},
+        ),
+        "does not have": _rewrite(
+            fresh("layer"),
+            weights={
+                some_key.replace("layers.0", "layers.7"): weights[some_key],
+            },
+        ),
+        "shape": _rewrite(fresh("shape"), weights=weights | {some_key: torch.zeros(8, 64)}),
+    }
+    for reason, folder in cases.items():
+        error = assert_envelope(register(api, tar_gz(folder)), 400, "adapter_file")
+        assert reason in error["message"], (reason, error["message"])
+    # Not an archive, an archive without the weights, an unknown base model or file.
+    error = assert_envelope(register(api, b"not an archive"), 400, "adapter_file")
+    assert "archive" in error["message"]
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "adapter_config.json").write_text("{}")
+    error = assert_envelope(register(api, tar_gz(tmp_path / "config-only")), 400, "adapter_file")
+    assert "adapter_model.safetensors" in error["message"]
+    good = tar_gz(fresh("good"))
+    assert_envelope(register(api, good, base_model="nope"), 400, "base_model")
+    missing = {"base_model": "ftaas-tiny", "adapter_file": "file-nope"}
+    assert_envelope(api.post("/v1/models", json=missing), 400, "adapter_file")
+    assert [m["owned_by"] for m in api.get("/v1/models").json()["data"]] == ["ftaas"]
+
+
+def test_only_tuned_models_of_ones_own_organization_download(api, tmp_path, tiny_model_dir):
+    assert_envelope(api.get("/v1/models/ftaas-tiny/adapter"), 400, "model")
+    assert_envelope(api.get("/v1/models/ft:ftaas-tiny:other:x:abcdefgh/adapter"), 404, "model")
+
+
+def test_an_imported_model_belongs_to_the_organization_that_imported_it(
+    tmp_path, parts, tiny_model_dir
+):
+    from service.config import Settings
+    from tests.service.conftest import api_client
+
+    settings = Settings(home=tmp_path, api_keys="key-a:org-a,key-b:org-b", serving_enabled=False)
+    client = api_client(settings, parts)
+    base = parts["base_models"]["ftaas-tiny"]
+    parts["models"].base_models["ftaas-tiny"] = base.model_copy(
+        update={"path": str(tiny_model_dir)}
+    )
+    parts["files"].max_upload_bytes = 10_000_000
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    archive = tar_gz(peft_folder(tmp_path, tiny_model_dir))
+    file_id = client.post(
+        "/v1/files", files={"file": ("a.tar.gz", archive)}, data={"purpose": "user_data"}, headers=a
+    ).json()["id"]
+    body = {"base_model": "ftaas-tiny", "adapter_file": file_id}
+    # B cannot register A's upload, nor see, download or delete A's model.
+    assert_envelope(client.post("/v1/models", json=body, headers=b), 400, "adapter_file")
+    model = client.post("/v1/models", json=body, headers=a).json()["id"]
+    assert model.startswith("ft:ftaas-tiny:org-a::")
+    assert_envelope(client.get(f"/v1/models/{model}", headers=b), 404, "model")
+    assert_envelope(client.get(f"/v1/models/{model}/adapter", headers=b), 404, "model")
+    assert model not in {m["id"] for m in client.get("/v1/models", headers=b).json()["data"]}
+    assert client.get(f"/v1/models/{model}/adapter", headers=a).status_code == 200
