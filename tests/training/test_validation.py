@@ -63,3 +63,39 @@ def test_preference_rows_accept_the_old_key_names():
     }
     report = validate_jsonl(lines(row))
     assert report.ok and report.data_format == "preference"
+
+
+PAIR = {
+    "input": {"messages": [{"role": "user", "content": "q"}]},
+    "preferred_output": [{"role": "assistant", "content": "good"}],
+    "non_preferred_output": [{"role": "assistant", "content": "bad"}],
+}
+
+
+def test_preference_problems_name_their_line_and_field():
+    report = validate_jsonl(
+        lines(
+            PAIR,
+            {**PAIR, "preferred_output": []},
+            {**PAIR, "non_preferred_output": [{"role": "user", "content": "x"}]},
+            {"input": {"messages": []}, **{k: PAIR[k] for k in ("preferred_output",)}},
+            {**PAIR, "preferred_output": [ANSWER, ANSWER]},
+            {**PAIR, "input": {"messages": [{"role": "user", "content": 3}]}},
+        )
+    )
+    by_line = {p.line: p for p in report.problems}
+    assert report.data_format == "preference" and report.n_examples == 1
+    assert by_line[2].field == "preferred_output"
+    assert by_line[3].field == "non_preferred_output[0].role"
+    assert {p.field for p in report.problems if p.line == 4} >= {
+        "input.messages",
+        "non_preferred_output",
+    }
+    assert by_line[5].field == "preferred_output"  # one output per side, as OpenAI
+    assert by_line[6].field == "input.messages[0].content"
+
+
+def test_text_rows_for_continued_pretraining():
+    report = validate_jsonl(lines({"text": "a document"}, {"text": ""}, {"text": 3}))
+    assert report.data_format == "text" and report.n_examples == 1
+    assert [(p.line, p.field) for p in report.problems] == [(2, "text"), (3, "text")]
