@@ -1,7 +1,8 @@
 """A finished job's result file: its metrics as CSV, stored as a `fine-tune-results` file.
 
 Columns are OpenAI's (`step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`)
-followed by the full-validation pair; cells are empty where a step has no such value.
+followed by the full-validation pair, then any other metric the method reports (DPO's
+rewards, for one) in the order first seen; cells are empty where a step has no such value.
 The file is plain CSV, not the base64 OpenAI's live API has been seen to return.
 """
 
@@ -31,12 +32,20 @@ COLUMNS = {
 }
 
 
+METRIC_PREFIXES = ("train_", "valid_", "full_valid_")
+
+
 def results_csv(rows: list[dict]) -> bytes:
+    columns = dict(COLUMNS)
+    for data in rows:
+        for field in data:
+            if field.startswith(METRIC_PREFIXES) and field not in columns.values():
+                columns[field] = field
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     for data in rows:
-        writer.writerow(_cell(data.get(field)) for field in COLUMNS.values())
+        writer.writerow(_cell(data.get(field)) for field in columns.values())
     return text.getvalue().encode()
 
 
