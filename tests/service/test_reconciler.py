@@ -412,3 +412,54 @@ def test_a_failure_recorded_as_the_cluster_went_away_runs_again_a_real_one_fails
     world.tick()
     job = world.sdk.fine_tuning.jobs.retrieve(real)
     assert job.status == "failed" and job.error and "bad data" in job.error.message
+
+
+def test_a_job_on_a_tuned_model_or_its_checkpoint_starts_from_that_adapter(world: World):
+    import json
+
+    from training.spec import TrainingSpec, spec_key
+    from training.storage import join
+
+    world.settings.max_running_jobs = 5
+    first = world.running()
+    world.train(first)
+    out = world.row(first).output_dir
+    checkpoint = f"{out}/checkpoints/step-000002"
+    lora = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["v_proj", "q_proj"]}
+    blobs = world.parts["blobs"]
+    for folder in (f"{out}/adapter", f"{checkpoint}/adapter"):
+        blobs.put_bytes(join(folder, "adapter_config.json"), json.dumps(lora).encode())
+    log = world.trainer(first)
+    log.write(Checkpoint(step=2, epoch=1, path=checkpoint))
+    log.write(Succeeded(adapter_dir=f"{out}/adapter"))
+    world.ray.end(first)
+    world.tick()
+    tuned = world.row(first).fine_tuned_model
+    [saved] = world.sdk.fine_tuning.jobs.checkpoints.list(first).data
+    upload = world.sdk.files.create(file=("t.jsonl", memorisation_jsonl()), purpose="fine-tune")
+    parents = [
+        (tuned, f"{out}/adapter"),
+        (saved.fine_tuned_model_checkpoint, f"{checkpoint}/adapter"),
+    ]
+    for parent, adapter in parents:
+        job = world.sdk.fine_tuning.jobs.create(model=parent, training_file=upload.id)
+        assert job.model == parent  # as the user named it
+        world.tick()
+        world.tick()
+        assert world.status(job.id) == "running"
+        row = world.row(job.id)
+        assert (row.model, row.start_adapter) == ("ftaas-tiny", adapter)
+        spec = TrainingSpec.load(blobs, spec_key(row.output_dir))
+        assert spec.start_adapter == adapter and spec.base_model == "ftaas-tiny"
+        hp = spec.hyperparameters  # the LoRA shape is the starting adapter's
+        assert (hp.lora_r, hp.lora_alpha, hp.target_modules) == (4, 8, ["q_proj", "v_proj"])
+        shown = world.sdk.fine_tuning.jobs.retrieve(job.id).method.supervised.hyperparameters
+        assert shown.lora_r == 4  # type: ignore[union-attr]
+    # A parent whose adapter is gone by the time the job starts fails it, naming `model`.
+    blobs.delete(join(f"{out}/adapter", "adapter_config.json"))
+    orphan = world.sdk.fine_tuning.jobs.create(model=tuned, training_file=upload.id)
+    world.tick()
+    world.tick()
+    failed = world.sdk.fine_tuning.jobs.retrieve(orphan.id)
+    assert failed.status == "failed" and failed.error.code == "model_not_available"
+    assert failed.error.param == "model"
