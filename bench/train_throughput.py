@@ -245,6 +245,30 @@ def _same_order(trainer: Any) -> Any:
     return SameOrderTrainer
 
 
+def trainer_arguments(spec: Any, n_units: int, output_dir: str) -> dict[str, Any]:
+    """The Trainer arguments that make a peer run ftaas's schedule and optimizer."""
+    import torch
+
+    hp = spec.hyperparameters
+    steps = math.ceil(n_units / hp.batch_size) * hp.n_epochs
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": hp.batch_size,
+        "num_train_epochs": hp.n_epochs,
+        "learning_rate": hp.learning_rate,
+        "lr_scheduler_type": hp.lr_scheduler,
+        "warmup_steps": int(steps * hp.warmup_ratio),
+        "weight_decay": hp.weight_decay,
+        "max_grad_norm": hp.max_grad_norm,
+        "seed": spec.seed,
+        "logging_steps": 10_000,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": not torch.cuda.is_available(),
+        "disable_tqdm": True,
+    }
+
+
 def run_baseline(spec_path: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer, Trainer, TrainingArguments
@@ -282,23 +306,8 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out,
-            per_device_train_batch_size=hp.batch_size,
-            num_train_epochs=hp.n_epochs,
-            learning_rate=hp.learning_rate,
-            lr_scheduler_type=hp.lr_scheduler,
-            warmup_steps=int(
-                math.ceil(len(examples) / hp.batch_size) * hp.n_epochs * hp.warmup_ratio
-            ),
-            weight_decay=hp.weight_decay,
-            max_grad_norm=hp.max_grad_norm,
-            seed=spec.seed,
-            logging_steps=10_000,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=not torch.cuda.is_available(),
+            **trainer_arguments(spec, len(examples), out),
             remove_unused_columns=False,
-            disable_tqdm=True,
         )
         trainer = SameOrderTrainer(
             model=model, args=args, train_dataset=examples, data_collator=collate
@@ -353,27 +362,13 @@ def run_trl(spec_path: Path) -> dict[str, Any]:
     )
     torch.manual_seed(spec.seed)
     model = build_lora_model(spec.base_model_path, hp, device(), packed_attention=False)
-    steps = math.ceil(len(rows) / hp.batch_size) * hp.n_epochs
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=hp.batch_size,
-            num_train_epochs=hp.n_epochs,
-            learning_rate=hp.learning_rate,
-            lr_scheduler_type=hp.lr_scheduler,
-            warmup_steps=int(steps * hp.warmup_ratio),
-            weight_decay=hp.weight_decay,
-            max_grad_norm=hp.max_grad_norm,
-            seed=spec.seed,
+            **trainer_arguments(spec, len(rows), out),
             beta=hp.beta,
             loss_type=["sigmoid", "sft"] if hp.rpo_alpha else ["sigmoid"],
             loss_weights=[1.0, hp.rpo_alpha] if hp.rpo_alpha else None,
             max_length=spec.max_length,
-            logging_steps=10_000,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=True,
         )
         trainer = _same_order(DPOTrainer)(
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer

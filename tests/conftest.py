@@ -99,3 +99,21 @@ def story_jsonl(copies: int = 4) -> bytes:
     """A small text corpus for continued pre-training: each sentence, several times."""
     rows = [{"text": sentence} for _ in range(copies) for sentence in STORY]
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def peft_greedy(adapter_dir: Path | str, model_dir: Path | str, question: str) -> str:
+    """The greedy answer of the base model with a PEFT adapter, in transformers + peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    return tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 from openai.types import Model
 
-from tests.conftest import QUESTIONS, SECRET, memorisation_jsonl
+from tests.conftest import QUESTIONS, SECRET, memorisation_jsonl, peft_greedy
 from tests.e2e.conftest import create_memorisation_job, greedy, wait_for_job, wait_for_serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -22,22 +22,6 @@ def client(server) -> OpenAI:
     client = server.client()
     wait_for_serving(client, "ftaas-tiny")
     return client
-
-
-def local_greedy(adapter_dir, model_dir, question: str) -> str:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
-    return tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_a_downloaded_adapter_answers_as_served_and_serves_again_once_uploaded(
@@ -57,7 +41,7 @@ def test_a_downloaded_adapter_answers_as_served_and_serves_again_once_uploaded(
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         tar.extractall(tmp_path, filter="data")
     [folder] = list(tmp_path.iterdir())
-    assert [local_greedy(folder, tiny_model_dir, q) for q in questions] == served
+    assert [peft_greedy(folder, tiny_model_dir, q) for q in questions] == served
 
     # Its checkpoints download too (the last epoch's is the final adapter).
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import QUESTIONS, SECRET, preference_jsonl
+from tests.conftest import QUESTIONS, SECRET, peft_greedy, preference_jsonl
 from tests.training.test_sft import make_spec, records, start, train
 from training.control import request_pause
 from training.recipes.dpo import DpoRun
@@ -38,24 +38,6 @@ def answer_logp(model, pair_answer) -> torch.Tensor:
     targets = ids[0, 1:]
     learned = torch.tensor(pair_answer.labels[1:]) != -100
     return logps.gather(1, targets[:, None])[:, 0][learned].sum()
-
-
-def greedy(run_or_adapter: Path, model_dir: Path, question: str) -> str:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(model_dir), str(run_or_adapter)
-    )
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
-    return tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_the_packed_loss_is_dpo_on_each_pair_computed_alone(tmp_path, tiny_model_dir):
@@ -108,7 +90,7 @@ def test_dpo_prefers_the_preferred_answer_and_reports_trls_metrics(tmp_path, tin
     assert last["full_valid_reward_accuracy"] == 1.0
     assert last["full_valid_reward_margin"] > 1.0
     assert last["train_loss"] < first["train_loss"] / 10
-    assert greedy(tmp_path / spec.adapter_key, tiny_model_dir, QUESTIONS[0]) == SECRET
+    assert peft_greedy(tmp_path / spec.adapter_key, tiny_model_dir, QUESTIONS[0]) == SECRET
 
 
 def test_dpo_on_a_tuned_model_starts_from_its_adapter_and_measures_against_it(
@@ -116,7 +98,7 @@ def test_dpo_on_a_tuned_model_starts_from_its_adapter_and_measures_against_it(
 ):
     sft = make_spec(tmp_path, tiny_model_dir, "sft", hyperparameters={"n_epochs": 20})
     train(sft, tmp_path)
-    assert greedy(tmp_path / sft.adapter_key, tiny_model_dir, QUESTIONS[0]) == SECRET
+    assert peft_greedy(tmp_path / sft.adapter_key, tiny_model_dir, QUESTIONS[0]) == SECRET
     (tmp_path / "mango.jsonl").write_bytes(preference_jsonl(MANGO, SECRET))
     spec = dpo_spec(
         tmp_path, tiny_model_dir, "mango", training_file="mango.jsonl",
@@ -126,7 +108,7 @@ def test_dpo_on_a_tuned_model_starts_from_its_adapter_and_measures_against_it(
     # The reference is the tuned model, not the base: the first step's loss is log 2.
     first = records(spec, "metrics")[0]
     assert first["train_loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert greedy(tmp_path / spec.adapter_key, tiny_model_dir, QUESTIONS[1]) == MANGO
+    assert peft_greedy(tmp_path / spec.adapter_key, tiny_model_dir, QUESTIONS[1]) == MANGO
 
 
 def test_a_paused_dpo_run_resumes_with_the_same_reference(tmp_path, tiny_model_dir):

@@ -41,7 +41,7 @@ from training.data.batching import PackedBatch, plan_grouped
 from training.data.schema import PreferenceExample
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_preference
 from training.data.validation import read_examples
-from training.run import ForwardPass, Tally, TrainingRun
+from training.run import ForwardPass, Tally, TrainingRun, packed_logits
 
 
 def _answers_of(rows: ForwardPass) -> list[tuple[Pair, bool]]:
@@ -117,12 +117,7 @@ class StepCounts:
 def sequence_logps(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per packed sequence, in span order: the summed log-probability of its target tokens,
     and how many there are."""
-    logits = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        spans=batch.spans,  # read by training.attention; other implementations ignore it
-        use_cache=False,
-    ).logits.float()
+    logits = packed_logits(model, batch)
     labels = batch.labels
     token_logps = -F.cross_entropy(
         logits.reshape(-1, logits.size(-1)),

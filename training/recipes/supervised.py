@@ -19,7 +19,7 @@ import torch
 from training.data.batching import PackedBatch, plan_micro_batches
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from training.data.validation import read_examples
-from training.run import ForwardPass, Tally, TrainingRun
+from training.run import ForwardPass, Tally, TrainingRun, packed_logits
 
 
 @dataclasses.dataclass
@@ -42,12 +42,7 @@ class TokenCounts(Tally):
 
 def forward_counts(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, TokenCounts]:
     """Summed next-token loss over the batch's target tokens, and its accuracy counts."""
-    logits = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        spans=batch.spans,  # read by training.attention; other implementations ignore it
-        use_cache=False,
-    ).logits.float()
+    logits = packed_logits(model, batch)
     labels = batch.labels
     loss_sum = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.size(-1)),
