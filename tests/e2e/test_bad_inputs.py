@@ -25,6 +25,7 @@ FIXTURE_FILES = {  # placeholder → (file, purpose)
     "$good_file": ("good.jsonl", "fine-tune"),
     "$three_file": ("three_examples.jsonl", "fine-tune"),
     "$dpo_file": ("dpo_rows.jsonl", "fine-tune"),
+    "$text_file": ("text_rows.jsonl", "fine-tune"),
     "$error_file": ("not_json_line_3.jsonl", "fine-tune"),
     "$assistants_file": ("good.jsonl", "assistants"),
 }
