@@ -41,7 +41,7 @@ from training.lora import build_lora_model
 from training.node_cache import fetch_model, scratch_folder
 from training.progress import Checkpoint, Notice, Paused, ProgressLog, Started
 from training.reporting import MetricsReporter
-from training.spec import TrainingSpec
+from training.spec import TrainingSpec, checkpoint_adapter_key
 from training.storage import ArtifactStore, open_store
 
 KEEP_EPOCH_CHECKPOINTS = 3  # as OpenAI: the last three epochs stay usable models
@@ -189,12 +189,7 @@ class TrainingRun(ABC, Generic[Unit]):
                 f"({spec.max_length} tokens): shorten the prompts or use a model with a "
                 "longer context"
             )
-        start_adapter = (
-            store.local_folder(spec.start_adapter)
-            or store.get_folder(spec.start_adapter, scratch / "start-adapter")
-            if spec.start_adapter
-            else None
-        )
+        start_adapter = self._start_adapter_folder()
         self.model = build_lora_model(model_path, self.hp, self.device, start_adapter)
         self.one_row = one_row(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -260,6 +255,18 @@ class TrainingRun(ABC, Generic[Unit]):
         """The recipe's part of a checkpoint, when resuming."""
 
     # --- shared
+    def _start_adapter_folder(self) -> Path | None:
+        """The adapter a run on top of a tuned model is built from: the tuned model's, or,
+        when resuming, the checkpoint's own (same shape), so that a resumed run does not
+        depend on the tuned model still existing."""
+        spec = self.spec
+        if spec.start_adapter is None:
+            return None
+        key = checkpoint_adapter_key(spec.resume_from) if spec.resume_from else spec.start_adapter
+        return self.store.local_folder(key) or self.store.get_folder(
+            key, self.scratch / "start-adapter"
+        )
+
     @property
     def unwrapped(self) -> Any:
         return self.model.module if hasattr(self.model, "module") else self.model

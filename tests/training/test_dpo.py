@@ -133,3 +133,24 @@ def test_pairs_that_lose_an_answer_to_truncation_are_left_out(tmp_path, tiny_mod
     run = start(dpo_spec(tmp_path, tiny_model_dir, "long", training_file="long.jsonl"), tmp_path)
     assert len(run.train_units) == len(QUESTIONS) - 1 and run.dropped_units == 1
     run.close()
+
+
+def test_a_run_on_a_tuned_model_resumes_even_once_that_model_is_gone(tmp_path, tiny_model_dir):
+    sft = make_spec(tmp_path, tiny_model_dir, "parent", hyperparameters={"n_epochs": 3})
+    train(sft, tmp_path)
+    on_top = {"start_adapter": sft.adapter_key}
+    straight = dpo_spec(tmp_path, tiny_model_dir, "child-straight", **on_top)
+    train(straight, tmp_path)
+    paused = dpo_spec(tmp_path, tiny_model_dir, "child-paused", **on_top)
+    request_pause(LocalStore(tmp_path), paused.output_key)
+    assert train(paused, tmp_path) == "paused"
+    [pause] = records(paused, "paused")
+    LocalStore(tmp_path).delete(sft.adapter_key)  # the tuned model was deleted meanwhile
+    resumed = dpo_spec(
+        tmp_path, tiny_model_dir, "child-resumed", resume_from=pause["path"], **on_top
+    )
+    assert train(resumed, tmp_path) == "completed"
+    expected = [r["train_loss"] for r in records(straight, "metrics")][pause["step"] :]
+    assert [r["train_loss"] for r in records(resumed, "metrics")] == pytest.approx(
+        expected, rel=1e-5
+    )
