@@ -159,17 +159,24 @@ def auto_batch_size(n_examples: int) -> int:
     return max(1, min(MAX_AUTO_BATCH_SIZE, math.ceil(n_examples * 0.002)))
 
 
+def resolve_sizes(n_epochs: Auto | int, batch_size: Auto | int, n_examples: int) -> dict[str, int]:
+    """Epochs and batch size for `n_examples` training units ("auto" or as asked, the
+    batch never larger than the data)."""
+    return {
+        "n_epochs": auto_n_epochs(n_examples) if n_epochs == "auto" else int(n_epochs),
+        "batch_size": (
+            auto_batch_size(n_examples)
+            if batch_size == "auto"
+            else max(1, min(int(batch_size), n_examples))
+        ),
+    }
+
+
 def resolve(
     requested: SupervisedHyperparameters, n_examples: int, base_learning_rate: float
 ) -> ResolvedHyperparameters:
-    n_epochs = (
-        auto_n_epochs(n_examples) if requested.n_epochs == "auto" else int(requested.n_epochs)
-    )
-    batch_size = (
-        auto_batch_size(n_examples)
-        if requested.batch_size == "auto"
-        else min(int(requested.batch_size), n_examples)
-    )
+    sizes = resolve_sizes(requested.n_epochs, requested.batch_size, n_examples)
+    n_epochs, batch_size = sizes["n_epochs"], sizes["batch_size"]
     multiplier = (
         1.0
         if requested.learning_rate_multiplier == "auto"

@@ -43,6 +43,8 @@ class Started(_Record):
     # Examples left out: nothing left to learn once truncated to max_length.
     n_dropped: int = 0
     trained_tokens: int
+    # The run-size hyperparameters the trainer used (it resolves some itself).
+    hyperparameters: dict[str, int] | None = None
 
 
 class Metrics(_Record):

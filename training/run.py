@@ -37,6 +37,7 @@ from training.checkpoints import (
 from training.control import PauseWatch
 from training.data.batching import PackedBatch, as_one_row, collate
 from training.data.tokenize import TokenizedExample
+from training.hyperparameters import resolve_sizes
 from training.lora import build_lora_model
 from training.node_cache import fetch_model, scratch_folder
 from training.progress import Checkpoint, Notice, Paused, ProgressLog, Started
@@ -183,6 +184,13 @@ class TrainingRun(ABC, Generic[Unit]):
             if spec.validation_file
             else []
         )
+        if spec.requested_sizes is not None:  # units only this trainer can count
+            sizes = resolve_sizes(
+                spec.requested_sizes.get("n_epochs", "auto"),
+                spec.requested_sizes.get("batch_size", "auto"),
+                len(self.train_units),
+            )
+            self.hp = self.hp.model_copy(update=sizes)
         if not self.train_units:
             raise ValueError(
                 f"No training {self.unit_name} has a token to learn within max_length "
@@ -292,6 +300,10 @@ class TrainingRun(ABC, Generic[Unit]):
                     n_dropped=self.dropped_units,
                     trained_tokens=sum(self.unit_tokens(u) for u in self.train_units)
                     * self.hp.n_epochs,
+                    hyperparameters={
+                        "n_epochs": self.hp.n_epochs,
+                        "batch_size": self.hp.batch_size,
+                    },
                 )
             )
         steps_at_start = self.position.step

@@ -8,7 +8,7 @@ at `storage_url` (the base model: a local path, a Hugging Face id or an s3:// pr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -54,6 +54,10 @@ class TrainingSpec(BaseModel):
     # The adapter folder (a tuned model's or a checkpoint's) the new adapter starts from,
     # when a job trains on top of a tuned model; a new adapter when unset.
     start_adapter: str | None = None
+    # The run-size hyperparameters as requested ("auto" or a number), for methods whose
+    # units only the trainer can count (continued pre-training's blocks): it resolves them
+    # from its own unit count, as the service does from a file's rows for other methods.
+    requested_sizes: dict[str, int | Literal["auto"]] | None = None
     # Weights & Biases run settings from the job's `integrations`, honoured when the
     # package and WANDB_API_KEY are present where the trainer runs.
     wandb: dict[str, Any] | None = None

@@ -99,8 +99,18 @@ def training_spec(
         use_gpu=use_gpu,
         worker_resources=settings.training_worker_resources,
         resume_from=job.resume_from,
+        requested_sizes=_requested_sizes(job),
         wandb=_wandb_settings(job.integrations),
     )
+
+
+def _requested_sizes(job: JobRow) -> dict[str, Any] | None:
+    """Continued pre-training trains on blocks of text that only the trainer counts: it
+    resolves the run's size itself (the file's rows are documents, not blocks)."""
+    if method_of(job) != "continued_pretraining":
+        return None
+    requested = job.method["continued_pretraining"]["hyperparameters"]
+    return {key: requested.get(key, "auto") for key in ("n_epochs", "batch_size")}
 
 
 def _wandb_settings(integrations: list[Any] | None) -> dict[str, Any] | None:

@@ -66,7 +66,7 @@ from training.progress import (
     Started,
     Succeeded,
 )
-from training.spec import spec_key
+from training.spec import checkpoint_adapter_key, spec_key
 from training.storage import ArtifactStore, join
 
 logger = logging.getLogger(__name__)
@@ -473,6 +473,11 @@ class Reconciler:
         for record in batch.records:
             if isinstance(record, Started):
                 job.trained_tokens = record.trained_tokens
+                if record.hyperparameters and job.resolved_hyperparameters:
+                    job.resolved_hyperparameters = {
+                        **job.resolved_hyperparameters,
+                        **record.hyperparameters,
+                    }
                 if record.n_truncated:
                     add_event(
                         session,
@@ -485,7 +490,7 @@ class Reconciler:
                     add_event(
                         session,
                         job,
-                        f"{record.n_dropped} example(s) had no assistant token left within "
+                        f"{record.n_dropped} example(s) had nothing left to learn within "
                         "the model's context once truncated, and were left out",
                         level="warn",
                     )
@@ -612,8 +617,11 @@ class Reconciler:
         """The config of the adapter a job trains on top of (None: a new adapter)."""
         if job.start_adapter is None:
             return None
+        # A resumed attempt goes on from its own checkpoint (the same LoRA shape), which
+        # outlives the tuned model it started from.
+        folder = checkpoint_adapter_key(job.resume_from) if job.resume_from else job.start_adapter
         try:
-            raw = self.store.get_bytes(join(job.start_adapter, "adapter_config.json"))
+            raw = self.store.get_bytes(join(folder, "adapter_config.json"))
         except FileNotFoundError:
             raise JobCannotStart(
                 "model_not_available",

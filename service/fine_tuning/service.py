@@ -210,6 +210,12 @@ class FineTuningService:
                 code="unsupported_method",
             )
         method = request.method_type
+        if request.hyperparameters is not None and method != "supervised":
+            raise InvalidRequest(
+                "The deprecated top-level `hyperparameters` apply to supervised jobs only: "
+                f"use method.{method}.hyperparameters",
+                param="hyperparameters",
+            )
         hyperparameters = request.method_hyperparameters()
         with self.db.session() as session:
             base_model, start_adapter = self._starting_point(session, tenant, request.model)

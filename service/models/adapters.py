@@ -14,9 +14,9 @@ shapes.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
+import lzma
 import re
 import tarfile
 import time
@@ -65,64 +65,96 @@ def _bad(message: str) -> InvalidRequest:
     return InvalidRequest(message, param="adapter_file", code="invalid_adapter")
 
 
-def _members(archive: Path) -> dict[str, tuple[int, Any]]:
-    """Each adapter file's size and how to open it, found by its name anywhere in the
-    archive (regular files only)."""
-    found: dict[str, tuple[int, Any]] = {}
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zipped:
-            for entry in zipped.infolist():
-                name = entry.filename.rsplit("/", 1)[-1]
-                if name in ADAPTER_FILES and not entry.is_dir():
-                    found.setdefault(name, (entry.file_size, ("zip", entry.filename)))
-        return found
-    try:
-        with tarfile.open(archive, mode="r:*") as tar:
-            for member in tar:
-                name = member.name.rsplit("/", 1)[-1]
-                if name in ADAPTER_FILES and member.isreg():
-                    found.setdefault(name, (member.size, ("tar", member.name)))
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
-        raise _bad(f"The adapter file is not a tar or zip archive ({error})") from None
-    return found
-
-
-@contextlib.contextmanager
-def _open_member(archive: Path, where: tuple[str, str]) -> Iterator[IO[bytes]]:
-    kind, name = where
-    if kind == "zip":
-        with zipfile.ZipFile(archive) as zipped, zipped.open(name) as stream:
-            yield stream
-        return
-    with tarfile.open(archive, mode="r:*") as tar:
-        member = tar.extractfile(name)
-        assert member is not None  # a regular file, checked by _members
-        with member:
-            yield member
+# An adapter archive holds two files: more members than this is not one.
+MAX_ARCHIVE_MEMBERS = 1000
+MAX_ZIP_DIRECTORY_BYTES = 1024 * 1024
+ARCHIVE_ERRORS = (
+    tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error, lzma.LZMAError,
+    RuntimeError, NotImplementedError, ValueError, KeyError,
+)  # fmt: skip
 
 
 def unpack_adapter(archive: Path, target: Path, max_weights_bytes: int) -> Path:
-    """The archive's two adapter files, copied into `target` (bounded)."""
-    members = _members(archive)
-    missing = [name for name in ADAPTER_FILES if name not in members]
+    """The archive's two adapter files, found by name anywhere in it, copied into `target`.
+
+    One pass over the archive, bounded in members and in bytes read (decompressed), so
+    no archive can make the API do unbounded work; nothing else in it is written."""
+    bounds = {CONFIG: MAX_CONFIG_BYTES, WEIGHTS: max_weights_bytes}
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            _unpack_zip(archive, target, bounds)
+        else:
+            _unpack_tar(archive, target, bounds)
+    except InvalidRequest:
+        raise
+    except ARCHIVE_ERRORS as error:
+        raise _bad(f"The adapter file is not a readable tar or zip archive ({error})") from None
+    missing = [name for name in ADAPTER_FILES if not (target / name).exists()]
     if missing:
         raise _bad(
             f"The archive has no {' or '.join(missing)}: export the adapter with peft's "
             "save_pretrained(..., safe_serialization=True)"
         )
-    target.mkdir(parents=True, exist_ok=True)
-    for name, bound in ((CONFIG, MAX_CONFIG_BYTES), (WEIGHTS, max_weights_bytes)):
-        size, where = members[name]
-        if size > bound:
-            raise _bad(f"{name} is {size} bytes, more than {bound}")
-        with _open_member(archive, where) as stream, open(target / name, "wb") as out:
-            copied = 0
-            while chunk := stream.read(CHUNK_BYTES):
-                copied += len(chunk)
-                if copied > bound:
-                    raise _bad(f"{name} is more than {bound} bytes")
-                out.write(chunk)
     return target
+
+
+def _copy_bounded(stream: IO[bytes], out: Path, name: str, bound: int) -> None:
+    with open(out, "wb") as file:
+        copied = 0
+        while chunk := stream.read(CHUNK_BYTES):
+            copied += len(chunk)
+            if copied > bound:
+                raise _bad(f"{name} is more than {bound} bytes")
+            file.write(chunk)
+
+
+def _unpack_tar(archive: Path, target: Path, bounds: dict[str, int]) -> None:
+    budget = sum(bounds.values()) + MAX_ARCHIVE_MEMBERS * tarfile.BLOCKSIZE
+    read = 0
+    with tarfile.open(archive, mode="r|*") as tar:  # a stream: each member read once
+        for count, member in enumerate(tar):
+            tar.members = []  # type: ignore[attr-defined]  # else the stream keeps every header
+            read += member.size
+            if count >= MAX_ARCHIVE_MEMBERS or read > budget:
+                raise _bad("The archive holds far more than an adapter's two files")
+            name = member.name.rsplit("/", 1)[-1]
+            if name in bounds and member.isreg() and not (target / name).exists():
+                if member.size > bounds[name]:
+                    raise _bad(f"{name} is {member.size} bytes, more than {bounds[name]}")
+                stream = tar.extractfile(member)
+                assert stream is not None  # a regular file
+                with stream:
+                    _copy_bounded(stream, target / name, name, bounds[name])
+
+
+def _zip_entries(archive: Path) -> int:
+    """The entry count a zip's end record declares, read before Python's zipfile loads
+    its whole directory."""
+    with open(archive, "rb") as file:
+        file.seek(0, 2)
+        file.seek(max(0, file.tell() - (65536 + 22)))
+        tail = file.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        raise _bad("The adapter file is not a readable zip archive")
+    entries = int.from_bytes(tail[at + 10 : at + 12], "little")
+    directory = int.from_bytes(tail[at + 12 : at + 16], "little")
+    if entries > MAX_ARCHIVE_MEMBERS or directory > MAX_ZIP_DIRECTORY_BYTES:
+        raise _bad("The archive holds far more than an adapter's two files")
+    return entries
+
+
+def _unpack_zip(archive: Path, target: Path, bounds: dict[str, int]) -> None:
+    _zip_entries(archive)
+    with zipfile.ZipFile(archive) as zipped:
+        for entry in zipped.infolist():
+            name = entry.filename.rsplit("/", 1)[-1]
+            if name in bounds and not entry.is_dir() and not (target / name).exists():
+                if entry.file_size > bounds[name]:
+                    raise _bad(f"{name} is {entry.file_size} bytes, more than {bounds[name]}")
+                with zipped.open(entry) as stream:
+                    _copy_bounded(stream, target / name, name, bounds[name])
 
 
 @functools.lru_cache(maxsize=16)
@@ -130,11 +162,9 @@ def linear_layers(base_path: str) -> dict[str, tuple[int, int]]:
     """The base model's linear layers (name → (in, out features)), from its config alone:
     the model is built on PyTorch's meta device, so no weight is read or allocated."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from training.node_cache import fetch_model
-
-    config = AutoConfig.from_pretrained(fetch_model(base_path))
+    config = _base_config(base_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return {
@@ -142,6 +172,24 @@ def linear_layers(base_path: str) -> dict[str, tuple[int, int]]:
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
     }
+
+
+def _base_config(base_path: str) -> Any:
+    """The base model's transformers config; from an s3:// base, only its config.json is
+    fetched (never the weights)."""
+    import tempfile
+
+    from transformers import AutoConfig
+
+    from training.storage import S3Store, is_remote, parse_s3_url
+
+    if not is_remote(base_path):
+        return AutoConfig.from_pretrained(base_path)
+    bucket, prefix = parse_s3_url(base_path)
+    with tempfile.TemporaryDirectory(prefix="ftaas-config-") as folder:
+        config = S3Store(bucket, prefix).get_bytes("config.json")
+        (Path(folder) / "config.json").write_bytes(config)
+        return AutoConfig.from_pretrained(folder)
 
 
 def check_adapter(folder: Path, base: BaseModelConfig) -> dict[str, Any]:
@@ -167,6 +215,11 @@ def check_adapter(folder: Path, base: BaseModelConfig) -> dict[str, Any]:
         )
     if config.get("use_dora"):
         raise _bad("DoRA adapters cannot be served by the vLLM engine")
+    if config.get("bias", "none") != "none":
+        raise _bad(f"The adapter trains biases (bias={config['bias']!r}), which vLLM refuses")
+    alpha = config.get("lora_alpha", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+        raise _bad(f"lora_alpha must be a positive number, not {alpha!r}")
     shapes = _weight_shapes(folder / WEIGHTS)
     layers = linear_layers(base.path)
     for key, shape in shapes.items():

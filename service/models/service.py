@@ -116,6 +116,8 @@ class ModelService:
         with self.db.session() as session:
             if not changed_rows(session.execute(delete(ModelRow).where(ModelRow.id == row.id))):
                 raise _not_found(model)
+        if row.job_id is None and self.store is not None:  # an import: its files go with it
+            self.store.delete(row.adapter_dir)
         return ModelDeleted(id=row.id, object="model", deleted=True), row
 
     def inference_target(self, tenant: Tenant, model: str) -> InferenceTarget:
@@ -186,6 +188,10 @@ class ModelService:
             adapter_dir=key,
             created_at=now(),
         )
-        with self.db.session() as session:
-            session.add(row)
+        try:
+            with self.db.session() as session:
+                session.add(row)
+        except Exception:
+            self.store.delete(key)  # not registered: not kept
+            raise
         return self._tuned(row)

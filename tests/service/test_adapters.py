@@ -66,7 +66,7 @@ def register(client, content: bytes, **extra):
 
 
 def test_an_uploaded_adapter_becomes_a_model_and_downloads_back_the_same(
-    api, tmp_path, tiny_model_dir
+    api, parts, tmp_path, tiny_model_dir
 ):
     folder = peft_folder(tmp_path, tiny_model_dir)
     created = register(api, tar_gz(folder), suffix="imported")
@@ -91,6 +91,16 @@ def test_an_uploaded_adapter_becomes_a_model_and_downloads_back_the_same(
     [unpacked] = list(out.iterdir())
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (unpacked / name).read_bytes() == (folder / name).read_bytes()
+
+    # Deleting an imported model deletes its files too (the route also unloads it from
+    # serving, which this app has not: the service is called directly).
+    from service.auth import Tenant
+
+    stored = [item.key for item in parts["blobs"].list("imported")]
+    deleted, _ = parts["models"].delete(Tenant("local"), model["id"])
+    assert stored and deleted.deleted
+    assert list(parts["blobs"].list("imported")) == []
+    assert_envelope(api.get(f"/v1/models/{model['id']}/adapter"), 404, "model")
 
 
 def test_a_zip_archive_is_accepted_too(api, tmp_path, tiny_model_dir):
@@ -123,6 +133,8 @@ def test_adapters_the_engine_cannot_serve_are_refused_with_the_reason(
         "rank": fresh("rank", lora_r=32),  # ftaas-tiny's engine serves ranks up to 16
         "modules_to_save": _rewrite(fresh("mts"), {"modules_to_save": ["lm_head"]}),
         "DoRA": _rewrite(fresh("dora"), {"use_dora": True}),
+        "biases": _rewrite(fresh("bias"), {"bias": "all"}),
+        "lora_alpha": _rewrite(fresh("alpha"), {"lora_alpha": "sixteen"}),
         "LoRA": _rewrite(fresh("ia3"), {"peft_type": "IA3"}),
         "lm_head": _rewrite(
             fresh("head"),

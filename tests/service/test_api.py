@@ -122,6 +122,15 @@ def test_bad_job_parameters_are_400_with_the_param(client):
             },
             "method",
         ),
+        (  # OpenAI's deprecated top-level hyperparameters are supervised ones
+            {
+                "model": "ftaas-tiny",
+                "training_file": file_id,
+                "hyperparameters": {"n_epochs": 2},
+                "method": {"type": "dpo"},
+            },
+            "hyperparameters",
+        ),
         (  # a tuned model of another organization, or none
             {"model": "ft:ftaas-tiny:other::abcdefgh", "training_file": file_id},
             "model",

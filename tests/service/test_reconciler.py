@@ -463,3 +463,16 @@ def test_a_job_on_a_tuned_model_or_its_checkpoint_starts_from_that_adapter(world
     failed = world.sdk.fine_tuning.jobs.retrieve(orphan.id)
     assert failed.status == "failed" and failed.error.code == "model_not_available"
     assert failed.error.param == "model"
+
+
+def test_the_sizes_a_trainer_resolved_itself_are_the_ones_the_job_shows(world: World):
+    job_id = world.running()
+    world.trainer(job_id).write(
+        Started(
+            total_steps=40, n_examples=20, trained_tokens=100,
+            hyperparameters={"n_epochs": 5, "batch_size": 3},
+        )
+    )  # fmt: skip
+    world.tick()
+    shown = world.sdk.fine_tuning.jobs.retrieve(job_id).hyperparameters
+    assert (shown.n_epochs, shown.batch_size) == (5, 3)

@@ -161,8 +161,9 @@ def tokenize_preference(
 
 
 def tokenize_text(example: TextExample, tokenizer: Any, max_length: int) -> list[TokenizedExample]:
-    """A document as blocks of at most `max_length` tokens, every token learned except each
-    block's first (it has nothing before it to be predicted from).
+    """A document as blocks of at most `max_length` tokens that overlap by one: a block's
+    first token is the previous block's last, there only as context, so every token after
+    the document's first is learned exactly once.
 
     The text is encoded as the tokenizer encodes any prompt (with its own special tokens,
     as vLLM does for a completions prompt), then ends with the end-of-text token, so the
@@ -170,8 +171,9 @@ def tokenize_text(example: TextExample, tokenizer: Any, max_length: int) -> list
     ids = list(tokenizer(example.text)["input_ids"])
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
+    stride = max(max_length - 1, 1)
     blocks = []
-    for start in range(0, len(ids), max_length):
+    for start in range(0, max(len(ids) - 1, 1), stride):
         block = ids[start : start + max_length]
         blocks.append(TokenizedExample(block, [IGNORE_INDEX, *block[1:]]))
     return blocks

@@ -27,6 +27,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Imported models have no job: the older schema cannot hold them.
+    op.execute(sa.text("DELETE FROM models WHERE job_id IS NULL"))
     with op.batch_alter_table("models") as models:
         models.alter_column("job_id", existing_type=sa.String(64), nullable=False)
     with op.batch_alter_table("jobs") as jobs:
