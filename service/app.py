@@ -32,6 +32,7 @@ from service.fine_tuning.reconciler import ReadyModel, Reconciler
 from service.fine_tuning.router import router as jobs_router
 from service.fine_tuning.service import FineTuningService
 from service.housekeeping import Housekeeping
+from service.local_guard import LocalGuard
 from service.models.router import router as models_router
 from service.models.service import ModelService
 from service.ray_cluster import RayCluster, connect, ray_auth_env, ray_log_dir, use_gpu
@@ -231,6 +232,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             (r"/v1/.*", lambda: settings.max_request_bytes, None),  # every JSON body
         ],
     )
+    # Outermost: refused before any body is read (see service/local_guard.py).
+    app.add_middleware(LocalGuard, settings=settings)  # type: ignore[arg-type]
     for router in (files_router, uploads_router, jobs_router, models_router, chat_router):
         app.include_router(router)
 

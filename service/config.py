@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         default=None,
         description="comma-separated `key:organization` pairs; unset accepts any key on loopback",
     )
+    allowed_hosts: str = Field(
+        default="",
+        description="comma-separated Host names the API answers to; unset: any with API keys, "
+        "only this machine's loopback names without them (DNS rebinding)",
+    )
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite by default")
     storage_url: str | None = Field(
         default=None,

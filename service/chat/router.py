@@ -24,6 +24,13 @@ router = APIRouter(prefix="/v1", tags=["inference"])
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
+    # As FastAPI's JSON routes: a form or text/plain body (what a cross-site page can send
+    # without asking) is not taken for JSON.
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise InvalidRequest(
+            "The request body must be JSON, sent with Content-Type: application/json."
+        )
     try:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError):

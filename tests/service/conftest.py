@@ -62,7 +62,8 @@ def api_client(settings: Settings, parts) -> TestClient:  # type: ignore[no-unty
     app.state.jobs = parts["jobs"]
     app.state.models = parts["models"]
     app.state.gateway = None
-    return TestClient(app)
+    # A client on this machine, as open access requires (service/local_guard.py).
+    return TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000))
 
 
 @pytest.fixture
@@ -73,4 +74,4 @@ def client(settings: Settings, parts) -> TestClient:  # type: ignore[no-untyped-
 @pytest.fixture
 def sdk(client: TestClient) -> OpenAI:
     """The official SDK talking to the app in-process (TestClient is an httpx.Client)."""
-    return OpenAI(base_url="http://testserver/v1", api_key="k", http_client=client, max_retries=0)
+    return OpenAI(base_url="http://127.0.0.1/v1", api_key="k", http_client=client, max_retries=0)
