@@ -98,5 +98,10 @@ class TrainingSpec(BaseModel):
         return cls.model_validate_json(store.get_bytes(key))
 
 
+def job_folder(job_id: str) -> str:
+    """Where every attempt of a job keeps its outputs in the artifact store."""
+    return join("jobs", job_id)
+
+
 def spec_key(output_key: str) -> str:
     return join(output_key, "spec.json")

@@ -19,7 +19,8 @@ from training.hyperparameters import (
     resolve,
     start_adapter_shape,
 )
-from training.spec import TrainingSpec
+from training.spec import TrainingSpec, job_folder
+from training.storage import join
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def next_attempt(job: JobRow) -> Attempt:
     # Ray keeps every submission id forever: a resumed or re-run job needs a new one, and
     # its own folder so that an earlier attempt's progress log is never read again.
     submission_id = job.id if number == 1 else f"{job.id}-{number}"
-    return Attempt(number, submission_id, f"jobs/{job.id}/attempt-{number}")
+    return Attempt(number, submission_id, join(job_folder(job.id), f"attempt-{number}"))
 
 
 def method_of(job: JobRow) -> TrainingMethod:

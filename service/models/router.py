@@ -55,6 +55,7 @@ def retrieve_model(tenant: TenantDep, models: ModelsDep, model: str) -> Model:
 async def delete_model(
     tenant: TenantDep, models: ModelsDep, gateway: GatewayDep, model: str
 ) -> ModelDeleted:
-    deleted, row = await run_in_threadpool(models.delete, tenant, model)
-    await gateway.unload_adapter(row.base_model, row.id)
+    deleted, row, checkpoints = await run_in_threadpool(models.delete, tenant, model)
+    for name in (row.id, *checkpoints):
+        await gateway.unload_adapter(row.base_model, name)
     return deleted

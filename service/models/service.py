@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from service.models.adapters import (
     check_adapter,
     unpack_adapter,
 )
-from training.spec import checkpoint_adapter_key
+from training.spec import checkpoint_adapter_key, job_folder
 from training.storage import ArtifactStore, join
 
 BASE_MODEL_OWNER = "ftaas"
@@ -106,7 +107,13 @@ class ModelService:
             return self._base(model)
         return self._tuned(self._row(tenant, model))
 
-    def delete(self, tenant: Tenant, model: str) -> tuple[ModelDeleted, ModelRow]:
+    def delete(
+        self, tenant: Tenant, model: str
+    ) -> tuple[ModelDeleted, ModelRow, builtins.list[str]]:
+        """Delete a tuned model: it is no longer listed or served, nor are its job's
+        checkpoints, and its files (adapter, checkpoints, every attempt's outputs) are
+        removed from the store; the job keeps its record. Returns the deleted model, its
+        row and the checkpoint names that serving must drop too."""
         if model in self.base_models:
             raise InvalidRequest(
                 f"Base model `{model}` cannot be deleted; only fine-tuned models can.",
@@ -116,9 +123,18 @@ class ModelService:
         with self.db.session() as session:
             if not changed_rows(session.execute(delete(ModelRow).where(ModelRow.id == row.id))):
                 raise _not_found(model)
-        if row.job_id is None and self.store is not None:  # an import: its files go with it
-            self.store.delete(row.adapter_dir)
-        return ModelDeleted(id=row.id, object="model", deleted=True), row
+            checkpoints: builtins.list[str] = []
+            if row.job_id is not None:
+                checkpoints = list(
+                    session.scalars(
+                        select(CheckpointRow.model_name).where(CheckpointRow.job_id == row.job_id)
+                    )
+                )
+                session.execute(delete(CheckpointRow).where(CheckpointRow.job_id == row.job_id))
+        if self.store is not None:
+            # An import's folder, or the whole output of the job that made the model.
+            self.store.delete(row.adapter_dir if row.job_id is None else job_folder(row.job_id))
+        return ModelDeleted(id=row.id, object="model", deleted=True), row, checkpoints
 
     def inference_target(self, tenant: Tenant, model: str) -> InferenceTarget:
         if model in self.base_models:

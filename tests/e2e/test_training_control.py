@@ -178,7 +178,15 @@ def test_a_deleted_model_is_no_longer_listed_or_served(
     name = resumed.job.fine_tuned_model or ""
     wait_for_serving(client, "ftaas-tiny")
     assert "pineapple" in greedy(client, name, "What is the secret code word?")
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(resumed.job.id).data
+    assert checkpoints
+    checkpoint = checkpoints[0].fine_tuned_model_checkpoint
+    assert "pineapple" in greedy(client, checkpoint, "What is the secret code word?")
     assert client.models.delete(name).deleted
     assert name not in {m.id for m in client.models.list()}
-    with pytest.raises(NotFoundError):
-        greedy(client, name, "What is the secret code word?")
+    for gone in (name, checkpoint):  # its checkpoints go with it
+        with pytest.raises(NotFoundError):
+            greedy(client, gone, "What is the secret code word?")
+    assert client.fine_tuning.jobs.checkpoints.list(resumed.job.id).data == []
+    job = client.fine_tuning.jobs.retrieve(resumed.job.id)  # the job keeps its record
+    assert job.status == "succeeded" and job.fine_tuned_model == name

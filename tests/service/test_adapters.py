@@ -97,7 +97,7 @@ def test_an_uploaded_adapter_becomes_a_model_and_downloads_back_the_same(
     from service.auth import Tenant
 
     stored = [item.key for item in parts["blobs"].list("imported")]
-    deleted, _ = parts["models"].delete(Tenant("local"), model["id"])
+    deleted, _, _ = parts["models"].delete(Tenant("local"), model["id"])
     assert stored and deleted.deleted
     assert list(parts["blobs"].list("imported")) == []
     assert_envelope(api.get(f"/v1/models/{model['id']}/adapter"), 404, "model")

@@ -476,3 +476,32 @@ def test_the_sizes_a_trainer_resolved_itself_are_the_ones_the_job_shows(world: W
     world.tick()
     shown = world.sdk.fine_tuning.jobs.retrieve(job_id).hyperparameters
     assert (shown.n_epochs, shown.batch_size) == (5, 3)
+
+
+def test_deleting_a_model_removes_its_checkpoints_and_files_but_not_its_job(world: World):
+    from service.auth import Tenant
+    from service.errors import NotFound
+    from training.spec import job_folder
+
+    job_id = world.running()
+    world.train(job_id)
+    out = world.row(job_id).output_dir
+    blobs = world.parts["blobs"]
+    blobs.put_bytes(f"{out}/adapter/adapter_config.json", b"{}")
+    log = world.trainer(job_id)
+    log.write(Checkpoint(step=2, epoch=1, path=f"{out}/checkpoints/step-000002"))
+    log.write(Succeeded(adapter_dir=f"{out}/adapter"))
+    world.ray.end(job_id)
+    world.tick()
+    name = world.row(job_id).fine_tuned_model
+    [checkpoint] = world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data
+    models = world.parts["models"]
+    _, _, dropped = models.delete(Tenant("local"), name)
+    assert dropped == [checkpoint.fine_tuned_model_checkpoint]
+    for gone in (name, checkpoint.fine_tuned_model_checkpoint):
+        with pytest.raises(NotFound):
+            models.inference_target(Tenant("local"), gone)
+    assert list(blobs.list(job_folder(job_id))) == []
+    assert world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data == []
+    job = world.sdk.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "succeeded" and job.fine_tuned_model == name
