@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         default=16 * 1024 * 1024,
         description="largest JSON request body (chat, completions, jobs, uploads)",
     )
+    max_choices: int = Field(default=8, description="largest `n` (and `best_of`) a request gets")
+    max_output_tokens: int | None = Field(
+        default=None, description="largest max_tokens a request gets; unset: the model's context"
+    )
+    allowed_media_domains: str = Field(
+        default="", description="comma-separated domains chat may fetch media (image URLs) from"
+    )
     serving_enabled: bool = Field(default=True, description="deploy vLLM engines with Ray Serve")
     serving_kv_cache_gb: int = Field(default=1, description="vLLM CPU KV cache per engine")
     scheduler_interval_s: float = Field(default=1.0, description="seconds between ticks")

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from service.chat.fields import harden
 from service.deps import GatewayDep, ModelsDep, TenantDep
 from service.errors import InvalidRequest, envelope
 
@@ -47,7 +48,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 async def _answer(
     kind: str, request: Request, tenant: Any, models: Any, gateway: Any
 ) -> JSONResponse | StreamingResponse:
-    body = await _json_body(request)
+    body = harden(kind, await _json_body(request), tenant.organization, request.app.state.settings)
     # A database read: off the event loop, which serves every stream.
     target = await run_in_threadpool(models.inference_target, tenant, body["model"])
     head, rest = await gateway.respond(kind, target, body)
