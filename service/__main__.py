@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 
 from service.config import Settings
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from service.local_guard import is_loopback
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_embedded_head(settings)
         return 0
 
-    if settings.open_access and not _is_loopback(settings.host):
+    if settings.open_access and not is_loopback(settings.host):
         print(
             f"Refusing to serve on {settings.host} without API keys: set FTAAS_API_KEYS "
             "(comma-separated key:organization pairs) or bind to 127.0.0.1.",

@@ -26,12 +26,19 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES or host.lower().endswith(".localhost"):
+    """`localhost` or a loopback address (what a server may bind to, a client come from)."""
+    if host.lower() in LOOPBACK_NAMES:
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_name(host: str) -> bool:
+    """A Host a browser on this machine may send: also `*.localhost`, which browsers
+    resolve to loopback themselves (RFC 6761), so no page can rebind it."""
+    return is_loopback(host) or host.lower().endswith(".localhost")
 
 
 def host_name(value: str) -> str:
@@ -47,7 +54,7 @@ class LocalGuard:
     def _allowed_host(self, name: str) -> bool:
         if self.allowed:
             return name in self.allowed
-        return is_loopback(name)
+        return is_loopback_name(name)
 
     def refusal(self, scope: dict[str, Any]) -> str | None:
         headers = {key.decode("latin-1").lower(): value for key, value in scope["headers"]}

@@ -16,7 +16,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from service.auth import Tenant
 from service.config import BaseModelConfig
-from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, ModelRow, now
+from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, now
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.fine_tuning.attempts import method_of
 from service.fine_tuning.lifecycle import (
@@ -28,11 +28,10 @@ from service.fine_tuning.lifecycle import (
     transition,
     wire_status,
 )
-from service.fine_tuning.naming import is_checkpoint, is_fine_tuned
 from service.fine_tuning.schemas import CreateFineTuningJobRequest, FineTuningJobObject
 from service.ids import event_id, job_id, model_short_id
+from service.models.service import tuned_adapter
 from training.hyperparameters import SupervisedHyperparameters
-from training.spec import checkpoint_adapter_key
 
 logger = logging.getLogger(__name__)
 
@@ -180,18 +179,7 @@ class FineTuningService:
         model; a tuned model's (or checkpoint's) own for an `ft:` name of this tenant."""
         if model in self.base_models:
             return model, None
-        adapter: tuple[str, str] | None = None
-        if is_checkpoint(model):
-            checkpoint = session.scalar(
-                select(CheckpointRow).where(CheckpointRow.model_name == model)
-            )
-            job = session.get(JobRow, checkpoint.job_id) if checkpoint else None
-            if checkpoint and job and checkpoint.organization == tenant.organization:
-                adapter = job.model, checkpoint_adapter_key(checkpoint.path)
-        elif is_fine_tuned(model):
-            row = session.get(ModelRow, model)
-            if row is not None and row.organization == tenant.organization:
-                adapter = row.base_model, row.adapter_dir
+        adapter = tuned_adapter(session, tenant, model)
         if adapter is None or adapter[0] not in self.base_models:
             raise InvalidRequest(
                 f"Model {model} is not available for fine-tuning. Use a base model "

@@ -12,6 +12,7 @@ from typing import Annotated
 from openai.types import Model, ModelDeleted
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from service.auth import Tenant
 from service.config import BaseModelConfig
@@ -51,6 +52,23 @@ def _not_found(model: str) -> NotFound:
         param="model",
         code="model_not_found",
     )
+
+
+def tuned_adapter(session: Session, tenant: Tenant, model: str) -> tuple[str, str] | None:
+    """(base model, adapter key in the artifact store) of a tuned model or checkpoint name
+    of this tenant; None for any other name (another tenant's included)."""
+    if is_checkpoint(model):
+        checkpoint = session.scalar(select(CheckpointRow).where(CheckpointRow.model_name == model))
+        job = session.get(JobRow, checkpoint.job_id) if checkpoint else None
+        if checkpoint is None or job is None or checkpoint.organization != tenant.organization:
+            return None
+        return job.model, checkpoint_adapter_key(checkpoint.path)
+    if not is_fine_tuned(model):
+        return None
+    row = session.get(ModelRow, model)
+    if row is None or row.organization != tenant.organization:
+        return None
+    return row.base_model, row.adapter_dir
 
 
 class ImportAdapterRequest(BaseModel):
@@ -139,19 +157,11 @@ class ModelService:
     def inference_target(self, tenant: Tenant, model: str) -> InferenceTarget:
         if model in self.base_models:
             return InferenceTarget(base_model=model)
-        if not is_fine_tuned(model):
+        with self.db.session() as session:
+            found = tuned_adapter(session, tenant, model)
+        if found is None:
             raise _not_found(model)
-        if is_checkpoint(model):
-            with self.db.session() as session:
-                checkpoint = session.scalar(
-                    select(CheckpointRow).where(CheckpointRow.model_name == model)
-                )
-                job = session.get(JobRow, checkpoint.job_id) if checkpoint else None
-            if checkpoint is None or job is None or checkpoint.organization != tenant.organization:
-                raise _not_found(model)
-            return InferenceTarget(job.model, model, checkpoint_adapter_key(checkpoint.path))
-        row = self._row(tenant, model)
-        return InferenceTarget(row.base_model, row.id, row.adapter_dir)
+        return InferenceTarget(found[0], model, found[1])
 
     # --- adapters out and in
     def adapter_archive(self, tenant: Tenant, model: str) -> tuple[Iterator[bytes], str]:
