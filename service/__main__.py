@@ -1,4 +1,5 @@
-"""`python -m service [serve|stop]`: run the embedded server, or stop its Ray head."""
+"""`python -m service [serve|stop|keys]`: run the embedded server, stop its Ray head, or
+manage API keys (`python -m service keys --help`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ from service.local_guard import is_loopback
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        from service.organization.cli import main as keys_main
+
+        return keys_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "stop"])
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "stop", "keys"])
     args = parser.parse_args(argv)
     settings = Settings()
     logging.basicConfig(
@@ -26,15 +32,27 @@ def main(argv: list[str] | None = None) -> int:
         stop_embedded_head(settings)
         return 0
 
-    if settings.open_access and not is_loopback(settings.host):
+    if (
+        not settings.keys_configured
+        and not is_loopback(settings.host)
+        and not _keys_stored(settings)
+    ):
         print(
-            f"Refusing to serve on {settings.host} without API keys: set FTAAS_API_KEYS "
-            "(comma-separated key:organization pairs) or bind to 127.0.0.1.",
+            f"Refusing to serve on {settings.host} without API keys: make one with "
+            "`python -m service keys create --organization ORG`, set FTAAS_API_KEYS "
+            "(comma-separated key:organization pairs), or bind to 127.0.0.1.",
             file=sys.stderr,
         )
         return 2
 
     return serve(settings)
+
+
+def _keys_stored(settings: Settings) -> bool:
+    from service.db import Database
+    from service.organization.keys import KeyRing
+
+    return not KeyRing(Database(settings.resolved_database_url)).open_access()
 
 
 def serve(settings: Settings) -> int:

@@ -35,7 +35,18 @@ from service.housekeeping import Housekeeping
 from service.local_guard import LocalGuard
 from service.models.router import router as models_router
 from service.models.service import ModelService
-from service.ray_cluster import RayCluster, connect, ray_auth_env, ray_log_dir, use_gpu
+from service.organization.keys import KeyRing
+from service.organization.limits import Limits, RateLimitHeaders
+from service.organization.router import router as organization_router
+from service.organization.secrets import OrganizationSecrets
+from service.ray_cluster import (
+    RayCluster,
+    connect,
+    ray_auth_env,
+    ray_log_dir,
+    runtime_env_vars,
+    use_gpu,
+)
 from service.startup import one_at_a_time, server_log, startup_step, trace_logger
 from service.uploads.router import router as uploads_router
 from service.uploads.service import MAX_PART_BYTES, UploadService
@@ -173,6 +184,15 @@ async def _eager_load(gateway: ServingGateway, model: ReadyModel) -> None:
         logger.warning("eager load of %s failed; it loads on first use", model.name, exc_info=True)
 
 
+def wire_organization(app: FastAPI, settings: Settings, db: Database) -> None:
+    """Keys (the environment's registered), limits and secrets, on the app's state."""
+    keys = KeyRing(db)
+    keys.bootstrap(settings.api_key_organizations, settings.admin_key_organizations)
+    app.state.keys = keys
+    app.state.limits = Limits(settings)
+    app.state.secrets = OrganizationSecrets(db)
+
+
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
     """The app; `runtime` is what `python -m service serve` prepared before binding, else
     the lifespan prepares it."""
@@ -185,7 +205,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         )
         base_models, db, gpus, blobs = ready.base_models, ready.db, ready.use_gpu, ready.store
         auth_env = ray_auth_env(settings)
-        launcher = RayLauncher(ready.cluster.dashboard_url, env=auth_env)
+        launcher = RayLauncher(ready.cluster.dashboard_url, env=runtime_env_vars(auth_env))
         reconciler = Reconciler(
             db, settings, base_models, blobs, launcher, use_gpu=partial(use_gpu, settings)
         )
@@ -194,14 +214,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             base_models,
             blobs.url,
             gpus,
-            env=auth_env,
+            env=runtime_env_vars(auth_env),
             ray_logs=ray_log_dir(ready.cluster),
         )
         app.state.settings = settings
+        wire_organization(app, settings, db)
         validator = ProcessValidator()
-        app.state.files = FileService(db, blobs, settings.max_upload_bytes, validator)
+        limits = app.state.limits
+        app.state.files = FileService(db, blobs, settings.max_upload_bytes, validator, limits)
         app.state.uploads = UploadService(db, blobs, app.state.files)
-        app.state.jobs = FineTuningService(db, base_models, reconciler.stop)
+        app.state.jobs = FineTuningService(db, base_models, reconciler.stop, limits)
         app.state.models = ModelService(
             db, base_models, now(), store=blobs, max_adapter_bytes=settings.max_adapter_bytes
         )
@@ -232,9 +254,14 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             (r"/v1/.*", lambda: settings.max_request_bytes, None),  # every JSON body
         ],
     )
+    app.add_middleware(RateLimitHeaders)  # type: ignore[arg-type]
     # Outermost: refused before any body is read (see service/local_guard.py).
     app.add_middleware(LocalGuard, settings=settings)  # type: ignore[arg-type]
-    for router in (files_router, uploads_router, jobs_router, models_router, chat_router):
+    routers = (
+        files_router, uploads_router, jobs_router, models_router, chat_router,
+        organization_router,
+    )  # fmt: skip
+    for router in routers:
         app.include_router(router)
 
     @app.get("/health", tags=["health"])

@@ -40,6 +40,27 @@ class BaseModelConfig(BaseModel):
         return self.learning_rate
 
 
+class OrganizationLimits(BaseModel):
+    """What one organization may hold and ask for; `FTAAS_LIMITS` (JSON) changes the
+    defaults, `FTAAS_ORGANIZATION_LIMITS` ({organization: {...}}) one organization's."""
+
+    model_config = {"extra": "forbid"}
+
+    storage_bytes: int = Field(
+        default=100 * 1024**3, ge=0, description="bytes of files and pending uploads held"
+    )
+    files: int = Field(default=10_000, ge=0, description="files held")
+    active_jobs: int = Field(
+        default=100, ge=0, description="fine-tuning jobs not yet finished (paused aside)"
+    )
+    concurrent_requests: int = Field(
+        default=64, ge=1, description="chat and completion requests answered at once"
+    )
+    requests_per_minute: int = Field(
+        default=3_000, ge=1, description="API requests of any kind per minute"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FTAAS_", extra="ignore")
 
@@ -48,7 +69,14 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, validation_alias=AliasChoices("FTAAS_PORT", "PORT"))
     api_keys: str | None = Field(
         default=None,
-        description="comma-separated `key:organization` pairs; unset accepts any key on loopback",
+        description="comma-separated `key:organization` pairs registered on start (a "
+        "bootstrap: keys are managed with `python -m service keys` and /v1/organization); "
+        "with no key at all any request is served, on loopback only",
+    )
+    admin_keys: str | None = Field(
+        default=None,
+        description="comma-separated `key:organization` admin keys registered on start: "
+        "they manage their organization's keys and secrets under /v1/organization",
     )
     allowed_hosts: str = Field(
         default="",
@@ -107,6 +135,13 @@ class Settings(BaseSettings):
     allowed_media_domains: str = Field(
         default="", description="comma-separated domains chat may fetch media (image URLs) from"
     )
+    limits: OrganizationLimits = Field(
+        default_factory=OrganizationLimits, description="JSON: every organization's limits"
+    )
+    organization_limits: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description='JSON: limits of named organizations, e.g. {"acme": {"files": 50000}}',
+    )
     serving_enabled: bool = Field(default=True, description="deploy vLLM engines with Ray Serve")
     serving_kv_cache_gb: int = Field(default=1, description="vLLM CPU KV cache per engine")
     scheduler_interval_s: float = Field(default=1.0, description="seconds between ticks")
@@ -121,6 +156,12 @@ class Settings(BaseSettings):
         self.home = self.home.expanduser().resolve()
         return self
 
+    @model_validator(mode="after")
+    def _known_limits(self) -> Settings:
+        for organization in self.organization_limits:  # a misspelt limit fails at start
+            self.limits_of(organization)
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'ftaas.db'}"
@@ -130,24 +171,44 @@ class Settings(BaseSettings):
         return self.storage_url or str(self.home / "blobs")
 
     @property
-    def open_access(self) -> bool:
-        """No keys configured: any key is accepted, but only while bound to loopback."""
-        return not self.api_keys
+    def keys_configured(self) -> bool:
+        """Keys come from the environment (more may be in the database)."""
+        return bool(self.api_key_organizations or self.admin_key_organizations)
 
     @cached_property
     def api_key_organizations(self) -> dict[str, str]:
-        pairs = {}
-        for item in (self.api_keys or "").split(","):
-            if item.strip():
-                key, _, organization = item.strip().partition(":")
-                pairs[key] = organization or "default"
-        return pairs
+        return _key_pairs(self.api_keys)
+
+    @cached_property
+    def admin_key_organizations(self) -> dict[str, str]:
+        return _key_pairs(self.admin_keys)
+
+    @property
+    def media_domains(self) -> tuple[str, ...]:
+        return tuple(
+            sorted({d.strip().lower() for d in self.allowed_media_domains.split(",") if d.strip()})
+        )
+
+    def limits_of(self, organization: str) -> OrganizationLimits:
+        override = self.organization_limits.get(organization)
+        if not override:
+            return self.limits
+        return OrganizationLimits.model_validate({**self.limits.model_dump(), **override})
 
     def load_base_models(self) -> list[BaseModelConfig]:
         if self.base_models_file is None:
             return [tiny_base_model(self.home)]
         raw = json.loads(self.base_models_file.read_text())
         return [BaseModelConfig.model_validate(item) for item in raw]
+
+
+def _key_pairs(text: str | None) -> dict[str, str]:
+    pairs = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            key, _, organization = item.partition(":")
+            pairs[key.strip()] = organization.strip() or "default"
+    return pairs
 
 
 def tiny_base_model(home: Path) -> BaseModelConfig:

@@ -183,6 +183,39 @@ class ModelRow(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
+class ApiKeyRow(Base):
+    """An API key, stored as its SHA-256 only (keys are 256 random bits: a slow hash
+    would add nothing), so neither the database nor a backup of it holds a usable key."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16))  # "member" or "admin"
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    redacted_value: Mapped[str] = mapped_column(String(64))
+    # "managed" (made by an admin or the operator) or "environment" (FTAAS_API_KEYS).
+    source: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    arrival: Mapped[int] = mapped_column(BigInteger, default=arrival)
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, default=None, index=True)
+
+
+class OrganizationSecretRow(Base):
+    """A secret an organization registered for its own jobs (its W&B API key): read only
+    by the scheduler, which hands it to that organization's trainers alone."""
+
+    __tablename__ = "organization_secrets"
+
+    organization: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    settings: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
 class LeaseRow(Base):
     """Who runs the scheduler: one holder at a time, taken over once it expires."""
 

@@ -12,6 +12,9 @@ from service.config import Settings
 from service.files.service import FileService
 from service.fine_tuning.service import FineTuningService
 from service.models.service import ModelService
+from service.organization.keys import KeyRing
+from service.organization.limits import Limits
+from service.organization.secrets import OrganizationSecrets
 from service.uploads.service import UploadService
 
 
@@ -20,7 +23,15 @@ def _settings(request: Request) -> Settings:
 
 
 def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    return tenant_for(request.app.state.settings, authorization)
+    tenant = tenant_for(request.app.state.keys, authorization)
+    request.app.state.limits.admit_request(request, tenant.organization)
+    return tenant
+
+
+def _admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    tenant = tenant_for(request.app.state.keys, authorization, admin=True)
+    request.app.state.limits.admit_request(request, tenant.organization)
+    return tenant
 
 
 def _files(request: Request) -> FileService:
@@ -43,8 +54,24 @@ def _gateway(request: Request) -> ServingGateway:
     return request.app.state.gateway
 
 
+def _keys(request: Request) -> KeyRing:
+    return request.app.state.keys
+
+
+def _limits(request: Request) -> Limits:
+    return request.app.state.limits
+
+
+def _secrets(request: Request) -> OrganizationSecrets:
+    return request.app.state.secrets
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 TenantDep = Annotated[Tenant, Depends(_tenant)]
+AdminDep = Annotated[Tenant, Depends(_admin)]
+KeysDep = Annotated[KeyRing, Depends(_keys)]
+LimitsDep = Annotated[Limits, Depends(_limits)]
+SecretsDep = Annotated[OrganizationSecrets, Depends(_secrets)]
 FilesDep = Annotated[FileService, Depends(_files)]
 UploadsDep = Annotated[UploadService, Depends(_uploads)]
 JobsDep = Annotated[FineTuningService, Depends(_jobs)]

@@ -17,11 +17,19 @@ class APIError(Exception):
     error_type = "invalid_request_error"
     headers: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.extra_headers = headers or {}
 
 
 class InvalidRequest(APIError):
@@ -33,6 +41,10 @@ class AuthenticationFailed(APIError):
     error_type = "invalid_request_error"
 
 
+class PermissionDenied(APIError):
+    status_code = 403
+
+
 class NotFound(APIError):
     status_code = 404
 
@@ -41,6 +53,22 @@ class Conflict(APIError):
     """A permanent state conflict: tell the SDK not to retry (it retries 409 by default)."""
 
     status_code = 409
+    headers: ClassVar[dict[str, str]] = {"x-should-retry": "false"}
+
+
+class RateLimited(APIError):
+    """Too many requests for now: the SDK waits `retry-after` and tries again."""
+
+    status_code = 429
+    error_type = "requests"
+
+
+class QuotaExceeded(APIError):
+    """Over a standing limit (stored bytes, files, jobs): trying again will not help until
+    something is deleted or finishes, so the SDK is told not to retry."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
     headers: ClassVar[dict[str, str]] = {"x-should-retry": "false"}
 
 
@@ -97,7 +125,7 @@ def install_error_handlers(app: FastAPI) -> None:
             error_type=error.error_type,
             param=error.param,
             code=error.code,
-            headers=error.headers or None,
+            headers={**error.headers, **error.extra_headers} or None,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -9,7 +9,9 @@ come from elsewhere:
 - an `Origin` that is not this machine's: a page the developer opens may post forms or
   fetch requests to 127.0.0.1, but its browser says where the page came from (CSRF).
 With API keys none of this applies (a page has no key), except that `FTAAS_ALLOWED_HOSTS`,
-when set, is enforced in every mode. Answers are 403 in OpenAI's envelope.
+when set, is enforced in every mode. Answers are 403 in OpenAI's envelope. Whether keys
+exist is asked per request (one is made with `python -m service keys create` while the
+server runs); until the app's key ring is there, the guard holds.
 """
 
 from __future__ import annotations
@@ -56,18 +58,24 @@ class LocalGuard:
             return name in self.allowed
         return is_loopback_name(name)
 
+    @staticmethod
+    def _open_access(scope: dict[str, Any]) -> bool:
+        keys = getattr(getattr(scope.get("app"), "state", None), "keys", None)
+        return keys is None or bool(keys.open_access())  # fail closed before start-up
+
     def refusal(self, scope: dict[str, Any]) -> str | None:
         headers = {key.decode("latin-1").lower(): value for key, value in scope["headers"]}
         host = host_name(headers.get("host", b"").decode("latin-1"))
-        if (self.settings.open_access or self.allowed) and not self._allowed_host(host):
+        open_access = self._open_access(scope)
+        if (open_access or self.allowed) and not self._allowed_host(host):
             return f"Host {host!r} is not one this server answers to"
-        if not self.settings.open_access:
+        if not open_access:
             return None
         client = (scope.get("client") or ("", 0))[0]
         if not is_loopback(client):
             return (
-                "Without API keys this server answers only its own machine: set "
-                "FTAAS_API_KEYS (key:organization pairs) to serve others"
+                "Without API keys this server answers only its own machine: make one "
+                "(`python -m service keys create`) or set FTAAS_API_KEYS to serve others"
             )
         origin = headers.get("origin")
         if origin is not None:

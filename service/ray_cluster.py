@@ -140,6 +140,14 @@ def ray_auth_env(settings: Settings) -> dict[str, str]:
     )
 
 
+def runtime_env_vars(auth_env: dict[str, str]) -> dict[str, str]:
+    """What of `ray_auth_env` may ride in a runtime_env, which Ray's dashboard and job API
+    show to whoever can reach them: the mode and a token file's path, never the token.
+    Every Ray worker inherits its node's environment, where a cluster keeps the token
+    (KubeRay gives each container RAY_AUTH_TOKEN)."""
+    return {k: v for k, v in auth_env.items() if k != AUTH_TOKEN}
+
+
 def _dashboard_up(url: str) -> bool:
     """Whether the dashboard answers at all (Ray's token auth may answer 401: still up)."""
     try:

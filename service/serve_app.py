@@ -40,10 +40,10 @@ def cluster_settings() -> Settings:
 
 def build_api() -> FastAPI:
     settings = cluster_settings()
-    if settings.open_access:  # Serve's proxy listens beyond this machine
+    if not settings.keys_configured:  # Serve's proxy listens beyond this machine
         raise RuntimeError(
-            "FTAAS_API_KEYS is not set: ftaas will not serve a cluster without API keys "
-            "(comma-separated key:organization pairs, e.g. from a Secret)"
+            "FTAAS_API_KEYS (or FTAAS_ADMIN_KEYS) is not set: ftaas will not serve a cluster "
+            "without API keys (comma-separated key:organization pairs, e.g. from a Secret)"
         )
     return create_app(settings)
 

@@ -20,6 +20,7 @@ RequestKind = Literal["chat", "completion"]
 # Loaded adapters kept in host memory per engine; beyond it vLLM evicts the least used and
 # reloads from disk when asked again.
 CPU_LORA_SLOTS_PER_GPU_SLOT = 4
+NO_MEDIA_DOMAIN = ("media.invalid",)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class EngineConfig:
     # The artifact store adapters are fetched from, and the disk this node gives them.
     storage_url: str = ""
     adapter_cache_bytes: int = 20 * 1024**3
+    # Domains a multimodal model may fetch media from; none: no URL is fetched at all.
+    allowed_media_domains: tuple[str, ...] = ()
 
     def cli_args(self) -> list[str]:
         args = [
@@ -49,6 +52,9 @@ class EngineConfig:
         ]  # fmt: skip
         if self.chat_template:
             args += ["--chat-template", self.chat_template]
+        # vLLM fetches from anywhere when given no domains: a name that cannot resolve
+        # (RFC 6761) makes the engine itself refuse every URL, behind the API's own check.
+        args += ["--allowed-media-domains", *(self.allowed_media_domains or NO_MEDIA_DOMAIN)]
         return args
 
 

@@ -9,12 +9,13 @@ log. Nothing here assumes a disk shared with the service or between the workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import traceback
 
 from training.node_cache import scratch_folder
-from training.progress import Failed, Paused, ProgressLog, Succeeded
+from training.progress import Failed, Paused, ProgressLog, Succeeded, without_server_paths
 from training.spec import TrainingSpec
 from training.storage import ArtifactStore, open_store
 
@@ -34,7 +35,7 @@ def root_cause(error: BaseException) -> BaseException:
 
 def _user_message(error: BaseException) -> str:
     error = root_cause(error)
-    text = str(error) or type(error).__name__
+    text = without_server_paths(str(error)) or type(error).__name__
     if "out of memory" in text.lower():
         return (
             "Training ran out of memory. Lower batch_size, shorten the examples or use a "
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         outcome = ProgressLog(store, spec.output_key)
         outcome.write(Failed(code="training_error", message=_user_message(error)))
         return 1
+    finally:
+        if spec.wandb_secret is not None:  # the next attempt gets its own copy
+            with contextlib.suppress(Exception):
+                store.delete(spec.wandb_secret)
     if not paused:
         ProgressLog(store, spec.output_key).write(Succeeded(adapter_dir=spec.adapter_key))
     return 0

@@ -13,6 +13,7 @@ record from a newer trainer) is reported as a `BadLine` and skipped, never retri
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -97,6 +98,20 @@ class Failed(_Record):
     type: Literal["failed"] = "failed"
     code: str = "training_error"
     message: str
+
+
+# Where things are on the server is not the tenant's business: an exception's text often
+# names a folder (`[Errno 2] No such file or directory: '/srv/…/blobs/files/file-…'`), a
+# store URL or the dashboard's address.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])/(?:[\w.@+~-]+/)+([\w.@+~-]*)")
+
+
+def without_server_paths(text: str) -> str:
+    """`text` for a tenant: URLs and absolute paths cut to their last part
+    (`…/file-abc`), which still says what was missing."""
+    text = _URL.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+    return _ABSOLUTE_PATH.sub(lambda m: "…/" + m.group(1), text)
 
 
 ProgressRecord = Annotated[

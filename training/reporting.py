@@ -1,10 +1,12 @@
 """Where rank 0's metrics go: the progress log (→ job events and the result CSV), TensorBoard
 event files (written locally, copied to the attempt's folder in the store at the end), and
-Weights & Biases when the job asked for it and the package and key are present."""
+Weights & Biases when the job asked for it, the package is there and the job's
+organization registered its W&B key."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -31,7 +33,7 @@ class MetricsReporter:
         except ImportError:  # tensorboard is a dependency; a trimmed install may lack it
             logger.warning("tensorboard is not installed: no TensorBoard event files")
         if spec.wandb is not None:
-            self._wandb = _start_wandb(spec, self.progress)
+            self._wandb = _start_wandb(spec, store, self.progress)
 
     def metrics(self, step: int, total_steps: int, values: dict[str, float], **extra: Any) -> None:
         fields: dict[str, Any] = {**values, **extra}  # metric values ride flat, as OpenAI's
@@ -54,18 +56,28 @@ class MetricsReporter:
             self._wandb.finish()
 
 
-def _start_wandb(spec: TrainingSpec, progress: ProgressLog) -> Any:
+def _start_wandb(spec: TrainingSpec, store: ArtifactStore, progress: ProgressLog) -> Any:
     settings = spec.wandb or {}
-    if importlib.util.find_spec("wandb") is None or not os.environ.get("WANDB_API_KEY"):
+    secret = _wandb_secret(spec, store)
+    if importlib.util.find_spec("wandb") is None or secret is None:
         progress.write(
             Notice(
-                message="The wandb integration was skipped: the wandb package or "
-                "WANDB_API_KEY is missing where training runs",
+                message="The wandb integration was skipped: "
+                + (
+                    "your organization has not registered a W&B API key "
+                    "(PUT /v1/organization/integrations/wandb)"
+                    if secret is None
+                    else "the wandb package is not installed where training runs"
+                ),
             )
         )
         return None
     import wandb
 
+    # This worker process serves this job alone: the key goes no further than it.
+    os.environ["WANDB_API_KEY"] = secret["api_key"]
+    if secret.get("base_url"):
+        os.environ["WANDB_BASE_URL"] = secret["base_url"]
     return wandb.init(
         project=settings.get("project"),
         entity=settings.get("entity"),
@@ -73,3 +85,14 @@ def _start_wandb(spec: TrainingSpec, progress: ProgressLog) -> Any:
         tags=settings.get("tags"),
         config=spec.hyperparameters.model_dump(),
     )
+
+
+def _wandb_secret(spec: TrainingSpec, store: ArtifactStore) -> dict[str, Any] | None:
+    if spec.wandb_secret is None:
+        return None
+    try:
+        secret = json.loads(store.get_bytes(spec.wandb_secret))
+    except Exception:  # gone (the attempt ended) or unreadable: no W&B, the run goes on
+        logger.warning("could not read the W&B key of %s", spec.job_id)
+        return None
+    return secret if isinstance(secret, dict) and secret.get("api_key") else None

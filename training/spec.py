@@ -59,8 +59,12 @@ class TrainingSpec(BaseModel):
     # from its own unit count, as the service does from a file's rows for other methods.
     requested_sizes: dict[str, int | Literal["auto"]] | None = None
     # Weights & Biases run settings from the job's `integrations`, honoured when the
-    # package and WANDB_API_KEY are present where the trainer runs.
+    # package is present where the trainer runs and the job's organization registered a key.
     wandb: dict[str, Any] | None = None
+    # The object in the artifact store holding that key (`{"api_key", "base_url"?}`): not
+    # in the spec or the Ray job's environment, which others may read; the driver deletes it
+    # when the attempt ends.
+    wandb_secret: str | None = None
 
     @property
     def validation_format(self) -> DataFormat:

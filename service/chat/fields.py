@@ -77,7 +77,7 @@ def _clamp(body: dict[str, Any], field: str, limit: int | None) -> None:
 
 
 def _check_media(messages: Any, settings: Settings) -> None:
-    allowed = {d.strip().lower() for d in settings.allowed_media_domains.split(",") if d.strip()}
+    allowed = set(settings.media_domains)
     if not isinstance(messages, list):
         return
     for index, message in enumerate(messages):

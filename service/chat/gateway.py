@@ -140,6 +140,7 @@ class ServingGateway:
             chat_template=base.chat_template,
             storage_url=self.storage_url,
             adapter_cache_bytes=self.settings.adapter_cache_bytes,
+            allowed_media_domains=self.settings.media_domains,
         )
         app = build_llm_app(
             config,

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service.chat.fields import harden
@@ -51,13 +52,26 @@ async def _answer(
     body = harden(kind, await _json_body(request), tenant.organization, request.app.state.settings)
     # A database read: off the event loop, which serves every stream.
     target = await run_in_threadpool(models.inference_target, tenant, body["model"])
-    head, rest = await gateway.respond(kind, target, body)
+    # One of the organization's concurrent slots, held until the answer has been sent.
+    release = request.app.state.limits.inference_slot(tenant.organization)
+    try:
+        head, rest = await gateway.respond(kind, target, body)
+    except BaseException:
+        release()
+        raise
     if head["stream"]:
-        return StreamingResponse(_errors_in_band(rest), media_type="text/event-stream")
+        return StreamingResponse(
+            _errors_in_band(rest, release),
+            media_type="text/event-stream",
+            background=BackgroundTask(release),  # also when the stream was never started
+        )
+    release()
     return JSONResponse(head["body"], status_code=head["status"])
 
 
-async def _errors_in_band(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _errors_in_band(
+    stream: AsyncIterator[str], release: Callable[[], None]
+) -> AsyncIterator[str]:
     """Once a stream has begun its status is sent: a later failure becomes an `error`
     event, as OpenAI sends it, instead of a connection cut mid-answer."""
     try:
@@ -70,6 +84,8 @@ async def _errors_in_band(stream: AsyncIterator[str]) -> AsyncIterator[str]:
         )
         yield f"data: {json.dumps(error)}\n\n"
         yield "data: [DONE]\n\n"
+    finally:
+        release()
 
 
 @router.post("/chat/completions", response_model=None)

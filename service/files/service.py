@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from openai.types import FileDeleted, FileObject
 from sqlalchemy import delete, literal, select, tuple_
+from sqlalchemy.orm import Session
 
 from service.auth import Tenant
 from service.db import Database, FileRow, changed_rows, now
-from service.errors import InvalidRequest, NotFound
+from service.errors import InvalidRequest, NotFound, QuotaExceeded
 from service.files.validator import validate_here
 from service.ids import file_id
 from training.data.validation import ValidationReport
 from training.storage import ArtifactStore, BlobTooLarge
+
+if TYPE_CHECKING:
+    from service.organization.limits import Limits
 
 FINE_TUNE_PURPOSES = {"fine-tune"}
 MAX_FILENAME_CHARS = 512  # the store's column (PostgreSQL enforces it)
@@ -42,8 +46,11 @@ class FileService:
         blobs: ArtifactStore,
         max_upload_bytes: int,
         validate: Callable[[str, str], ValidationReport] = validate_here,
+        limits: Limits | None = None,
     ):
         self.db = db
+        # Quotas per organization (service/organization/limits.py); None: unlimited.
+        self.limits = limits
         self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
         # The app validates in a worker process (service/files/validator.py).
@@ -71,6 +78,7 @@ class FileService:
     def create(self, tenant: Tenant, filename: str, purpose: str, stream: BinaryIO) -> FileObject:
         """Blocking (copy and validation): the route runs it in a worker thread."""
         self.check_new_file(filename, purpose)
+        self.check_quota(tenant, 0, param="file")  # before a byte is stored
         new_id = file_id()
         key = f"files/{new_id}"
         try:
@@ -81,10 +89,29 @@ class FileService:
             ) from None
         return self.register(tenant, new_id, key, filename, purpose, size)
 
+    def check_quota(
+        self, tenant: Tenant, adding_bytes: int, param: str, session: Session | None = None
+    ) -> None:
+        if self.limits is None:
+            return
+        if session is not None:
+            self.limits.check_storage(session, tenant.organization, adding_bytes, param)
+            return
+        with self.db.session() as own:
+            self.limits.check_storage(own, tenant.organization, adding_bytes, param)
+
     def register(
-        self, tenant: Tenant, new_id: str, key: str, filename: str, purpose: str, size: int
+        self,
+        tenant: Tenant,
+        new_id: str,
+        key: str,
+        filename: str,
+        purpose: str,
+        size: int,
+        counted_bytes: int = 0,
     ) -> FileObject:
-        """Record a stored blob as a file, validating training data line by line."""
+        """Record a stored blob as a file, validating training data line by line.
+        `counted_bytes`: what the quota already holds for it (a pending upload's)."""
         row = FileRow(
             id=new_id,
             created_at=now(),
@@ -99,8 +126,13 @@ class FileService:
             self._validate_training_file(row)
         else:
             row.status = "processed"
-        with self.db.session() as session:
-            session.add(row)
+        try:
+            with self.db.session() as session:
+                self.check_quota(tenant, size - counted_bytes, "file", session)
+                session.add(row)
+        except QuotaExceeded:
+            self.blobs.delete(key)
+            raise
         return file_object(row)
 
     def _validate_training_file(self, row: FileRow) -> None:

@@ -30,6 +30,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from service.config import BaseModelConfig, Settings
 from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, ModelRow, now
 from service.fine_tuning.attempts import (
+    Attempt,
     JobCannotStart,
     method_of,
     next_attempt,
@@ -54,6 +55,7 @@ from service.fine_tuning.naming import checkpoint_model_name, fine_tuned_model_n
 from service.fine_tuning.results import write_result_file
 from service.fine_tuning.service import add_event
 from service.ids import checkpoint_id
+from service.organization.secrets import WANDB, OrganizationSecrets
 from training.data.validation import MIN_EXAMPLES
 from training.progress import (
     Checkpoint,
@@ -65,6 +67,7 @@ from training.progress import (
     ProgressBatch,
     Started,
     Succeeded,
+    without_server_paths,
 )
 from training.spec import checkpoint_adapter_key, spec_key
 from training.storage import ArtifactStore, join
@@ -105,6 +108,8 @@ class TickReport:
 
 
 def fail(session: Session, job: JobRow, code: str, message: str, param: str | None) -> None:
+    # The one way a job fails: whatever the cause, the tenant sees no server path.
+    message = without_server_paths(message)
     transition(job, S.FAILED)
     job.error = {"code": code, "message": message, "param": param}
     add_event(session, job, message, level="error")
@@ -160,12 +165,21 @@ class Reconciler:
                     .group_by(JobRow.organization)
                 ).all()
             )
-        # Fair share: a queued job of an organization with fewer trainers running goes
-        # first, so one tenant's long queue cannot starve the others; then by arrival.
-        open_jobs = sorted(
-            open_jobs,
-            key=lambda row: (row.status == S.QUEUED, alive.get(row.organization, 0)),
-        )
+        # Fair share: queued jobs are taken round-robin across organizations, counting
+        # the trainers each already runs (its n-th queued job waits behind every other
+        # organization's first n), so one tenant's long queue cannot starve the others;
+        # then by arrival.
+        queued_before: dict[str, int] = {}
+
+        def turn(row: Any) -> tuple[bool, int]:
+            if row.status != S.QUEUED:
+                return (False, 0)
+            rank = queued_before.get(row.organization, 0)
+            queued_before[row.organization] = rank + 1
+            return (True, alive.get(row.organization, 0) + rank)
+
+        turns = {row.id: turn(row) for row in open_jobs}  # in arrival order
+        open_jobs = sorted(open_jobs, key=lambda row: turns[row.id])
         full = False
         for job_id, status, failures, _ in open_jobs:
             handler = self._handlers.get(JobStatus(status))
@@ -327,6 +341,8 @@ class Reconciler:
             job, attempt, base, files, hyperparameters, self.settings, self.store.url,
             self.use_gpu(),
         )  # fmt: skip
+        if spec.wandb is not None:
+            spec = spec.model_copy(update={"wandb_secret": self._hand_over_wandb_key(job, attempt)})
         # The spec is written before the intent commits: a crash in between leaves an
         # object the same attempt, computed again, overwrites.
         spec.save(self.store)
@@ -339,6 +355,17 @@ class Reconciler:
         job.stop_requested_at = None
         transition(job, S.STARTING)
 
+    def _hand_over_wandb_key(self, job: JobRow, attempt: Attempt) -> str | None:
+        """The organization's own W&B key, as an object in the attempt's folder only its
+        trainer reads (service/organization/secrets.py); None when it registered none."""
+        registered = OrganizationSecrets(self.db).get(job.organization, WANDB)
+        if registered is None:
+            return None
+        key = join(attempt.output_key, "secrets", "wandb.json")
+        secret = {"api_key": registered.value, **(registered.settings or {})}
+        self.store.put_bytes(key, json.dumps(secret).encode())
+        return key
+
     def _starting(self, job_id: str) -> None:
         with self.db.session() as session:
             job = self._job(session, job_id, S.STARTING)
@@ -349,9 +376,7 @@ class Reconciler:
         # Adopt what the launcher already has (a crash after the submission), else submit.
         if self.launcher.info(submission_id).state == LaunchState.UNKNOWN:
             with contextlib.suppress(SubmissionExists):  # an earlier try reached Ray
-                self.launcher.submit(
-                    submission_id, self.store.url, spec_key(output_dir), env=_trainer_env()
-                )
+                self.launcher.submit(submission_id, self.store.url, spec_key(output_dir), env={})
         with self.db.session() as session:
             job = self._job(session, job_id, S.STARTING)
             if job is None:  # cancelled or paused meanwhile: that state's handler takes over
@@ -664,8 +689,3 @@ def _metrics_message(data: dict[str, Any]) -> str:
     if "full_valid_loss" in data:
         message += f", full validation loss={data['full_valid_loss']:.4f}"
     return message
-
-
-def _trainer_env() -> dict[str, str]:
-    """What the trainer may need from the service's environment (the W&B key)."""
-    return {k: os.environ[k] for k in ("WANDB_API_KEY", "WANDB_BASE_URL") if k in os.environ}

@@ -6,7 +6,7 @@ import builtins
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openai.types.fine_tuning import FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
@@ -32,6 +32,9 @@ from service.fine_tuning.schemas import CreateFineTuningJobRequest, FineTuningJo
 from service.ids import event_id, job_id, model_short_id
 from service.models.service import tuned_adapter
 from training.hyperparameters import SupervisedHyperparameters
+
+if TYPE_CHECKING:
+    from service.organization.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +140,12 @@ class FineTuningService:
         db: Database,
         base_models: dict[str, BaseModelConfig],
         stop_training: StopTraining,
+        limits: Limits | None = None,
     ):
         self.db = db
         self.base_models = base_models
         self.stop_training = stop_training
+        self.limits = limits  # quotas per organization; None: unlimited
 
     def _check_file(self, session: Session, tenant: Tenant, file_id: str, param: str) -> None:
         row = session.get(FileRow, file_id)
@@ -206,6 +211,8 @@ class FineTuningService:
             )
         hyperparameters = request.method_hyperparameters()
         with self.db.session() as session:
+            if self.limits is not None:
+                self.limits.check_jobs(session, tenant.organization)
             base_model, start_adapter = self._starting_point(session, tenant, request.model)
             self._check_servable(self.base_models[base_model], hyperparameters, request)
             self._check_file(session, tenant, request.training_file, "training_file")

@@ -61,6 +61,7 @@ class UploadService:
             raise InvalidRequest(
                 f"bytes must be between 1 and {self.files.max_upload_bytes}", param="bytes"
             )
+        self.files.check_quota(tenant, size, param="bytes")
         created = now()
         row = UploadRow(
             id=upload_id(),
@@ -154,7 +155,13 @@ class UploadService:
             self.blobs.delete(key)
             raise InvalidRequest(f"md5 {md5} does not match the parts' {digest}", param="md5")
         file = self.files.register(
-            tenant, new_id, key, upload.filename, upload.purpose, upload.bytes
+            tenant,
+            new_id,
+            key,
+            upload.filename,
+            upload.purpose,
+            upload.bytes,
+            counted_bytes=upload.bytes,  # still pending: its bytes are already counted
         )
         with self.db.session() as session:
             # Compare-and-set: of two completions racing, one wins; the other's file goes.

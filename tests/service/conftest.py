@@ -9,13 +9,14 @@ import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
 
-from service.app import create_app
+from service.app import create_app, wire_organization
 from service.config import Settings, tiny_base_model
 from service.db import Database
 from service.files.service import FileService
 from service.fine_tuning.reconciler import Reconciler
 from service.fine_tuning.service import FineTuningService
 from service.models.service import ModelService
+from service.organization.limits import Limits
 from service.uploads.service import UploadService
 from tests.service.fakes import FakeLauncher
 from training.storage import open_store
@@ -35,7 +36,8 @@ def parts(settings: Settings):  # type: ignore[no-untyped-def]
     base_models = {"ftaas-tiny": tiny_base_model(settings.home)}
     db = Database(settings.resolved_database_url)
     blobs = open_store(settings.resolved_storage_url)
-    files = FileService(db, blobs, max_upload_bytes=10_000)
+    limits = Limits(settings)
+    files = FileService(db, blobs, max_upload_bytes=10_000, limits=limits)
     launcher = FakeLauncher()
     reconciler = Reconciler(db, settings, base_models, blobs, launcher)
     yield {
@@ -44,10 +46,11 @@ def parts(settings: Settings):  # type: ignore[no-untyped-def]
         "base_models": base_models,
         "files": files,
         "uploads": UploadService(db, blobs, files),
-        "jobs": FineTuningService(db, base_models, reconciler.stop),
+        "jobs": FineTuningService(db, base_models, reconciler.stop, limits),
         "models": ModelService(db, base_models, started_at=0, store=blobs),
         "reconciler": reconciler,
         "launcher": launcher,
+        "limits": limits,
     }
     db.engine.dispose()
 
@@ -62,6 +65,8 @@ def api_client(settings: Settings, parts) -> TestClient:  # type: ignore[no-unty
     app.state.jobs = parts["jobs"]
     app.state.models = parts["models"]
     app.state.gateway = None
+    wire_organization(app, settings, parts["db"])
+    app.state.limits = parts["limits"]  # the one the services count with
     # A client on this machine, as open access requires (service/local_guard.py).
     return TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000))
 

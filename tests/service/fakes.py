@@ -16,6 +16,7 @@ class FakeLauncher:
     def __init__(self) -> None:
         self.states: dict[str, LaunchState] = {}
         self.submitted: list[str] = []
+        self.envs: dict[str, dict[str, str]] = {}  # what each submission's runtime_env held
         self.stopped: list[str] = []
         self.unavailable = False
         # Called inside `submit`, before it returns: a test's chance to race it.
@@ -36,6 +37,7 @@ class FakeLauncher:
             raise SubmissionExists(submission_id)
         self.states[submission_id] = LaunchState.RUNNING
         self.submitted.append(submission_id)
+        self.envs[submission_id] = dict(env)
         if self.during_submit is not None:
             self.during_submit(submission_id)
 

@@ -505,3 +505,52 @@ def test_deleting_a_model_removes_its_checkpoints_and_files_but_not_its_job(worl
     assert world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data == []
     job = world.sdk.fine_tuning.jobs.retrieve(job_id)
     assert job.status == "succeeded" and job.fine_tuned_model == name
+
+
+def test_a_thousand_queued_jobs_of_one_tenant_do_not_starve_anothers_one(world: World, parts):
+    """At scale: org-busy has 1,000 jobs queued before org-other's one arrives; with two
+    slots the other's job starts in the very first tick, beside the busy tenant's first."""
+    from service.db import arrival, now
+
+    world.settings.max_running_jobs = 2
+    template = world.row(world.job())  # a job's row to copy, then out of the way
+    with parts["db"].session() as session:
+        session.query(JobRow).update({"status": "cancelled"})
+        for index in range(1_001):
+            organization = "org-busy" if index < 1_000 else "org-other"
+            session.add(
+                JobRow(
+                    id=f"ftjob-scale{index:06d}",
+                    organization=organization,
+                    created_at=now(),
+                    arrival=arrival() + index,
+                    model=template.model,
+                    training_file=template.training_file,
+                    seed=index,
+                    method=template.method,
+                    status="queued",
+                    model_short_id=f"s{index:07d}",
+                )
+            )
+    world.tick()
+    assert world.ray.submitted == ["ftjob-scale000000", "ftjob-scale001000"]
+
+
+def test_a_failed_jobs_message_names_no_server_path(world: World):
+    from training.progress import Failed
+
+    job_id = world.running()
+    world.trainer(job_id).write(
+        Failed(
+            message="Training failed: [Errno 2] No such file or directory: "
+            "'/srv/ftaas/blobs/files/file-abc' (from s3://bucket/prefix/jobs/x/spec.json)"
+        )
+    )
+    world.ray.end(job_id, LaunchState.FAILED)
+    world.tick()
+    error = world.sdk.fine_tuning.jobs.retrieve(job_id).error
+    assert error is not None
+    assert "/srv" not in error.message and "s3://" not in error.message
+    assert "…/file-abc" in error.message and "…/spec.json" in error.message
+    events = world.sdk.fine_tuning.jobs.list_events(job_id)
+    assert not any("/srv/" in event.message for event in events)

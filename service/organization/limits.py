@@ -1,0 +1,215 @@
+"""Per-organization rate limits and quotas, so no tenant can exhaust the machine.
+
+- Requests per minute: a token bucket per organization (capacity one minute's worth,
+  refilled continuously). Every answer carries OpenAI's `x-ratelimit-*-requests` headers;
+  over the limit the answer is a 429 with `retry-after`, which the SDK waits and retries.
+- Concurrent chat and completion requests: a count per organization, released when the
+  answer (or the stream) ends; over it, a 429 with `retry-after: 1`.
+- Stored bytes, files, and jobs not yet finished: counted in the database when something
+  new would be added; over one, a 429 the SDK is told not to retry (`x-should-retry`).
+
+Rates and concurrency are counted per API process: the cluster runs one API replica.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.config import OrganizationLimits, Settings
+from service.db import FileRow, JobRow, UploadRow, now
+from service.errors import QuotaExceeded, RateLimited
+from service.fine_tuning.lifecycle import TERMINAL, JobStatus
+
+# Jobs that count against `active_jobs`: all but finished and paused ones.
+_NOT_ACTIVE = [s.value for s in TERMINAL] + [JobStatus.PAUSED.value]
+RATE_HEADERS_STATE = "ratelimit_headers"
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: `20ms`, `1s`, `6m0s`."""
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+
+
+@dataclass
+class TokenBucket:
+    capacity: int
+    tokens: float
+    updated: float
+    per_second: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.per_second = self.capacity / 60
+
+    def take(self, moment: float) -> bool:
+        self.tokens = min(self.capacity, self.tokens + (moment - self.updated) * self.per_second)
+        self.updated = moment
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def headers(self) -> dict[str, str]:
+        remaining = math.floor(self.tokens)
+        return {
+            "x-ratelimit-limit-requests": str(self.capacity),
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": duration((self.capacity - self.tokens) / self.per_second),
+        }
+
+    def wait_s(self) -> float:
+        return max(0.0, (1 - self.tokens) / self.per_second)
+
+
+class Limits:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, TokenBucket] = {}
+        self._in_flight: dict[str, int] = {}
+
+    def of(self, organization: str) -> OrganizationLimits:
+        return self.settings.limits_of(organization)
+
+    # --- rates
+    def admit_request(self, request: Any, organization: str) -> None:
+        """Take one request from the organization's bucket, or refuse with a 429; the
+        headers ride on the answer either way (service/organization/limits.py)."""
+        capacity = self.of(organization).requests_per_minute
+        with self._lock:
+            moment = self.clock()
+            bucket = self._buckets.get(organization)
+            if bucket is None or bucket.capacity != capacity:
+                bucket = self._buckets[organization] = TokenBucket(capacity, capacity, moment)
+            admitted = bucket.take(moment)
+            headers = bucket.headers()
+            wait = bucket.wait_s()
+        setattr(request.state, RATE_HEADERS_STATE, headers)
+        if not admitted:
+            raise RateLimited(
+                f"Rate limit reached for requests per minute (RPM): limit {capacity}. "
+                f"Please try again in {duration(wait)}.",
+                code="rate_limit_exceeded",
+                headers={
+                    **headers,
+                    "retry-after": str(max(1, math.ceil(wait))),
+                    "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
+                },
+            )
+
+    # --- concurrency
+    def inference_slot(self, organization: str) -> Callable[[], None]:
+        """Hold one of the organization's concurrent inference slots; the returned function
+        gives it back (calling it again does nothing)."""
+        limit = self.of(organization).concurrent_requests
+        with self._lock:
+            held = self._in_flight.get(organization, 0)
+            if held >= limit:
+                raise RateLimited(
+                    f"Too many requests in flight: your organization may have {limit} chat "
+                    "or completion requests answered at once. Please try again shortly.",
+                    code="concurrency_limit_exceeded",
+                    headers={"retry-after": "1", "retry-after-ms": "1000"},
+                )
+            self._in_flight[organization] = held + 1
+        released = threading.Event()
+
+        def release() -> None:
+            if released.is_set():
+                return
+            released.set()
+            with self._lock:
+                self._in_flight[organization] -= 1
+
+        return release
+
+    def in_flight(self, organization: str) -> int:
+        with self._lock:
+            return self._in_flight.get(organization, 0)
+
+    # --- quotas (counted in the caller's transaction)
+    def check_storage(
+        self, session: Session, organization: str, adding_bytes: int, param: str
+    ) -> None:
+        limits = self.of(organization)
+        files, stored = session.execute(
+            select(func.count(), func.coalesce(func.sum(FileRow.bytes), 0)).where(
+                FileRow.organization == organization
+            )
+        ).one()
+        pending = int(
+            session.scalar(
+                select(func.coalesce(func.sum(UploadRow.bytes), 0)).where(
+                    UploadRow.organization == organization,
+                    UploadRow.status == "pending",
+                    UploadRow.expires_at > now(),
+                )
+            )
+            or 0
+        )
+        if files + 1 > limits.files:
+            raise QuotaExceeded(
+                f"Your organization holds {files} files, its limit: delete some first.",
+                param=param,
+                code="file_quota_exceeded",
+            )
+        if stored + pending + adding_bytes > limits.storage_bytes:
+            raise QuotaExceeded(
+                f"Storing {adding_bytes} more bytes would exceed your organization's "
+                f"{limits.storage_bytes} byte storage limit ({stored + pending} in use): "
+                "delete files first.",
+                param=param,
+                code="storage_quota_exceeded",
+            )
+
+    def check_jobs(self, session: Session, organization: str) -> None:
+        limit = self.of(organization).active_jobs
+        active = session.scalar(
+            select(func.count()).where(
+                JobRow.organization == organization, JobRow.status.not_in(_NOT_ACTIVE)
+            )
+        )
+        if (active or 0) >= limit:
+            raise QuotaExceeded(
+                f"Your organization has {active} fine-tuning jobs queued or running, its "
+                "limit: wait for some to finish, or cancel some.",
+                code="job_quota_exceeded",
+            )
+
+
+class RateLimitHeaders:
+    """Puts the organization's `x-ratelimit-*` headers on every answer that counted."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = (scope.get("state") or {}).get(RATE_HEADERS_STATE)
+                if headers:
+                    present = {k.lower() for k, _ in message.get("headers", [])}
+                    extra = [
+                        (k.encode(), v.encode())
+                        for k, v in headers.items()
+                        if k.encode() not in present
+                    ]
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
