@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openai import APIStatusError, OpenAI
@@ -19,6 +20,19 @@ from service.config import Settings
 from service.ray_cluster import embedded_token_path, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+API_KEY = "test-key"  # organization `e2e`, every test's client
+OTHER_API_KEY = "other-key"  # organization `e2e-other`
+LIMITED_API_KEY = "limited-key"  # organization `e2e-limited`: one request at a time
+ADMIN_API_KEY = "admin-key-of-the-e2e-organization"
+E2E_KEYS = {
+    "FTAAS_API_KEYS": f"{API_KEY}:e2e,{OTHER_API_KEY}:e2e-other,{LIMITED_API_KEY}:e2e-limited",
+    "FTAAS_ADMIN_KEYS": f"{ADMIN_API_KEY}:e2e",
+    "FTAAS_ORGANIZATION_LIMITS": json.dumps(
+        {"e2e-limited": {"concurrent_requests": 1, "requests_per_minute": 20}}
+    ),
+}
 
 
 class RunningServer:
@@ -56,6 +70,9 @@ class RunningServer:
         }
         for name in self.NOT_ON_A_FRESH_MACHINE:
             self.env.pop(name, None)
+        # Keys on, as a platform runs it (tests/e2e/test_tenancy.py): the organizations
+        # and limits every e2e test meets.
+        self.env.update(E2E_KEYS)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -72,8 +89,10 @@ class RunningServer:
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
         }
 
-    def client(self) -> OpenAI:
-        return OpenAI(base_url=f"{self.base_url}/v1", api_key="test-key", max_retries=0)
+    def client(self, api_key: str = API_KEY, max_retries: int = 0, **options: Any) -> OpenAI:
+        return OpenAI(
+            base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=max_retries, **options
+        )
 
     def start(self, timeout: float = 180) -> None:
         with open(self.log, "ab") as out:

@@ -1,0 +1,157 @@
+"""Several organizations on the real server (keys on, real Ray and vLLM), through the SDK:
+keys made and revoked by an admin, another organization finding nothing of a tuned
+model's, and the limits of an organization allowed one request at a time."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import QUESTIONS, memorisation_jsonl
+from tests.e2e.conftest import (
+    ADMIN_API_KEY,
+    LIMITED_API_KEY,
+    OTHER_API_KEY,
+    RunningServer,
+    wait_for_job,
+    wait_for_serving,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> OpenAI:
+    client = server.client()
+    wait_for_serving(client, "ftaas-tiny")
+    return client
+
+
+def admin(server: RunningServer) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"{server.base_url}/v1/organization",
+        headers={"Authorization": f"Bearer {ADMIN_API_KEY}"},
+        timeout=30,
+    )
+
+
+def test_an_admin_makes_a_key_that_works_until_it_is_revoked(server: RunningServer, client):
+    with admin(server) as organization:
+        made = organization.post("/api_keys", json={"name": "e2e"}).json()
+        assert made["value"].startswith("sk-ftaas-")
+        own = server.client(made["value"])
+        assert "ftaas-tiny" in [m.id for m in own.models.list()]
+        listed = organization.get("/api_keys").json()
+        assert made["id"] in {k["id"] for k in listed["data"]}
+        assert made["value"] not in str(listed)
+        assert organization.delete(f"/api_keys/{made['id']}").json()["deleted"]
+    with pytest.raises(openai.AuthenticationError):
+        own.models.list()
+    with pytest.raises(openai.PermissionDeniedError):  # an admin key manages, it does not chat
+        server.client(ADMIN_API_KEY).models.list()
+    as_member = httpx.get(  # a member key does not manage
+        f"{server.base_url}/v1/organization/api_keys",
+        headers={"Authorization": "Bearer test-key"},
+    )
+    assert as_member.status_code == 403
+
+
+def test_another_organization_finds_nothing_of_a_tuned_model(server: RunningServer, client):
+    upload = client.files.create(file=("t.jsonl", memorisation_jsonl()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="ftaas-tiny",
+        training_file=upload.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+    )
+    done = wait_for_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    model = done.fine_tuned_model
+    assert model
+    checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
+    own = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=4
+    )
+    assert own.choices[0].message.content is not None
+
+    other = server.client(OTHER_API_KEY)
+    attempts = {
+        "chat with the model": lambda: other.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        ),
+        "chat with its checkpoint": lambda: other.chat.completions.create(
+            model=checkpoint.fine_tuned_model_checkpoint,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=2,
+        ),
+        "completion with the model": lambda: other.completions.create(
+            model=model, prompt="hi", max_tokens=2
+        ),
+        "retrieve the model": lambda: other.models.retrieve(model),
+        "delete the model": lambda: other.models.delete(model),
+        "retrieve the job": lambda: other.fine_tuning.jobs.retrieve(job.id),
+        "cancel the job": lambda: other.fine_tuning.jobs.cancel(job.id),
+        "list the job's events": lambda: other.fine_tuning.jobs.list_events(job.id),
+        "list the job's checkpoints": lambda: other.fine_tuning.jobs.checkpoints.list(job.id),
+        "retrieve the file": lambda: other.files.retrieve(upload.id),
+        "read the file": lambda: other.files.content(upload.id),
+        "delete the file": lambda: other.files.delete(upload.id),
+    }
+    for attempt, call in attempts.items():
+        with pytest.raises(openai.NotFoundError):
+            call()
+            pytest.fail(f"{attempt}: answered")
+    with pytest.raises(openai.BadRequestError):  # as for a file that does not exist
+        other.fine_tuning.jobs.create(model="ftaas-tiny", training_file=upload.id)
+    assert model not in [m.id for m in other.models.list()]
+    assert job.id not in [j.id for j in other.fine_tuning.jobs.list()]
+    assert upload.id not in [f.id for f in other.files.list()]
+    # ... and the owner still has all of it.
+    assert client.models.retrieve(model).id == model
+    assert client.files.retrieve(upload.id).id == upload.id
+
+
+def test_one_request_at_a_time_and_twenty_a_minute(server: RunningServer, client):
+    limited = server.client(LIMITED_API_KEY)
+    stream = limited.chat.completions.create(
+        model="ftaas-tiny",
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=200,
+        stream=True,
+    )
+    next(iter(stream))  # the stream holds the organization's one slot
+    with pytest.raises(openai.RateLimitError) as busy:
+        limited.chat.completions.create(
+            model="ftaas-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert busy.value.body["code"] == "concurrency_limit_exceeded"  # type: ignore[index]
+    assert busy.value.response.headers["retry-after"] == "1"
+    # Other organizations are not held back.
+    assert client.chat.completions.create(
+        model="ftaas-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    ).choices
+    stream.close()  # the client hangs up: the slot comes back
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            limited.chat.completions.create(
+                model="ftaas-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the slot of a closed stream was not released"
+            time.sleep(0.5)
+
+    # Twenty a minute: the SDK meets 429s, waits their retry-after and gets through.
+    statuses: list[int] = []
+    hooks = {"response": [lambda response: statuses.append(response.status_code)]}
+    patient = server.client(
+        LIMITED_API_KEY, max_retries=5, http_client=httpx.Client(event_hooks=hooks)
+    )
+    for _ in range(24):
+        patient.models.list()
+    assert 429 in statuses and statuses[-1] == 200
+    assert statuses.count(200) == 24
