@@ -124,21 +124,13 @@ class KeyRing:
 
     def get(self, organization: str | None, key_id: str) -> ApiKeyRow | None:
         with self.db.session() as session:
-            row = session.get(ApiKeyRow, key_id)
-        if row is None or row.revoked_at is not None:
-            return None
-        if organization is not None and row.organization != organization:
-            return None  # another organization's key does not exist for this one
-        return row
+            return _active_of(session.get(ApiKeyRow, key_id), organization)
 
     def revoke(self, organization: str | None, key_id: str) -> ApiKeyRow | None:
         with self.db.session() as session:
-            row = session.get(ApiKeyRow, key_id)
-            if row is None or row.revoked_at is not None:
-                return None
-            if organization is not None and row.organization != organization:
-                return None
-            row.revoked_at = now()
+            row = _active_of(session.get(ApiKeyRow, key_id), organization)
+            if row is not None:
+                row.revoked_at = now()
             return row
 
     # --- the environment's keys
@@ -170,3 +162,13 @@ class KeyRing:
                     )
                 elif existing.source == "environment" and existing.revoked_at is None:
                     existing.organization, existing.role = organization, role
+
+
+def _active_of(row: ApiKeyRow | None, organization: str | None) -> ApiKeyRow | None:
+    """The key if it is active and `organization`'s (any, for the operator): another
+    organization's key does not exist for this one."""
+    if row is None or row.revoked_at is not None:
+        return None
+    if organization is not None and row.organization != organization:
+        return None
+    return row
