@@ -49,10 +49,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _keys_stored(settings: Settings) -> bool:
+    """Keys in the job store, once the environment's (none here) are registered as the
+    server will on start."""
     from service.db import Database
     from service.organization.keys import KeyRing
 
-    return not KeyRing(Database(settings.resolved_database_url)).open_access()
+    keys = KeyRing(Database(settings.resolved_database_url))
+    keys.bootstrap(settings.api_key_organizations, settings.admin_key_organizations)
+    return not keys.open_access()
 
 
 def serve(settings: Settings) -> int:

@@ -6,6 +6,9 @@ is bounded by what users hold.
 - Blobs of files no row names, older than the grace period: a crash between the write and
   the row's commit (the grace keeps a write whose row is about to commit).
 - Part folders of uploads that are no longer pending.
+- Copies of an organization's W&B key handed to attempts whose trainer is gone (the
+  trainer's driver deletes its own, unless it was killed or never started), for jobs of the
+  last SECRETS_WINDOW_S.
 
 The scheduler's lease holder runs it at start and then every few minutes.
 """
@@ -19,19 +22,23 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from service.db import Database, FileRow, UploadPartRow, UploadRow
-from training.storage import ArtifactStore
+from service.db import Database, FileRow, JobRow, UploadPartRow, UploadRow
+from service.fine_tuning.lifecycle import TRAINER_MAY_BE_ALIVE
+from training.spec import job_folder, wandb_secret_key
+from training.storage import ArtifactStore, join
 
 logger = logging.getLogger(__name__)
 
 GRACE_S = 3600.0
 EVERY_S = 600.0
+SECRETS_WINDOW_S = 30 * 24 * 3600.0
 
 
 @dataclass
 class SweepReport:
     expired_uploads: int = 0
     removed_blobs: int = 0
+    removed_secrets: int = 0
 
 
 class Housekeeping:
@@ -52,6 +59,7 @@ class Housekeeping:
         self._last = self.clock()
         report = SweepReport()
         report.expired_uploads = self._expire_uploads()
+        report.removed_secrets = self._forget_secrets()
         old = self.clock() - self.grace_s
         with self.db.session() as session:
             files = set(session.scalars(select(FileRow.blob_key)))
@@ -68,9 +76,31 @@ class Housekeeping:
             if (upload not in pending or key.endswith(".partial")) and item.modified < old:
                 self.blobs.delete(key)
                 report.removed_blobs += 1
-        if report.expired_uploads or report.removed_blobs:
+        if report.expired_uploads or report.removed_blobs or report.removed_secrets:
             logger.info("housekeeping: %s", report)
         return report
+
+    def _forget_secrets(self) -> int:
+        alive = [s.value for s in TRAINER_MAY_BE_ALIVE]
+        with self.db.session() as session:
+            jobs = session.execute(
+                select(JobRow.id, JobRow.attempts, JobRow.integrations).where(
+                    JobRow.status.not_in(alive),
+                    JobRow.created_at >= self.clock() - SECRETS_WINDOW_S,
+                )
+            ).all()
+        removed = 0
+        for job_id, attempts, integrations in jobs:
+            if not any(
+                isinstance(i, dict) and i.get("type") == "wandb" for i in integrations or []
+            ):
+                continue
+            for number in range(1, attempts + 1):
+                key = wandb_secret_key(join(job_folder(job_id), f"attempt-{number}"))
+                if self.blobs.exists(key):
+                    self.blobs.delete(key)
+                    removed += 1
+        return removed
 
     def _expire_uploads(self) -> int:
         with self.db.session() as session:

@@ -102,16 +102,25 @@ class Failed(_Record):
 
 # Where things are on the server is not the tenant's business: an exception's text often
 # names a folder (`[Errno 2] No such file or directory: '/srv/…/blobs/files/file-…'`), a
-# store URL or the dashboard's address.
-_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])/(?:[\w.@+~-]+/)+([\w.@+~-]*)")
+# store URL, a database URL with its password, or the dashboard's address.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*:/[^\s'\"]*")
+# Two or more segments, not after a word (`and/or`, `Qwen/Qwen2.5`); `:` may precede one
+# (`PATH=/usr/bin:/srv/bin`). The API's own routes (`/v1/files`) are not server paths.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.-])/(?!v1/)(?:[\w.@+~-]+/)+([\w.@+~-]*)")
 
 
 def without_server_paths(text: str) -> str:
-    """`text` for a tenant: URLs and absolute paths cut to their last part
-    (`…/file-abc`), which still says what was missing."""
-    text = _URL.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+    """`text` for a tenant: a URL keeps only its last path segment (no scheme, host or
+    credentials), an absolute path likewise (`…/file-abc`, which still says what was
+    missing)."""
+    text = _URL.sub(lambda m: "…/" + _last_segment(m.group(0)), text)
     return _ABSOLUTE_PATH.sub(lambda m: "…/" + m.group(1), text)
+
+
+def _last_segment(url: str) -> str:
+    rest = url.split("://", 1)[-1] if "://" in url else url.split(":", 1)[-1]
+    _, slash, path = rest.partition("/")  # the host (and any user:password@) goes
+    return path.rstrip("/").rsplit("/", 1)[-1] if slash else ""
 
 
 ProgressRecord = Annotated[

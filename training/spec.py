@@ -109,3 +109,8 @@ def job_folder(job_id: str) -> str:
 
 def spec_key(output_key: str) -> str:
     return join(output_key, "spec.json")
+
+
+def wandb_secret_key(output_key: str) -> str:
+    """The attempt's copy of its organization's W&B key (TrainingSpec.wandb_secret)."""
+    return join(output_key, "secrets", "wandb.json")

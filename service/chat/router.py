@@ -13,7 +13,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service.chat.fields import harden
@@ -60,18 +59,39 @@ async def _answer(
         release()
         raise
     if head["stream"]:
-        return StreamingResponse(
-            _errors_in_band(rest, release),
-            media_type="text/event-stream",
-            background=BackgroundTask(release),  # also when the stream was never started
-        )
+        return HeldStream(_errors_in_band(rest), release, rest)
     release()
     return JSONResponse(head["body"], status_code=head["status"])
 
 
-async def _errors_in_band(
-    stream: AsyncIterator[str], release: Callable[[], None]
-) -> AsyncIterator[str]:
+class HeldStream(StreamingResponse):
+    """A streamed answer that, however it ends (finished, failed, the client gone before or
+    during the stream, the request task cancelled), gives the organization's slot back and
+    stops the generation upstream (Serve cancels the replica's call, vLLM aborts it)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], upstream: Any):
+        super().__init__(content, media_type="text/event-stream")
+        self.release, self.upstream = release, upstream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+            await _stop(self.upstream)
+
+
+async def _stop(upstream: Any) -> None:
+    try:
+        if callable(getattr(upstream, "cancel", None)):  # a Serve response generator
+            upstream.cancel()
+        elif callable(getattr(upstream, "aclose", None)):
+            await upstream.aclose()
+    except Exception:  # already finished or gone: nothing left to stop
+        logger.debug("stopping a finished stream", exc_info=True)
+
+
+async def _errors_in_band(stream: AsyncIterator[str]) -> AsyncIterator[str]:
     """Once a stream has begun its status is sent: a later failure becomes an `error`
     event, as OpenAI sends it, instead of a connection cut mid-answer."""
     try:
@@ -84,8 +104,6 @@ async def _errors_in_band(
         )
         yield f"data: {json.dumps(error)}\n\n"
         yield "data: [DONE]\n\n"
-    finally:
-        release()
 
 
 @router.post("/chat/completions", response_model=None)

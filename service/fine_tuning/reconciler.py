@@ -69,7 +69,7 @@ from training.progress import (
     Succeeded,
     without_server_paths,
 )
-from training.spec import checkpoint_adapter_key, spec_key
+from training.spec import checkpoint_adapter_key, spec_key, wandb_secret_key
 from training.storage import ArtifactStore, join
 
 logger = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ class Reconciler:
         registered = OrganizationSecrets(self.db).get(job.organization, WANDB)
         if registered is None:
             return None
-        key = join(attempt.output_key, "secrets", "wandb.json")
+        key = wandb_secret_key(attempt.output_key)
         secret = {"api_key": registered.value, **(registered.settings or {})}
         self.store.put_bytes(key, json.dumps(secret).encode())
         return key

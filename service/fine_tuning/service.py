@@ -334,6 +334,9 @@ class FineTuningService:
         """Queued again; a trainer still saving its pause checkpoint is waited for."""
 
         def change(session: Session, job: JobRow) -> None:
+            if job.status == JobStatus.PAUSED and self.limits is not None:
+                # A paused job is not counted: resuming it is one more unfinished job.
+                self.limits.check_jobs(session, tenant.organization)
             transition(job, requested(job, ON_RESUME, "resumed"))
             add_event(session, job, "Fine-tuning job resumed, moving job to queued state")
 

@@ -8,7 +8,7 @@ API process revoked it.
 
 `FTAAS_API_KEYS` (and `FTAAS_ADMIN_KEYS`) are a bootstrap: those keys are registered on
 start, and one removed from the variable is removed with it. A key revoked through the API
-stays revoked even while the variable still names it.
+stays revoked (its row stays), whatever the variable says later.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from service.db import ApiKeyRow, Database, now
 from service.ids import random_id
@@ -64,14 +65,18 @@ class KeyHolder:
 class KeyRing:
     def __init__(self, db: Database):
         self.db = db
+        self._keyed = False
 
     # --- asking
     def open_access(self) -> bool:
         """No key was ever made: the server is one developer's (service/local_guard.py).
-        Revoking every key does not open it again: that would serve anyone as `local`."""
+        Revoking every key does not open it again: that would serve anyone as `local`.
+        Once keyed, a process stays keyed without asking the database again."""
+        if self._keyed:
+            return False
         with self.db.session() as session:
-            any_key = session.scalars(select(ApiKeyRow.id).limit(1)).first()
-        return any_key is None
+            self._keyed = session.scalars(select(ApiKeyRow.id).limit(1)).first() is not None
+        return not self._keyed
 
     def authenticate(self, value: str) -> KeyHolder | None:
         digest = hash_key(value)
@@ -135,16 +140,23 @@ class KeyRing:
 
     # --- the environment's keys
     def bootstrap(self, members: dict[str, str], admins: dict[str, str]) -> None:
-        """Register `key → organization` pairs from the environment; revoke environment keys
+        """Register `key → organization` pairs from the environment; remove environment keys
         that are no longer there. A key revoked by an admin is not brought back."""
+        try:
+            self._bootstrap(members, admins)
+        except IntegrityError:  # another process starting registered the same key first
+            self._bootstrap(members, admins)
+
+    def _bootstrap(self, members: dict[str, str], admins: dict[str, str]) -> None:
         wanted = {hash_key(k): (k, org, MEMBER) for k, org in members.items()}
         wanted |= {hash_key(k): (k, org, ADMIN) for k, org in admins.items()}
         with self.db.session() as session:
             known = {row.key_hash: row for row in session.scalars(select(ApiKeyRow)).all()}
             for digest, row in known.items():
-                if row.source == "environment" and digest not in wanted:
+                if row.source == "environment" and digest not in wanted and not row.revoked_at:
                     # Gone with the variable (an unset FTAAS_API_KEYS of a developer's
-                    # machine is open access again, as before keys were managed).
+                    # machine is open access again, as before keys were managed). A revoked
+                    # key stays, so the variable naming it again does not bring it back.
                     session.delete(row)
             for digest, (value, organization, role) in wanted.items():
                 existing = known.get(digest)

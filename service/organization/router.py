@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field, HttpUrl
+from pydantic import BaseModel, Field, HttpUrl, field_validator
 
 from service.db import ApiKeyRow
 from service.deps import AdminDep, KeysDep, SecretsDep
@@ -37,8 +37,17 @@ class WandbIntegrationRequest(BaseModel):
 
     api_key: str = Field(min_length=1, max_length=256)
     base_url: HttpUrl | None = Field(
-        default=None, description="a self-hosted W&B server; W&B's cloud by default"
+        default=None, description="a self-hosted W&B server (https); W&B's cloud by default"
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _https(cls, url: HttpUrl | None) -> HttpUrl | None:
+        # The trainers call it from inside the cluster: not a way to reach plain-http
+        # services there.
+        if url is not None and url.scheme != "https":
+            raise ValueError("base_url must be an https URL")
+        return url
 
 
 def key_object(row: ApiKeyRow, value: str | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from service.__main__ import main as service_main
 from service.config import Settings
+from service.db import ApiKeyRow
 from service.organization.keys import KeyRing
 from tests.conftest import memorisation_jsonl
 from tests.service.conftest import api_client
@@ -138,8 +139,16 @@ def test_environment_keys_are_a_bootstrap(settings: Settings, parts: dict):
     keys.bootstrap({"env-key-two": "org-c"}, {})
     assert keys.authenticate("env-key-two") is None
 
-    keys.bootstrap({}, {})  # the variable unset on a developer's machine: open access again
-    assert keys.open_access()
+    keys.bootstrap({}, {})  # the variable unset: its active keys go, the revoked one stays
+    keys.bootstrap({"env-key-two": "org-c"}, {})
+    assert keys.authenticate("env-key-two") is None
+
+    fresh = KeyRing(parts["db"])
+    with parts["db"].session() as session:  # a developer's machine that only ever had one
+        session.query(ApiKeyRow).delete()
+    fresh.bootstrap({"dev-key": "local"}, {})
+    fresh.bootstrap({}, {})  # unset again: open access, as before keys were managed
+    assert fresh.open_access()
 
 
 def test_open_access_ends_with_the_first_key(settings: Settings, parts: dict):
@@ -218,7 +227,8 @@ def test_a_wandb_key_is_the_organizations_own_and_reaches_only_its_trainer(
         parts["reconciler"].tick()
 
     store, launcher = parts["blobs"], parts["launcher"]
-    from training.spec import TrainingSpec, spec_key
+    from service.housekeeping import Housekeeping
+    from training.spec import TrainingSpec, spec_key, wandb_secret_key
 
     for org, job_id in jobs.items():
         assert launcher.envs[job_id] == {}  # nothing rides in the Ray job's runtime_env
@@ -236,6 +246,20 @@ def test_a_wandb_key_is_the_organizations_own_and_reaches_only_its_trainer(
     )
     assert secret not in events.text
 
+    # Once the trainer is gone without deleting its copy (killed, or never started), the
+    # housekeeping sweep removes it.
+    client.post(f"/v1/fine_tuning/jobs/{jobs['org-a']}/cancel", headers=bearer(member_a["value"]))
+    parts["reconciler"].tick()
+    assert store.exists(wandb_secret_key(f"jobs/{jobs['org-a']}/attempt-1"))
+    assert Housekeeping(parts["db"], parts["blobs"]).sweep().removed_secrets == 1
+    assert not store.exists(wandb_secret_key(f"jobs/{jobs['org-a']}/attempt-1"))
+
+    plain = client.put(
+        "/v1/organization/integrations/wandb",
+        json={"api_key": secret, "base_url": "http://10.0.0.5"},
+        headers=ADMIN_A,
+    )
+    assert plain.status_code == 400 and plain.json()["error"]["param"] == "base_url"
     assert client.delete("/v1/organization/integrations/wandb", headers=ADMIN_A).status_code == 200
     assert client.get("/v1/organization/integrations/wandb", headers=ADMIN_A).status_code == 404
 
