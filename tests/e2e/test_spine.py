@@ -59,7 +59,7 @@ def test_job_moves_to_succeeded_with_resolved_numbers(tuned: TunedJob):
     job = tuned.job
     assert tuned.statuses[0] == "validating_files" and tuned.statuses[-1] == "succeeded"
     assert "running" in tuned.statuses
-    assert re.fullmatch(r"ft:ftaas-tiny:local:demo:[A-Za-z0-9]{8}", job.fine_tuned_model or "")
+    assert re.fullmatch(r"ft:ftaas-tiny:e2e:demo:[A-Za-z0-9]{8}", job.fine_tuned_model or "")
     assert job.error is None and job.finished_at is not None
     hp = job.hyperparameters
     assert (hp.n_epochs, hp.batch_size) == (8, 1)  # 12 examples: OpenAI's rule gives 8 epochs
@@ -87,7 +87,7 @@ def test_models_lists_base_and_tuned(server: RunningServer, tuned: TunedJob):
     ids = [m.id for m in server.client().models.list()]
     assert ids[0] == BASE and tuned.job.fine_tuned_model in ids
     model = server.client().models.retrieve(tuned.job.fine_tuned_model or "")
-    assert model.owned_by == "local"
+    assert model.owned_by == "e2e"  # the organization of the session's key
 
 
 def test_tuned_model_answers_what_it_was_taught_and_base_does_not(
@@ -144,7 +144,7 @@ def test_vllm_greedy_equals_transformers_peft(server: RunningServer, tuned: Tune
 
 def test_unknown_models_are_404_in_openais_envelope(server: RunningServer):
     with pytest.raises(NotFoundError) as raised:
-        greedy(server.client(), "ft:ftaas-tiny:local:demo:nothere1", "hi")
+        greedy(server.client(), "ft:ftaas-tiny:e2e:demo:nothere1", "hi")
     assert raised.value.body["param"] == "model"  # type: ignore[index]
 
 
