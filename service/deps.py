@@ -22,16 +22,19 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    tenant = tenant_for(request.app.state.keys, authorization)
+def _admitted(request: Request, authorization: str | None, admin: bool) -> Tenant:
+    """The key's holder, once its organization's rate allows one more request."""
+    tenant = tenant_for(request.app.state.keys, authorization, admin=admin)
     request.app.state.limits.admit_request(request, tenant.organization)
     return tenant
+
+
+def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    return _admitted(request, authorization, admin=False)
 
 
 def _admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    tenant = tenant_for(request.app.state.keys, authorization, admin=True)
-    request.app.state.limits.admit_request(request, tenant.organization)
-    return tenant
+    return _admitted(request, authorization, admin=True)
 
 
 def _files(request: Request) -> FileService:
