@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, BinaryIO
 
 from openai.types import FileDeleted, FileObject
@@ -94,11 +95,8 @@ class FileService:
     ) -> None:
         if self.limits is None:
             return
-        if session is not None:
-            self.limits.check_storage(session, tenant.organization, adding_bytes, param)
-            return
-        with self.db.session() as own:
-            self.limits.check_storage(own, tenant.organization, adding_bytes, param)
+        with nullcontext(session) if session is not None else self.db.session() as counting:
+            self.limits.check_storage(counting, tenant.organization, adding_bytes, param)
 
     def register(
         self,

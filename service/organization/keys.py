@@ -14,7 +14,6 @@ stays revoked (its row stays), whatever the variable says later.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 from dataclasses import dataclass
@@ -86,7 +85,7 @@ class KeyRing:
                     ApiKeyRow.key_hash == digest, ApiKeyRow.revoked_at.is_(None)
                 )
             ).first()
-            if row is None or not hmac.compare_digest(row.key_hash, digest):
+            if row is None:
                 return None
             moment = now()
             if row.last_used_at is None or moment - row.last_used_at >= LAST_USED_RESOLUTION_S:
@@ -113,15 +112,11 @@ class KeyRing:
             session.add(row)
         return row
 
-    def list(
-        self, organization: str | None, role: Role | None = None, include_revoked: bool = False
-    ) -> list[ApiKeyRow]:
+    def list(self, organization: str | None, include_revoked: bool = False) -> list[ApiKeyRow]:
         """Oldest first; every organization's when `organization` is None (the operator)."""
         query = select(ApiKeyRow).order_by(ApiKeyRow.arrival)
         if organization is not None:
             query = query.where(ApiKeyRow.organization == organization)
-        if role is not None:
-            query = query.where(ApiKeyRow.role == role)
         if not include_revoked:
             query = query.where(ApiKeyRow.revoked_at.is_(None))
         with self.db.session() as session:

@@ -124,14 +124,14 @@ class Limits:
                     headers={"retry-after": "1", "retry-after-ms": "1000"},
                 )
             self._in_flight[organization] = held + 1
-        released = threading.Event()
+        released = False
 
         def release() -> None:
-            if released.is_set():
-                return
-            released.set()
+            nonlocal released
             with self._lock:
-                self._in_flight[organization] -= 1
+                if not released:
+                    released = True
+                    self._in_flight[organization] -= 1
 
         return release
 
