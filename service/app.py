@@ -15,8 +15,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
+from service.auth import admit_scraper
 from service.body_limit import BodyLimit
 from service.chat.gateway import ServingGateway
 from service.chat.router import router as chat_router
@@ -33,6 +34,8 @@ from service.fine_tuning.router import router as jobs_router
 from service.fine_tuning.service import FineTuningService
 from service.housekeeping import Housekeeping
 from service.local_guard import LocalGuard
+from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.metrics import ServerMetrics
 from service.models.router import router as models_router
 from service.models.service import ModelService
 from service.organization.keys import KeyRing
@@ -206,9 +209,6 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         base_models, db, gpus, blobs = ready.base_models, ready.db, ready.use_gpu, ready.store
         auth_env = ray_auth_env(settings)
         launcher = RayLauncher(ready.cluster.dashboard_url, env=runtime_env_vars(auth_env))
-        reconciler = Reconciler(
-            db, settings, base_models, blobs, launcher, use_gpu=partial(use_gpu, settings)
-        )
         gateway = ServingGateway(
             settings,
             base_models,
@@ -216,6 +216,16 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             gpus,
             env=runtime_env_vars(auth_env),
             ray_logs=ray_log_dir(ready.cluster),
+        )
+        app.state.metrics = ServerMetrics(db, gateway.replica_stats)
+        reconciler = Reconciler(
+            db,
+            settings,
+            base_models,
+            blobs,
+            launcher,
+            use_gpu=partial(use_gpu, settings),
+            metrics=app.state.metrics,
         )
         app.state.settings = settings
         wire_organization(app, settings, db)
@@ -269,5 +279,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         gateway: ServingGateway | None = getattr(app.state, "gateway", None)
         serving = gateway.states() if gateway is not None else {}
         return {"status": "ok", "serving": serving}
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics(request: Request) -> Response:
+        """Prometheus text format (service/metrics.py), for the operator: it names every
+        organization's models, so a server with API keys asks for FTAAS_METRICS_KEY."""
+        admit_scraper(settings, app.state.keys, request.headers.get("authorization"))
+        return Response(app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app

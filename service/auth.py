@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
+from service.config import Settings
 from service.errors import AuthenticationFailed, PermissionDenied
 from service.organization.keys import ADMIN, MEMBER, KeyRing, Role
 
@@ -45,3 +47,22 @@ def tenant_for(keys: KeyRing, authorization: str | None, *, admin: bool = False)
             code="insufficient_permissions",
         )
     return Tenant(holder.organization, holder.role, holder.key_id)
+
+
+def admit_scraper(settings: Settings, keys: KeyRing, authorization: str | None) -> None:
+    """/metrics names every organization's models: it is the operator's, opened by
+    FTAAS_METRICS_KEY, or by nothing on an open-access (loopback-only) server."""
+    scheme, _, value = (authorization or "").partition(" ")
+    expected = settings.metrics_key
+    if expected:
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), expected):
+            return
+        raise AuthenticationFailed(
+            "Send FTAAS_METRICS_KEY as `Authorization: Bearer <key>` to read /metrics.",
+            code="invalid_api_key",
+        )
+    if not keys.open_access():
+        raise PermissionDenied(
+            "This server has API keys: set FTAAS_METRICS_KEY to scrape /metrics with it.",
+            code="metrics_key_not_set",
+        )

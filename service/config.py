@@ -5,11 +5,25 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serving.engine import CPU_LORA_SLOTS_PER_GPU_SLOT
 from training.tiny_model import TINY_MODEL_ID, TINY_MODEL_LEARNING_RATE, TINY_MODEL_MAX_LENGTH
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve's autoscaling bounds for one base model's replicas."""
+
+    model_config = {"extra": "forbid"}
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(
+        default=32, gt=0, description="requests per replica the autoscaler aims at"
+    )
 
 
 class BaseModelConfig(BaseModel):
@@ -27,12 +41,57 @@ class BaseModelConfig(BaseModel):
         "tenth of `learning_rate`, since a preference step moves a model further",
     )
     max_lora_rank: int = Field(default=64, description="largest adapter rank the engine accepts")
-    max_loras: int = Field(default=8, description="adapters held at once by one engine")
+    max_loras: int = Field(
+        default=8, ge=1, description="adapters in one engine batch (accelerator memory slots)"
+    )
     dtype: str = Field(default="auto", description="engine dtype: auto, float32, bfloat16...")
     chat_template: str | None = Field(
         default=None, description="Jinja template overriding the tokenizer's own"
     )
-    num_replicas: int = Field(default=1, description="serving replicas of this base model")
+    # Serving at scale (serving/deployment.py): replicas, the tiers an adapter moves through
+    # (accelerator slots, host memory, the replica's disk, the artifact store) and how many
+    # requests a replica takes before the API answers 429.
+    num_replicas: int = Field(default=1, ge=1, description="serving replicas of this base model")
+    autoscaling: Autoscaling | None = Field(
+        default=None,
+        description="replica bounds for Ray Serve's autoscaler (replaces num_replicas)",
+    )
+    max_cpu_loras: int | None = Field(
+        default=None,
+        description="adapters an engine keeps in host memory (reloaded from its disk beyond "
+        "that); by default 4 × max_loras",
+    )
+    max_adapters_per_replica: int = Field(
+        default=64,
+        ge=1,
+        description="adapters a replica registers and keeps on its disk; beyond it the least "
+        "recently used is unloaded, and requests route to replicas that hold their adapter",
+    )
+    adapter_cache_bytes: int | None = Field(
+        default=None,
+        description="disk a replica gives adapters; by default FTAAS_ADAPTER_CACHE_BYTES",
+    )
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, description="requests one replica works on at once (vLLM batches them)"
+    )
+    max_queued_requests: int = Field(
+        default=256,
+        ge=1,
+        description="requests each API process holds waiting for a free replica; beyond it "
+        "the API answers 429 with retry-after",
+    )
+
+    @model_validator(mode="after")
+    def _tiers_nest(self) -> BaseModelConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        if self.max_adapters_per_replica < self.host_memory_adapters:
+            raise ValueError("max_adapters_per_replica must be at least max_cpu_loras")
+        return self
+
+    @property
+    def host_memory_adapters(self) -> int:
+        return self.max_cpu_loras or self.max_loras * CPU_LORA_SLOTS_PER_GPU_SLOT
 
     def learning_rate_for(self, method: str) -> float:
         if method == "dpo":
@@ -78,6 +137,11 @@ class Settings(BaseSettings):
         description="comma-separated `key:organization` admin keys registered on start: "
         "they manage their organization's keys and secrets under /v1/organization",
     )
+    metrics_key: str | None = Field(
+        default=None,
+        description="bearer token that reads /metrics (every organization's models) on a "
+        "server with API keys; without keys /metrics is open, on loopback only",
+    )
     allowed_hosts: str = Field(
         default="",
         description="comma-separated Host names the API answers to; unset: any with API keys, "
@@ -91,6 +155,11 @@ class Settings(BaseSettings):
     )
     base_models_file: Path | None = Field(
         default=None, description="JSON list of BaseModelConfig; unset serves ftaas-tiny"
+    )
+    default_model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="JSON: fields of the embedded ftaas-tiny's BaseModelConfig to change, "
+        'e.g. {"num_replicas": 2}',
     )
     ray_address: str | None = Field(
         default=None, validation_alias=AliasChoices("FTAAS_RAY_ADDRESS", "RAY_ADDRESS")
@@ -197,7 +266,8 @@ class Settings(BaseSettings):
 
     def load_base_models(self) -> list[BaseModelConfig]:
         if self.base_models_file is None:
-            return [tiny_base_model(self.home)]
+            tiny = tiny_base_model(self.home).model_dump()
+            return [BaseModelConfig.model_validate({**tiny, **self.default_model})]
         raw = json.loads(self.base_models_file.read_text())
         return [BaseModelConfig.model_validate(item) for item in raw]
 

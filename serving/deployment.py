@@ -1,25 +1,53 @@
-"""The Ray Serve deployment: one application per base model, each a vLLM engine with LoRA.
+"""The Ray Serve deployment: one application per base model, `num_replicas` replicas (or
+Serve's autoscaler between bounds), each a vLLM engine with LoRA.
 
 The service reaches it through a deployment handle (no HTTP hop): `respond` streams a head
 then SSE strings, and `load_adapter` / `unload_adapter` change what is served without a
-restart. A request for an adapter that is not loaded yet loads it first. Adapters are
-named by their key in the artifact store: the replica fetches them onto its own node
-(`serving.adapter_cache`), and the base model too when it lives in the store.
+restart. Adapters are named by their key in the artifact store.
+
+Routing is adapter-affine through Serve's model multiplexing: every call for a tuned model
+carries the adapter's name as its multiplexed model id, each replica registers the adapters
+it serves through a `serve.multiplexed` loader, and Serve's router sends a call to a
+replica that holds its adapter unless those replicas are full (`max_ongoing_requests`),
+then to the least loaded. A call that finds every replica full waits in the caller's queue
+(`max_queued_requests`); beyond that the caller gets BackPressureError (the API's 429).
+
+An adapter moves through five tiers, each bounded per base model:
+  accelerator slots (`max_loras`, vLLM) → host memory (`max_cpu_loras`, vLLM) → registered
+  with the engine (`max_adapters_per_replica`, Serve's multiplexer, least recently used out)
+  → the replica's disk (`adapter_cache_bytes`, least recently used out, registered ones
+  pinned) → the artifact store.
+The replica counts hits, loads and evictions of the two tiers it runs (serving/stats.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
+from serving import stats
 from serving.adapter_cache import AdapterCache
-from serving.engine import EngineConfig, OpenAIEngine, RequestKind, openai_error
+from serving.engine import (
+    EngineConfig,
+    OpenAIEngine,
+    RequestKind,
+    RequestMeter,
+    openai_error,
+    start_meter,
+)
 from training.node_cache import fetch_model
 from training.storage import open_store
+
+logger = logging.getLogger(__name__)
+
+STATS_INTERVAL_S = 0.5
 
 
 def app_name(base_model_id: str) -> str:
@@ -27,33 +55,103 @@ def app_name(base_model_id: str) -> str:
     return "llm-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in base_model_id)
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
+class RegisteredAdapter:
+    """What Serve's multiplexer holds for one adapter: when it drops the least recently
+    used, its `__del__` hands the name back to the replica to unregister from vLLM."""
+
+    def __init__(self, name: str, evicted: list[str]):
+        self.name, self._evicted, self._gone = name, evicted, False
+
+    def __del__(self) -> None:
+        if not self._gone:  # once: Serve calls it, later the garbage collector may
+            self._gone = True
+            self._evicted.append(self.name)
+
+
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=60)
 class LLMServer:
     async def __init__(self, config: EngineConfig):  # type: ignore[misc]  # Serve awaits it
         model_path = await asyncio.to_thread(fetch_model, config.model_path)
         self.config = dataclasses.replace(config, model_path=model_path)
-        self.adapters = AdapterCache(open_store(config.storage_url), config.adapter_cache_bytes)
-        self.adapter_keys: dict[str, str] = {}  # loaded adapter name → its key
+        self.disk = AdapterCache(open_store(config.storage_url), config.adapter_cache_bytes)
+        self.adapter_keys: dict[str, str] = {}  # adapter name → its key in the store
+        self.in_use: Counter[str] = Counter()  # adapter name → requests using it now
+        self.evicted: list[str] = []  # dropped by the multiplexer, to unregister
+        self.events = stats.AdapterEvents()
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = await OpenAIEngine.start(self.config)
 
-    async def load_adapter(self, name: str, key: str) -> tuple[int, dict[str, Any]] | None:
-        if name in self.adapter_keys:  # loaded already
-            return None
+        async def register(name: str) -> RegisteredAdapter:
+            return await self._register(name)
+
+        # Serve keeps the set per replica, evicts the least recently used beyond the bound,
+        # and tells its routers which replica holds which adapter.
+        self.registry = serve.multiplexed(
+            max_num_models_per_replica=config.max_adapters_per_replica
+        )(register)
+        self._poster = asyncio.create_task(self._post_stats())
+
+    async def _register(self, name: str) -> RegisteredAdapter:
+        """Serve's multiplexer missed: bring the adapter onto this node's disk and register
+        it with the engine (which loads it into host memory)."""
+        self.events.add("registry_loads")
+        if name in self.evicted:  # dropped, and wanted again before it was unregistered
+            self.evicted.remove(name)
+        key = self.adapter_keys[name]
+        pinned = [self.adapter_keys.get(n, "") for n in self.engine.loaded_adapters()]
+        fetched = await asyncio.to_thread(self.disk.fetch, key, pinned)
+        self.events.add("store_fetches" if fetched.from_store else "disk_hits")
+        self.events.add("disk_evictions", len(fetched.evicted))
+        error = await self.engine.load_adapter(name, str(fetched.path))
+        if error is not None:
+            raise AdapterLoadFailed(*error)
+        return RegisteredAdapter(name, self.evicted)
+
+    async def _acquire(self, name: str, key: str) -> tuple[int, dict[str, Any]] | None:
+        """Make `name` servable here and mark it in use; None, or an error reply."""
+        self.adapter_keys[name] = key
+        self.events.add("registry_lookups")
         try:
-            local, evicted = await asyncio.to_thread(self.adapters.fetch, key)
+            await self.registry(name)
+        except AdapterLoadFailed as failed:
+            return failed.status, failed.body
         except Exception as fetch_error:
             message = f"The model's adapter could not be fetched: {fetch_error}"
             return 500, openai_error(500, message)
-        for gone in [n for n, k in self.adapter_keys.items() if k in evicted]:
-            await self.unload_adapter(gone)
-        error = await self.engine.load_adapter(name, str(local))
+        self.in_use[name] += 1
+        await self._unregister_evicted()
+        return None
+
+    def _release(self, name: str) -> None:
+        self.in_use[name] -= 1
+        if self.in_use[name] <= 0:
+            del self.in_use[name]
+
+    async def _unregister_evicted(self) -> None:
+        """Unregister what the multiplexer dropped, once no request still generates with it."""
+        for name in [n for n in self.evicted if not self.in_use[n]]:
+            self.evicted.remove(name)
+            if await self.engine.unload_adapter(name):
+                self.events.add("registry_evictions")
+
+    async def load_adapter(self, name: str, key: str) -> tuple[int, dict[str, Any]] | None:
+        """Register an adapter ahead of its first request (the API calls it for a newly
+        succeeded model, with the model's name as multiplexed id: the replica that gets
+        it is the one its requests will be routed to)."""
+        error = await self._acquire(name, key)
         if error is None:
-            self.adapter_keys[name] = key
+            self._release(name)
         return error
 
     async def unload_adapter(self, name: str) -> bool:
-        self.adapter_keys.pop(name, None)
-        return await self.engine.unload_adapter(name)
+        """The model was deleted: unregister it and delete this node's copy. (Serve's
+        multiplexer keeps its entry until it is the least recently used; no request can
+        name a deleted model.)"""
+        key = self.adapter_keys.pop(name, None)
+        unloaded = await self.engine.unload_adapter(name)
+        if key is not None:
+            await asyncio.to_thread(self.disk.forget, key)
+        return unloaded
 
     async def loaded_adapters(self) -> list[str]:
         return self.engine.loaded_adapters()
@@ -61,22 +159,66 @@ class LLMServer:
     async def respond(
         self, kind: RequestKind, body: dict[str, Any], adapter: tuple[str, str] | None
     ) -> AsyncIterator[Any]:
+        """A head (`status`, `stream`, `body` unless streaming, `stats` once known), then
+        for streams the SSE strings and a last `{"stats": ...}`. Cancelled by the caller
+        (the client went away), vLLM aborts the generation."""
         if adapter is not None:
-            error = await self.load_adapter(*adapter)
+            error = await self._acquire(*adapter)
             if error is not None:
                 status, error_body = error
                 yield {"status": status, "body": error_body, "stream": False}
                 return
-        async for item in self.engine.respond(kind, body):
-            yield item
+        meter = start_meter()
+        streaming = False
+        try:
+            async for item in self.engine.respond(kind, body):
+                if isinstance(item, dict):  # the head
+                    streaming = item["stream"]
+                    if not streaming:
+                        item["stats"] = self._request_stats(meter)
+                yield item
+            if streaming:
+                yield {"stats": self._request_stats(meter)}
+        finally:
+            if adapter is not None:
+                self._release(adapter[0])
+
+    def _request_stats(self, meter: RequestMeter) -> dict[str, Any]:
+        return {**meter.summary(), "replica": self.replica}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "base_model": self.config.model_id,
+            "engine_requests": self.engine.unfinished_requests(),
+            "engine_generated_tokens": self.engine.generated_tokens(),
+            "adapters_registered": len(self.engine.loaded_adapters()),
+            "events": dict(self.events),
+        }
+
+    async def _post_stats(self) -> None:
+        board = await asyncio.to_thread(stats.board)
+        while True:
+            with contextlib.suppress(Exception):  # the board restarting: post next time
+                board.post.remote(self.replica, self.snapshot())
+            await asyncio.sleep(STATS_INTERVAL_S)
 
     async def check_health(self) -> None:
         await self.engine.engine.check_health()
 
     def __del__(self) -> None:
+        poster = getattr(self, "_poster", None)
+        if poster is not None:
+            poster.cancel()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+class AdapterLoadFailed(Exception):
+    def __init__(self, status: int, body: dict[str, Any]):
+        super().__init__(body["error"]["message"])
+        self.status, self.body = status, body
 
 
 def build_llm_app(
@@ -85,9 +227,16 @@ def build_llm_app(
     num_cpus: float,
     num_gpus: float,
     env: dict[str, str],
+    replicas: dict[str, Any],
+    max_ongoing_requests: int,
+    max_queued_requests: int,
     resources: dict[str, float] | None = None,
 ) -> Any:
+    """`replicas`: {"num_replicas": n} or {"autoscaling_config": {...}}."""
     return LLMServer.options(  # type: ignore[attr-defined]
+        **replicas,
+        max_ongoing_requests=max_ongoing_requests,
+        max_queued_requests=max_queued_requests,
         ray_actor_options={
             "num_cpus": num_cpus,
             "num_gpus": num_gpus,

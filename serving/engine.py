@@ -9,16 +9,18 @@ can cross a Ray Serve handle.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import re
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal
 
 RequestKind = Literal["chat", "completion"]
-# Loaded adapters kept in host memory per engine; beyond it vLLM evicts the least used and
-# reloads from disk when asked again.
+# Adapters an engine keeps in host memory per accelerator slot unless configured; beyond
+# them vLLM evicts the least used and reloads it from the replica's disk when asked again.
 CPU_LORA_SLOTS_PER_GPU_SLOT = 4
 NO_MEDIA_DOMAIN = ("media.invalid",)
 
@@ -30,13 +32,21 @@ class EngineConfig:
     max_model_len: int
     max_lora_rank: int
     max_loras: int
+    # Host memory tier; None: CPU_LORA_SLOTS_PER_GPU_SLOT per accelerator slot.
+    max_cpu_loras: int | None = None
     dtype: str = "auto"
     chat_template: str | None = None
     # The artifact store adapters are fetched from, and the disk this node gives them.
     storage_url: str = ""
     adapter_cache_bytes: int = 20 * 1024**3
+    # Adapters registered with the engine (Serve's multiplexer drops the least recently used).
+    max_adapters_per_replica: int = 64
     # Domains a multimodal model may fetch media from; none: no URL is fetched at all.
     allowed_media_domains: tuple[str, ...] = ()
+
+    @property
+    def host_memory_adapters(self) -> int:
+        return self.max_cpu_loras or self.max_loras * CPU_LORA_SLOTS_PER_GPU_SLOT
 
     def cli_args(self) -> list[str]:
         args = [
@@ -47,7 +57,7 @@ class EngineConfig:
             "--enable-lora",
             "--max-lora-rank", str(self.max_lora_rank),
             "--max-loras", str(self.max_loras),
-            "--max-cpu-loras", str(self.max_loras * CPU_LORA_SLOTS_PER_GPU_SLOT),
+            "--max-cpu-loras", str(self.host_memory_adapters),
             "--disable-log-stats",
         ]  # fmt: skip
         if self.chat_template:
@@ -56,6 +66,90 @@ class EngineConfig:
         # (RFC 6761) makes the engine itself refuse every URL, behind the API's own check.
         args += ["--allowed-media-domains", *(self.allowed_media_domains or NO_MEDIA_DOMAIN)]
         return args
+
+
+@dataclass
+class RequestMeter:
+    """What one request cost the engine, measured where vLLM hands out its tokens: the
+    time to its first token (engine queueing and prefill included) and its token counts."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    # vLLM hands a non-streamed answer over whole: when its first token came is not seen.
+    whole: bool = False
+
+    def count(self, new_tokens: int) -> None:
+        if new_tokens <= 0:
+            return
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.output_tokens += new_tokens
+
+    def summary(self) -> dict[str, Any]:
+        first, last = self.first_token_at, self.last_token_at
+        if self.whole:
+            first = last = None
+        decoding = (last - first) if first is not None and last is not None else 0.0
+        return {
+            "time_to_first_token_s": None if first is None else first - self.started,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            # Tokens after the first, over the time they took: the decode speed.
+            "decode_tokens_per_s": (self.output_tokens - 1) / decoding if decoding > 0 else None,
+        }
+
+
+# The meter of the request being answered: set by the replica around each request, read by
+# the engine's `generate` (vLLM's OpenAI handlers call it inside the same task).
+CURRENT_METER: contextvars.ContextVar[RequestMeter | None] = contextvars.ContextVar(
+    "ftaas_request_meter", default=None
+)
+
+
+def start_meter() -> RequestMeter:
+    """A meter for the request this task answers from now on."""
+    meter = RequestMeter()
+    CURRENT_METER.set(meter)
+    return meter
+
+
+def _metered_engine_class() -> Any:
+    """vLLM's AsyncLLM, counting each request's tokens into the current RequestMeter."""
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    class MeteredAsyncLLM(AsyncLLM):  # type: ignore[misc]
+        # Every token this engine generated, for requests finished, failed or cancelled.
+        generated_tokens = 0
+
+        async def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+            meter = CURRENT_METER.get()
+            kind = getattr(sampling_params, "output_kind", None)
+            delta = kind == RequestOutputKind.DELTA
+            final_only = kind == RequestOutputKind.FINAL_ONLY
+            seen: dict[int, int] = {}  # cumulative outputs: tokens already counted per choice
+            first = True
+            async for output in super().generate(prompt, sampling_params, *args, **kwargs):
+                new = 0
+                for choice in output.outputs:
+                    length = len(choice.token_ids)
+                    new += length if delta else length - seen.get(choice.index, 0)
+                    seen[choice.index] = length
+                self.generated_tokens += new
+                if meter is not None:
+                    meter.whole = meter.whole or final_only
+                    if first and output.prompt_token_ids is not None:
+                        meter.prompt_tokens += len(output.prompt_token_ids)
+                    meter.count(new)
+                first = False
+                yield output
+
+    return MeteredAsyncLLM
 
 
 def openai_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -83,10 +177,9 @@ class OpenAIEngine:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
         from vllm.utils.argparse_utils import FlexibleArgumentParser
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(config.cli_args())
-        engine = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        engine = _metered_engine_class().from_engine_args(AsyncEngineArgs.from_cli_args(args))
         state = State()
         tasks = await engine.get_supported_tasks()
         await init_app_state(engine, state, args, supported_tasks=tasks)
@@ -94,6 +187,13 @@ class OpenAIEngine:
 
     def loaded_adapters(self) -> list[str]:
         return sorted(self.models.lora_requests)
+
+    def generated_tokens(self) -> int:
+        return int(self.engine.generated_tokens)
+
+    def unfinished_requests(self) -> int:
+        """Requests inside the engine: running or waiting for a batch slot."""
+        return int(self.engine.output_processor.get_num_unfinished_requests())
 
     async def load_adapter(self, name: str, path: str) -> tuple[int, dict[str, Any]] | None:
         """Make `name` servable; None when it is (already) loaded, else an error reply."""

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from service.config import BaseModelConfig, Settings
-from service.errors import ServiceUnavailable
+from service.errors import RateLimited, ServiceUnavailable
 from service.models.service import InferenceTarget
 from service.startup import one_line
 
@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 HEALTHY_APP_STATES = {"RUNNING", "DEPLOYING"}
 # Control calls to a replica (load, unload an adapter) wait at most this long.
 SERVING_CALL_TIMEOUT_S = 60.0
+# A scrape of /metrics waits this long for the replicas' snapshots.
+STATS_READ_TIMEOUT_S = 2.0
+# What a client told to retry a full serving queue waits (the SDK honours retry-after).
+OVERLOADED_RETRY_AFTER_S = 1
 WARMING_UP = "engine warming up (chat answers 503 until it is ready)"
 READY = "ready"
 
@@ -43,6 +47,13 @@ def engine_cache_env(settings: Settings) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+
+
+def replica_options(base: BaseModelConfig) -> dict[str, Any]:
+    """Serve's replica settings of a base model: a fixed count, or autoscaling bounds."""
+    if base.autoscaling is None:
+        return {"num_replicas": base.num_replicas}
+    return {"autoscaling_config": base.autoscaling.model_dump()}
 
 
 def _wait_until_running(name: str, timeout_s: float = 900) -> None:
@@ -136,10 +147,12 @@ class ServingGateway:
             max_model_len=base.max_length,
             max_lora_rank=base.max_lora_rank,
             max_loras=base.max_loras,
+            max_cpu_loras=base.max_cpu_loras,
             dtype=base.dtype,
             chat_template=base.chat_template,
             storage_url=self.storage_url,
-            adapter_cache_bytes=self.settings.adapter_cache_bytes,
+            adapter_cache_bytes=base.adapter_cache_bytes or self.settings.adapter_cache_bytes,
+            max_adapters_per_replica=base.max_adapters_per_replica,
             allowed_media_domains=self.settings.media_domains,
         )
         app = build_llm_app(
@@ -151,6 +164,9 @@ class ServingGateway:
                 **engine_cache_env(self.settings),
                 "VLLM_CPU_KVCACHE_SPACE": str(self.settings.serving_kv_cache_gb),
             },
+            replicas=replica_options(base),
+            max_ongoing_requests=base.max_ongoing_requests,
+            max_queued_requests=base.max_queued_requests,
             resources=self.settings.serving_resources,
         )
         logger.info("deploying serving application %s", name)
@@ -179,26 +195,61 @@ class ServingGateway:
 
     async def respond(
         self, kind: str, target: InferenceTarget, body: dict[str, Any]
-    ) -> tuple[dict[str, Any], AsyncIterator[str]]:
-        """The reply's head (status, body or stream flag), and the stream's SSE strings."""
+    ) -> tuple[dict[str, Any], AsyncIterator[Any]]:
+        """The reply's head (status, body or stream flag, stats), and for streams the SSE
+        strings then a `{"stats"}` dict. A tuned model's call goes, by its adapter's name,
+        to a replica that holds the adapter (serving/deployment.py). Cancelled while
+        waiting for the head (the client went away), the replica's call is cancelled."""
+        from ray.serve.exceptions import BackPressureError
+
         adapter = (target.adapter_name, target.adapter_key) if target.adapter_name else None
         body = {**body, "model": target.adapter_name or target.base_model}
-        handle = (await self._handle(target.base_model)).options(stream=True)
-        replies = handle.respond.remote(kind, body, adapter).__aiter__()
-        head = await replies.__anext__()
+        handle = (await self._handle(target.base_model)).options(
+            stream=True, multiplexed_model_id=target.adapter_name or ""
+        )
+        replies = handle.respond.remote(kind, body, adapter)
+        try:
+            head = await replies.__anext__()
+        except BackPressureError:
+            raise RateLimited(
+                f"The model `{target.base_model}` is receiving more requests than its "
+                "replicas can take. Please try again shortly.",
+                code="engine_overloaded",
+                headers={
+                    "retry-after": str(OVERLOADED_RETRY_AFTER_S),
+                    "retry-after-ms": str(OVERLOADED_RETRY_AFTER_S * 1000),
+                },
+            ) from None
+        except BaseException:
+            replies.cancel()
+            raise
         return head, replies
 
     async def load_adapter(self, base_model: str, name: str, adapter_key: str) -> None:
-        error = await (await self._handle(base_model)).load_adapter.remote(name, adapter_key)
+        """Register a new model's adapter on the replica its requests will be routed to."""
+        handle = (await self._handle(base_model)).options(multiplexed_model_id=name)
+        error = await handle.load_adapter.remote(name, adapter_key)
         if error is not None:
             logger.error("serving could not load %s: %s", name, error)
 
     async def unload_adapter(self, base_model: str, name: str) -> None:
-        """Best effort: a deleted model is refused before serving is asked anyway."""
+        """Best effort, on the replica that holds the adapter (another that took it while
+        that one was full drops it when it is the least recently used): a deleted model is
+        refused before serving is asked anyway."""
         if not self.settings.serving_enabled:
             return
         try:
-            handle = await self._handle(base_model)
+            handle = (await self._handle(base_model)).options(multiplexed_model_id=name)
             await asyncio.wait_for(handle.unload_adapter.remote(name), SERVING_CALL_TIMEOUT_S)
         except Exception:
             logger.warning("could not unload %s from serving", name, exc_info=True)
+
+    def replica_stats(self) -> list[dict[str, Any]]:
+        """Every live replica's latest snapshot (blocking: /metrics runs in a thread)."""
+        import ray
+
+        if not self.settings.serving_enabled or not ray.is_initialized():
+            return []
+        from serving.stats import board
+
+        return list(ray.get(board().read.remote(), timeout=STATS_READ_TIMEOUT_S))

@@ -55,6 +55,7 @@ from service.fine_tuning.naming import checkpoint_model_name, fine_tuned_model_n
 from service.fine_tuning.results import write_result_file
 from service.fine_tuning.service import add_event
 from service.ids import checkpoint_id
+from service.metrics import ServerMetrics
 from service.organization.secrets import WANDB, OrganizationSecrets
 from training.data.validation import MIN_EXAMPLES
 from training.progress import (
@@ -126,8 +127,10 @@ class Reconciler:
         channel: TrainerChannel | None = None,
         use_gpu: Callable[[], bool] = lambda: False,
         clock: Callable[[], int] = now,
+        metrics: ServerMetrics | None = None,
     ):
         self.db = db
+        self.metrics = metrics
         self.settings = settings
         self.base_models = base_models
         self.store = store
@@ -522,6 +525,7 @@ class Reconciler:
             elif isinstance(record, Metrics):
                 if record.step > reported:
                     self._add_metrics(session, job, record)
+                    self._count_trained_tokens(job, record.step - reported, record.total_steps)
                     reported = record.step
             elif isinstance(record, Checkpoint):
                 self._add_checkpoint(session, job, record)
@@ -543,6 +547,14 @@ class Reconciler:
         if job.status == S.RUNNING and done > 0 and record.step < record.total_steps:
             remaining = record.total_steps - record.step
             job.estimated_finish = record.time + int(record.elapsed_s / done * remaining)
+
+    def _count_trained_tokens(self, job: JobRow, steps: int, total_steps: int) -> None:
+        """/metrics' trained tokens: the run's tokens spread evenly over its steps."""
+        if self.metrics is None or not job.trained_tokens or total_steps <= 0:
+            return
+        method = str((job.method or {}).get("type", "supervised"))
+        tokens = job.trained_tokens * min(steps, total_steps) / total_steps
+        self.metrics.trained_tokens.labels(job.model, method).inc(tokens)
 
     def _add_checkpoint(self, session: Session, job: JobRow, record: Checkpoint) -> None:
         job.resume_from = record.path

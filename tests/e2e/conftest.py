@@ -26,12 +26,29 @@ API_KEY = "test-key"  # organization `e2e`, every test's client
 OTHER_API_KEY = "other-key"  # organization `e2e-other`
 LIMITED_API_KEY = "limited-key"  # organization `e2e-limited`: one request at a time
 ADMIN_API_KEY = "admin-key-of-the-e2e-organization"
+METRICS_KEY = "metrics-key-of-the-operator"
 E2E_KEYS = {
     "FTAAS_API_KEYS": f"{API_KEY}:e2e,{OTHER_API_KEY}:e2e-other,{LIMITED_API_KEY}:e2e-limited",
     "FTAAS_ADMIN_KEYS": f"{ADMIN_API_KEY}:e2e",
     "FTAAS_ORGANIZATION_LIMITS": json.dumps(
         {"e2e-limited": {"concurrent_requests": 1, "requests_per_minute": 20}}
     ),
+    "FTAAS_METRICS_KEY": METRICS_KEY,
+}
+# Serving at scale, small enough to reach every limit (tests/e2e/test_serving_scale.py):
+# two replicas of the engine; per replica one adapter in a batch slot, two in host memory,
+# two registered; four requests in flight each and four more queued, then 429.
+E2E_SERVING = {
+    "FTAAS_DEFAULT_MODEL": json.dumps(
+        {
+            "num_replicas": 2,
+            "max_loras": 1,
+            "max_cpu_loras": 2,
+            "max_adapters_per_replica": 2,
+            "max_ongoing_requests": 4,
+            "max_queued_requests": 4,
+        }
+    )
 }
 
 
@@ -73,6 +90,7 @@ class RunningServer:
         # Keys on, as a platform runs it (tests/e2e/test_tenancy.py): the organizations
         # and limits every e2e test meets.
         self.env.update(E2E_KEYS)
+        self.env.update(E2E_SERVING)
         self.process: subprocess.Popen | None = None
 
     @property

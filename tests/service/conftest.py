@@ -15,6 +15,7 @@ from service.db import Database
 from service.files.service import FileService
 from service.fine_tuning.reconciler import Reconciler
 from service.fine_tuning.service import FineTuningService
+from service.metrics import ServerMetrics
 from service.models.service import ModelService
 from service.organization.limits import Limits
 from service.uploads.service import UploadService
@@ -39,7 +40,8 @@ def parts(settings: Settings):  # type: ignore[no-untyped-def]
     limits = Limits(settings)
     files = FileService(db, blobs, max_upload_bytes=10_000, limits=limits)
     launcher = FakeLauncher()
-    reconciler = Reconciler(db, settings, base_models, blobs, launcher)
+    metrics = ServerMetrics(db)
+    reconciler = Reconciler(db, settings, base_models, blobs, launcher, metrics=metrics)
     yield {
         "db": db,
         "blobs": blobs,
@@ -51,6 +53,7 @@ def parts(settings: Settings):  # type: ignore[no-untyped-def]
         "reconciler": reconciler,
         "launcher": launcher,
         "limits": limits,
+        "metrics": metrics,
     }
     db.engine.dispose()
 
@@ -65,6 +68,7 @@ def api_client(settings: Settings, parts) -> TestClient:  # type: ignore[no-unty
     app.state.jobs = parts["jobs"]
     app.state.models = parts["models"]
     app.state.gateway = None
+    app.state.metrics = parts["metrics"]
     wire_organization(app, settings, parts["db"])
     app.state.limits = parts["limits"]  # the one the services count with
     # A client on this machine, as open access requires (service/local_guard.py).

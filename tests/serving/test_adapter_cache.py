@@ -27,21 +27,40 @@ def test_adapters_are_fetched_checked_and_the_least_recent_evicted(s3_env, tmp_p
     for name in ("a", "b", "c"):
         _adapter(store, tmp_path, f"jobs/{name}/adapter", 1000)
     cache = AdapterCache(store, max_bytes=2100, root=tmp_path / "cache")
-    a, evicted = cache.fetch("jobs/a/adapter")
-    assert (a / "adapter_model.safetensors").stat().st_size == 1000 and evicted == []
+    first = cache.fetch("jobs/a/adapter")
+    a = first.path
+    assert (a / "adapter_model.safetensors").stat().st_size == 1000
+    assert first.from_store and first.evicted == []
     cache.fetch("jobs/b/adapter")
     time.sleep(0.01)
-    assert cache.fetch("jobs/a/adapter") == (a, [])  # used again: now the most recent
-    _, evicted = cache.fetch("jobs/c/adapter")
-    assert evicted == ["jobs/b/adapter"] and a.exists()
+    again = cache.fetch("jobs/a/adapter")  # used again: now the most recent
+    assert again.path == a and not again.from_store and again.evicted == []
+    third = cache.fetch("jobs/c/adapter")
+    assert third.evicted == ["jobs/b/adapter"] and a.exists()
 
     store.put_bytes("jobs/d/adapter/adapter_config.json", b"{}")  # still being written
     with pytest.raises(IncompleteFolder):
         cache.fetch("jobs/d/adapter")
 
 
+def test_adapters_the_engine_registered_are_never_evicted_and_deleted_ones_go(s3_env, tmp_path):
+    store = open_store(f"s3://{s3_env.new_bucket()}/ftaas")
+    for name in ("a", "b", "c"):
+        _adapter(store, tmp_path, f"jobs/{name}/adapter", 1000)
+    cache = AdapterCache(store, max_bytes=1500, root=tmp_path / "cache")
+    a = cache.fetch("jobs/a/adapter").path
+    time.sleep(0.01)
+    b = cache.fetch("jobs/b/adapter", pinned=["jobs/a/adapter"])
+    assert b.evicted == [] and a.exists()  # over budget, but a is pinned
+    c = cache.fetch("jobs/c/adapter", pinned=["jobs/b/adapter"])
+    assert c.evicted == ["jobs/a/adapter"] and not a.exists()
+    cache.forget("jobs/c/adapter")
+    assert not c.path.exists()
+    assert cache.fetch("jobs/c/adapter").from_store  # fetched again after it was forgotten
+
+
 def test_a_local_store_serves_adapters_in_place(tmp_path):
     store = LocalStore(tmp_path / "store")
     _adapter(store, tmp_path, "jobs/a/adapter", 10)
-    path, _ = AdapterCache(store, max_bytes=0, root=tmp_path / "cache").fetch("jobs/a/adapter")
-    assert path == tmp_path / "store" / "jobs" / "a" / "adapter"
+    fetched = AdapterCache(store, max_bytes=0, root=tmp_path / "cache").fetch("jobs/a/adapter")
+    assert fetched.path == tmp_path / "store" / "jobs" / "a" / "adapter"
