@@ -65,6 +65,7 @@ def _head_environment(home: Path, s3: S3Server, bucket: str, database_url: str) 
         ("ftaas-postgres", "url"): database_url,
         ("ftaas-api-keys", "keys"): f"{API_KEY}:org-rayservice",
         ("ftaas-api-keys", "admin_keys"): f"admin-{API_KEY}:org-rayservice",
+        ("ftaas-api-keys", "metrics_key"): f"metrics-{API_KEY}",
     }
     local_paths = {"FTAAS_HOME": home / "ftaas", "FTAAS_NODE_CACHE_DIR": home / "node-cache"}
     env = {
