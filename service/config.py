@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serving.engine import CPU_LORA_SLOTS_PER_GPU_SLOT
+from serving.engine import host_memory_adapters
 from training.tiny_model import TINY_MODEL_ID, TINY_MODEL_LEARNING_RATE, TINY_MODEL_MAX_LENGTH
 
 
@@ -91,7 +91,7 @@ class BaseModelConfig(BaseModel):
 
     @property
     def host_memory_adapters(self) -> int:
-        return self.max_cpu_loras or self.max_loras * CPU_LORA_SLOTS_PER_GPU_SLOT
+        return host_memory_adapters(self.max_loras, self.max_cpu_loras)
 
     def learning_rate_for(self, method: str) -> float:
         if method == "dpo":

@@ -131,6 +131,7 @@ class LLMServer:
         """Unregister what the multiplexer dropped, once no request still generates with it."""
         for name in [n for n in self.evicted if not self.in_use[n]]:
             self.evicted.remove(name)
+            self.adapter_keys.pop(name, None)  # a request naming it again gives it back
             if await self.engine.unload_adapter(name):
                 self.events.add("registry_evictions")
 

@@ -25,6 +25,11 @@ CPU_LORA_SLOTS_PER_GPU_SLOT = 4
 NO_MEDIA_DOMAIN = ("media.invalid",)
 
 
+def host_memory_adapters(max_loras: int, max_cpu_loras: int | None) -> int:
+    """Adapters an engine keeps in host memory: as configured, else per accelerator slot."""
+    return max_cpu_loras or max_loras * CPU_LORA_SLOTS_PER_GPU_SLOT
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_id: str
@@ -46,7 +51,7 @@ class EngineConfig:
 
     @property
     def host_memory_adapters(self) -> int:
-        return self.max_cpu_loras or self.max_loras * CPU_LORA_SLOTS_PER_GPU_SLOT
+        return host_memory_adapters(self.max_loras, self.max_cpu_loras)
 
     def cli_args(self) -> list[str]:
         args = [
