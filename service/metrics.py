@@ -40,8 +40,6 @@ disable_created_metrics()
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Status of a request whose client went away before its answer was sent (nginx's 499).
 CLIENT_CLOSED = 499
-# How long a scrape waits for the replicas' board.
-BOARD_READ_TIMEOUT_S = 2.0
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SPEED_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,8 +43,6 @@ from serving.engine import (
 )
 from training.node_cache import fetch_model
 from training.storage import open_store
-
-logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.5
 
