@@ -29,7 +29,7 @@ from service.files.service import FileService
 from service.files.validator import ProcessValidator
 from service.fine_tuning.launcher import RayLauncher
 from service.fine_tuning.lease import Lease
-from service.fine_tuning.reconciler import ReadyModel, Reconciler
+from service.fine_tuning.reconciler import PrunedCheckpoint, ReadyModel, Reconciler
 from service.fine_tuning.router import router as jobs_router
 from service.fine_tuning.service import FineTuningService
 from service.housekeeping import Housekeeping
@@ -155,8 +155,8 @@ async def run_scheduler(
     housekeeping: Housekeeping,
 ) -> None:
     """Tick while this process holds the scheduler lease (and sweep, now and then).
-    Eager loads of new models run beside the loop, so a busy serving replica never holds
-    jobs back."""
+    Eager loads of new models and retirements of pruned checkpoints run beside the loop, so
+    a busy serving replica never holds jobs back."""
     loads: set[asyncio.Task[None]] = set()
     try:
         while True:
@@ -165,8 +165,16 @@ async def run_scheduler(
                     if housekeeping.due():
                         await asyncio.to_thread(housekeeping.sweep)
                     report = await asyncio.to_thread(reconciler.tick)
-                    for model in report.ready if settings.serving_enabled else []:
-                        load = asyncio.create_task(_eager_load(gateway, model))
+                    actions = [
+                        *(
+                            _eager_load(gateway, m)
+                            for m in report.ready
+                            if settings.serving_enabled
+                        ),
+                        *(_prune(gateway, reconciler, p) for p in report.pruned),
+                    ]
+                    for action in actions:
+                        load = asyncio.create_task(action)
                         loads.add(load)
                         load.add_done_callback(loads.discard)
             except Exception:
@@ -185,6 +193,12 @@ async def _eager_load(gateway: ServingGateway, model: ReadyModel) -> None:
         )
     except Exception:
         logger.warning("eager load of %s failed; it loads on first use", model.name, exc_info=True)
+
+
+async def _prune(gateway: ServingGateway, reconciler: Reconciler, pruned: PrunedCheckpoint) -> None:
+    """Serving first, files last, as for a deleted model (service/models/router.py)."""
+    await gateway.retire_adapters(pruned.base_model, [pruned.name])
+    await asyncio.to_thread(reconciler.delete_checkpoint, pruned.path)
 
 
 def wire_organization(app: FastAPI, settings: Settings, db: Database) -> None:

@@ -2,7 +2,7 @@
 Serve's autoscaler between bounds), each a vLLM engine with LoRA.
 
 The service reaches it through a deployment handle (no HTTP hop): `respond` streams a head
-then SSE strings, and `load_adapter` / `unload_adapter` change what is served without a
+then SSE strings, and `load_adapter` / `retire` change what is served without a
 restart. Adapters are named by their key in the artifact store.
 
 Routing is adapter-affine through Serve's model multiplexing: every call for a tuned model
@@ -18,6 +18,11 @@ An adapter moves through five tiers, each bounded per base model:
   → the replica's disk (`adapter_cache_bytes`, least recently used out, registered ones
   pinned) → the artifact store.
 The replica counts hits, loads and evictions of the two tiers it runs (serving/stats.py).
+
+A deleted model's adapter is retired on every replica before its files go ("serving
+first, files last", `LLMServer.retire`): vLLM reloads an adapter it dropped from host
+memory from the replica's disk in the middle of an engine step, and a folder missing there
+is fatal to the engine, that is to every tenant's requests on the replica.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,7 +52,12 @@ from serving.engine import (
 from training.node_cache import fetch_model
 from training.storage import open_store
 
+logger = logging.getLogger(__name__)
+
 STATS_INTERVAL_S = 0.5
+# A retired adapter's aborted requests end within a step or two; one stuck longer (still on
+# its way to the engine) keeps its adapter registered until it ends.
+RETIRE_WAIT_S = 10.0
 
 
 def app_name(base_model_id: str) -> str:
@@ -74,6 +87,8 @@ class LLMServer:
         self.adapter_keys: dict[str, str] = {}  # adapter name → its key in the store
         self.in_use: Counter[str] = Counter()  # adapter name → requests using it now
         self.evicted: list[str] = []  # dropped by the multiplexer, to unregister
+        self.retired: set[str] = set()  # deleted models' adapters: never served here again
+        self.retired_through: tuple[str, int] | None = None  # the board's stamp applied
         self.events = stats.AdapterEvents()
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.engine = await OpenAIEngine.start(self.config)
@@ -106,16 +121,24 @@ class LLMServer:
 
     async def _acquire(self, name: str, key: str) -> tuple[int, dict[str, Any]] | None:
         """Make `name` servable here and mark it in use; None, or an error reply."""
+        if name in self.retired:
+            return _deleted(name)
         self.adapter_keys[name] = key
+        # In use from now, while it registers: nothing unregisters or retires it meanwhile.
+        self.in_use[name] += 1
         self.events.add("registry_lookups")
         try:
             await self.registry(name)
         except AdapterLoadFailed as failed:
+            self._release(name)
             return failed.status, failed.body
         except Exception as fetch_error:
+            self._release(name)
             message = f"The model's adapter could not be fetched: {fetch_error}"
             return 500, openai_error(500, message)
-        self.in_use[name] += 1
+        if name in self.retired:  # deleted while it registered
+            self._release(name)
+            return _deleted(name)
         await self._unregister_evicted()
         return None
 
@@ -141,15 +164,43 @@ class LLMServer:
             self._release(name)
         return error
 
-    async def unload_adapter(self, name: str) -> bool:
-        """The model was deleted: unregister it and delete this node's copy. (Serve's
-        multiplexer keeps its entry until it is the least recently used; no request can
-        name a deleted model.)"""
-        key = self.adapter_keys.pop(name, None)
-        unloaded = await self.engine.unload_adapter(name)
-        if key is not None:
-            await asyncio.to_thread(self.disk.forget, key)
-        return unloaded
+    async def retire(self, name: str) -> None:
+        """A deleted model's adapter, as an eviction: refused from now on, its requests
+        aborted (each ends with a `model_not_found` error), and only once none uses it
+        unregistered from vLLM and its copy on this node's disk deleted. (Serve's
+        multiplexer keeps its entry until it is the least recently used.)"""
+        self.retired.add(name)
+        deadline = time.monotonic() + RETIRE_WAIT_S
+        while self.in_use[name] and time.monotonic() < deadline:
+            # Again each time: a request may reach the engine after the first abort.
+            await self.engine.abort_adapter_requests(name)
+            await asyncio.sleep(0.02)
+        await self._drop_retired()
+
+    async def _drop_retired(self) -> bool:
+        """Unregister retired adapters no request uses and delete their copies; whether
+        none is left in use (one still is: aborted again, dropped on a later call)."""
+        done = True
+        held = {*self.adapter_keys, *self.in_use, *self.engine.loaded_adapters()}
+        for name in sorted(self.retired & held):
+            if self.in_use[name]:
+                await self.engine.abort_adapter_requests(name)
+                done = False
+                continue
+            key = self.adapter_keys.pop(name, None)
+            await self.engine.unload_adapter(name)
+            if key is not None:
+                await asyncio.to_thread(self.disk.forget, key)
+        return done
+
+    async def _apply(self, retirements: stats.Retirements) -> None:
+        """Retire what the board announced, and confirm it once nothing here uses it."""
+        for name in retirements.names - self.retired:
+            await self.retire(name)
+        # The board forgets old retirements, and so does the replica, once they are done.
+        self.retired = set(retirements.names) | {n for n in self.retired if self.in_use[n]}
+        if await self._drop_retired():
+            self.retired_through = retirements.stamp
 
     async def loaded_adapters(self) -> list[str]:
         return self.engine.loaded_adapters()
@@ -169,12 +220,22 @@ class LLMServer:
         meter = start_meter()
         streaming = False
         try:
-            async for item in self.engine.respond(kind, body):
-                if isinstance(item, dict):  # the head
-                    streaming = item["stream"]
-                    if not streaming:
-                        item["stats"] = self._request_stats(meter)
-                yield item
+            async with contextlib.aclosing(self.engine.respond(kind, body)) as replies:
+                async for item in replies:
+                    if adapter is not None and adapter[0] in self.retired:
+                        # Its generation was aborted: the answer ends with the reason.
+                        status, error_body = _deleted(adapter[0])
+                        if not streaming:
+                            yield {"status": status, "body": error_body, "stream": False}
+                            return
+                        yield f"data: {json.dumps(error_body)}\n\n"
+                        yield "data: [DONE]\n\n"
+                        break
+                    if isinstance(item, dict):  # the head
+                        streaming = item["stream"]
+                        if not streaming:
+                            item["stats"] = self._request_stats(meter)
+                    yield item
             if streaming:
                 yield {"stats": self._request_stats(meter)}
         finally:
@@ -191,14 +252,19 @@ class LLMServer:
             "engine_requests": self.engine.unfinished_requests(),
             "engine_generated_tokens": self.engine.generated_tokens(),
             "adapters_registered": len(self.engine.loaded_adapters()),
+            # What a retirement waits for: registered, registering or generating here.
+            "adapters": sorted({*self.engine.loaded_adapters(), *self.in_use}),
+            "retired_through": self.retired_through,
             "events": dict(self.events),
         }
 
     async def _post_stats(self) -> None:
         board = await asyncio.to_thread(stats.board)
         while True:
-            with contextlib.suppress(Exception):  # the board restarting: post next time
-                board.post.remote(self.replica, self.snapshot())
+            try:
+                await self._apply(await board.post.remote(self.replica, self.snapshot()))
+            except Exception:  # the board restarting: post next time
+                logger.debug("posting to the stats board failed", exc_info=True)
             await asyncio.sleep(STATS_INTERVAL_S)
 
     async def check_health(self) -> None:
@@ -211,6 +277,12 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _deleted(name: str) -> tuple[int, dict[str, Any]]:
+    body = openai_error(404, f"The model `{name}` has been deleted.", "model")
+    body["error"]["code"] = "model_not_found"
+    return 404, body
 
 
 class AdapterLoadFailed(Exception):

@@ -13,7 +13,7 @@ import contextvars
 import re
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal
@@ -216,6 +216,15 @@ class OpenAIEngine:
             # A broken adapter is a server-side fault, not the caller's bad request.
             return max(status, HTTPStatus.INTERNAL_SERVER_ERROR.value), body
 
+    async def abort_adapter_requests(self, name: str) -> int:
+        """Abort every request generating with adapter `name` (each answer ends at once, as
+        if cancelled); how many there were."""
+        states = self.engine.output_processor.request_states
+        ids = [request_id for request_id, state in states.items() if state.lora_name == name]
+        if ids:
+            await self.engine.abort(ids, internal=True)
+        return len(ids)
+
     async def unload_adapter(self, name: str) -> bool:
         async with self._adapter_locks[name]:
             lora = self.models.lora_requests.pop(name, None)
@@ -224,7 +233,7 @@ class OpenAIEngine:
             await self.engine.remove_lora(lora.lora_int_id)
             return True
 
-    async def respond(self, kind: RequestKind, body: dict[str, Any]) -> AsyncIterator[Any]:
+    async def respond(self, kind: RequestKind, body: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """First a head `{"status", "body"?, "stream"}`; for streams, then SSE strings."""
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest

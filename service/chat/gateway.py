@@ -21,6 +21,12 @@ logger = logging.getLogger(__name__)
 HEALTHY_APP_STATES = {"RUNNING", "DEPLOYING"}
 # Control calls to a replica (load, unload an adapter) wait at most this long.
 SERVING_CALL_TIMEOUT_S = 60.0
+# Deleting a model waits this long for every replica to stop serving it (a replica retires
+# an adapter within a post or two, serving/deployment.py) before its files go anyway.
+RETIRE_TIMEOUT_S = 30.0
+RETIRE_POLL_S = 0.1
+# A replica that posted within this long is live (they post every 0.5 s).
+RETIRE_LIVE_S = 3.0
 # A scrape of /metrics waits this long for the replicas' snapshots.
 STATS_READ_TIMEOUT_S = 2.0
 # What a client told to retry a full serving queue waits (the SDK honours retry-after).
@@ -232,17 +238,44 @@ class ServingGateway:
         if error is not None:
             logger.error("serving could not load %s: %s", name, error)
 
-    async def unload_adapter(self, base_model: str, name: str) -> None:
-        """Best effort, on the replica that holds the adapter (another that took it while
-        that one was full drops it when it is the least recently used): a deleted model is
-        refused before serving is asked anyway."""
-        if not self.settings.serving_enabled:
+    async def retire_adapters(self, base_model: str, names: list[str]) -> None:
+        """Stop serving deleted models' adapters on every replica of `base_model`: returns
+        once each live replica has confirmed that none of them is registered, registering
+        or generating there any more, so their files can go ("serving first, files last":
+        vLLM reloads adapters from their files mid-step, fatally when they are gone). A
+        replica that has not confirmed within RETIRE_TIMEOUT_S is logged and not waited
+        for. The API stops routing to the names first (their rows are gone)."""
+        if not self.settings.serving_enabled or not names:
             return
+        import ray
+
+        from serving.stats import board, confirmed
+
+        deadline, pending = time.monotonic() + RETIRE_TIMEOUT_S, list[str]()
         try:
-            handle = (await self._handle(base_model)).options(multiplexed_model_id=name)
-            await asyncio.wait_for(handle.unload_adapter.remote(name), SERVING_CALL_TIMEOUT_S)
-        except Exception:
-            logger.warning("could not unload %s from serving", name, exc_info=True)
+            announced = await asyncio.to_thread(board)
+            stamp = await asyncio.wait_for(announced.retire.remote(names), STATS_READ_TIMEOUT_S)
+            while time.monotonic() < deadline:
+                # Only replicas still posting: one that stopped cannot serve them either.
+                live = await asyncio.wait_for(
+                    announced.read.remote(RETIRE_LIVE_S), STATS_READ_TIMEOUT_S
+                )
+                pending = [
+                    s["replica"]
+                    for s in live
+                    if s["base_model"] == base_model and not confirmed(s, stamp)
+                ]
+                if not pending:
+                    return
+                await asyncio.sleep(RETIRE_POLL_S)
+            logger.warning(
+                "replicas %s did not confirm that %s are retired within %.0f s",
+                pending,
+                names,
+                RETIRE_TIMEOUT_S,
+            )
+        except (ray.exceptions.RayError, TimeoutError):
+            logger.warning("could not retire %s from serving", names, exc_info=True)
 
     def replica_stats(self) -> list[dict[str, Any]]:
         """Every live replica's latest snapshot (blocking: /metrics runs in a thread)."""

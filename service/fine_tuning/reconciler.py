@@ -20,7 +20,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from sqlalchemy import func, select
@@ -98,11 +97,22 @@ class ReadyModel:
     adapter_dir: str
 
 
+@dataclass(frozen=True)
+class PrunedCheckpoint:
+    """A checkpoint past the newest KEEP_CHECKPOINTS, unlisted: serving drops it, then its
+    files go (`Reconciler.delete_checkpoint`)."""
+
+    name: str
+    base_model: str
+    path: str
+
+
 @dataclass
 class TickReport:
     """What one tick did and what went wrong: nothing is swallowed silently."""
 
     ready: list[ReadyModel] = field(default_factory=list)
+    pruned: list[PrunedCheckpoint] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # job id → the step's exception
     conflicts: list[str] = field(default_factory=list)  # changed by another writer meanwhile
     launcher_unavailable: str | None = None
@@ -140,7 +150,7 @@ class Reconciler:
         # its GPU nodes while the service runs.
         self.use_gpu = use_gpu
         self.clock = clock
-        self._after_commit: list[Callable[[], None]] = []
+        self._pruned: list[PrunedCheckpoint] = []  # by the job being stepped
         self._warned_waiting: set[str] = set()
         self._handlers: dict[JobStatus, Callable[[str], ReadyModel | None]] = {
             S.VALIDATING_FILES: self._validating_files,
@@ -194,7 +204,7 @@ class Reconciler:
                 full = full or self._slots_full()
                 if full:
                     break
-            self._after_commit = []
+            self._pruned = []
             try:
                 ready = handler(job_id)
             except LauncherUnavailable as error:  # Ray's fault, not the job's: it waits
@@ -209,8 +219,7 @@ class Reconciler:
                 report.errors[job_id] = f"{type(error).__name__}: {error}"
                 self._count_failure(job_id, error)
                 continue
-            for action in self._after_commit:
-                action()
+            report.pruned += self._pruned  # unlisted for good: the step has committed
             if failures:
                 self._reset_failures(job_id)
             if ready is not None:
@@ -578,8 +587,7 @@ class Reconciler:
         ).all()
         for old in rows[KEEP_CHECKPOINTS:]:  # across attempts: a resumed job keeps three too
             session.delete(old)
-            # Deleted from the store only once the rows are gone for good (after the commit).
-            self._after_commit.append(partial(self._delete_quietly, old.path))
+            self._pruned.append(PrunedCheckpoint(old.model_name, job.model, old.path))
 
     def _ended_without_outcome(self, session: Session, job: JobRow, info: LaunchInfo) -> None:
         assert job.ray_submission_id
@@ -671,11 +679,12 @@ class Reconciler:
     def _model_name(job: JobRow) -> str:
         return fine_tuned_model_name(job.model, job.organization, job.suffix, job.model_short_id)
 
-    def _delete_quietly(self, key: str) -> None:
+    def delete_checkpoint(self, path: str) -> None:
+        """A pruned checkpoint's files, once serving has dropped it."""
         try:
-            self.store.delete(key)
+            self.store.delete(path)
         except Exception:  # the checkpoint is unlisted already; only storage is wasted
-            logger.warning("could not delete %s from the artifact store", key, exc_info=True)
+            logger.warning("could not delete %s from the artifact store", path, exc_info=True)
 
     def stop(self, submission_id: str) -> None:
         """Best effort, for the API's cancel: the reconciler makes sure of it next tick."""

@@ -55,7 +55,9 @@ def retrieve_model(tenant: TenantDep, models: ModelsDep, model: str) -> Model:
 async def delete_model(
     tenant: TenantDep, models: ModelsDep, gateway: GatewayDep, model: str
 ) -> ModelDeleted:
+    # Serving first, files last: no longer routed to, then dropped by every replica (its
+    # requests aborted), and only then are its files deleted, which vLLM may read until then.
     deleted, row, checkpoints = await run_in_threadpool(models.delete, tenant, model)
-    for name in (row.id, *checkpoints):
-        await gateway.unload_adapter(row.base_model, name)
+    await gateway.retire_adapters(row.base_model, [row.id, *checkpoints])
+    await run_in_threadpool(models.delete_files, row)
     return deleted

@@ -128,10 +128,10 @@ class ModelService:
     def delete(
         self, tenant: Tenant, model: str
     ) -> tuple[ModelDeleted, ModelRow, builtins.list[str]]:
-        """Delete a tuned model: it is no longer listed or served, nor are its job's
-        checkpoints, and its files (adapter, checkpoints, every attempt's outputs) are
-        removed from the store; the job keeps its record. Returns the deleted model, its
-        row and the checkpoint names that serving must drop too."""
+        """Delete a tuned model: from now on it is no longer listed or routed to, nor are
+        its job's checkpoints; the job keeps its record. Returns the deleted model, its
+        row and the checkpoint names. Its files stay until `delete_files`, which the
+        caller runs once serving has dropped every one of those names."""
         if model in self.base_models:
             raise InvalidRequest(
                 f"Base model `{model}` cannot be deleted; only fine-tuned models can.",
@@ -149,10 +149,13 @@ class ModelService:
                     )
                 )
                 session.execute(delete(CheckpointRow).where(CheckpointRow.job_id == row.job_id))
-        if self.store is not None:
-            # An import's folder, or the whole output of the job that made the model.
-            self.store.delete(row.adapter_dir if row.job_id is None else job_folder(row.job_id))
         return ModelDeleted(id=row.id, object="model", deleted=True), row, checkpoints
+
+    def delete_files(self, row: ModelRow) -> None:
+        """A deleted model's files: an import's folder, or every output of the job that
+        made it (adapter, checkpoints, all attempts)."""
+        if self.store is not None:
+            self.store.delete(row.adapter_dir if row.job_id is None else job_folder(row.job_id))
 
     def inference_target(self, tenant: Tenant, model: str) -> InferenceTarget:
         if model in self.base_models:

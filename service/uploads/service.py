@@ -150,7 +150,11 @@ class UploadService:
             )
         new_id = file_id()
         key = f"files/{new_id}"
-        _, digest = self.blobs.put_concatenation(key, [parts[p].blob_key for p in part_ids])
+        try:
+            _, digest = self.blobs.put_concatenation(key, [parts[p].blob_key for p in part_ids])
+        except FileNotFoundError:  # a racing completion (or cancel) won and removed the parts
+            self.blobs.delete(key)
+            raise self._no_longer_pending(id_) from None
         if md5 is not None and md5.lower() != digest:
             self.blobs.delete(key)
             raise InvalidRequest(f"md5 {md5} does not match the parts' {digest}", param="md5")
@@ -176,12 +180,16 @@ class UploadService:
                 session.execute(delete(UploadPartRow).where(UploadPartRow.upload_id == upload.id))
         if not won:
             self.files.remove(new_id)
-            raise InvalidRequest(
-                f"Upload {id_} was completed by another request", param="upload_id"
-            )
+            raise self._no_longer_pending(id_)
         self.blobs.delete(f"uploads/{upload.id}")
         upload.status, upload.file_id = "completed", new_id
         return upload_object(upload, file.model_dump())
+
+    @staticmethod
+    def _no_longer_pending(id_: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"Upload {id_} was completed or cancelled by another request", param="upload_id"
+        )
 
     def cancel(self, tenant: Tenant, id_: str) -> Upload:
         upload = self._pending(tenant, id_)

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from openai import OpenAI
 
 from service.app import create_app, wire_organization
+from service.chat.gateway import ServingGateway
 from service.config import Settings, tiny_base_model
 from service.db import Database
 from service.files.service import FileService
@@ -67,7 +68,8 @@ def api_client(settings: Settings, parts) -> TestClient:  # type: ignore[no-unty
     app.state.uploads = parts["uploads"]
     app.state.jobs = parts["jobs"]
     app.state.models = parts["models"]
-    app.state.gateway = None
+    # Serving is off: the gateway deploys and retires nothing.
+    app.state.gateway = ServingGateway(settings, parts["base_models"], parts["blobs"].url)
     app.state.metrics = parts["metrics"]
     wire_organization(app, settings, parts["db"])
     app.state.limits = parts["limits"]  # the one the services count with

@@ -496,11 +496,15 @@ def test_deleting_a_model_removes_its_checkpoints_and_files_but_not_its_job(worl
     name = world.row(job_id).fine_tuned_model
     [checkpoint] = world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data
     models = world.parts["models"]
-    _, _, dropped = models.delete(Tenant("local"), name)
+    stored = list(blobs.list(job_folder(job_id)))
+    _, row, dropped = models.delete(Tenant("local"), name)
     assert dropped == [checkpoint.fine_tuned_model_checkpoint]
     for gone in (name, checkpoint.fine_tuned_model_checkpoint):
         with pytest.raises(NotFound):
             models.inference_target(Tenant("local"), gone)
+    # No longer routed to, but its files stay until serving has dropped every name.
+    assert list(blobs.list(job_folder(job_id))) == stored != []
+    models.delete_files(row)
     assert list(blobs.list(job_folder(job_id))) == []
     assert world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data == []
     job = world.sdk.fine_tuning.jobs.retrieve(job_id)
