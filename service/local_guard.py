@@ -7,7 +7,10 @@ come from elsewhere:
 - a `Host` that is not this machine's name: a web page that rebinds its own DNS name to
   127.0.0.1 sends its name as Host (DNS rebinding);
 - an `Origin` that is not this machine's: a page the developer opens may post forms or
-  fetch requests to 127.0.0.1, but its browser says where the page came from (CSRF).
+  fetch requests to 127.0.0.1, but its browser says where the page came from (CSRF);
+- a request that came through a proxy (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`, `Via`):
+  a reverse proxy on this machine makes every remote client look local (nginx's defaults
+  send a loopback Host and no X-Forwarded-For), so a server behind one needs API keys.
 With API keys none of this applies (a page has no key), except that `FTAAS_ALLOWED_HOSTS`,
 when set, is enforced in every mode. Answers are 403 in OpenAI's envelope. Whether keys
 exist is asked per request (one is made with `python -m service keys create` while the
@@ -25,6 +28,8 @@ from service.config import Settings
 from service.errors import envelope
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+# Headers a proxy adds (RFC 7239 and the common de-facto ones).
+PROXY_HEADERS = ("forwarded", "via", "x-real-ip")
 
 
 def is_loopback(host: str) -> bool:
@@ -72,7 +77,8 @@ class LocalGuard:
         if not open_access:
             return None
         client = (scope.get("client") or ("", 0))[0]
-        if not is_loopback(client):
+        proxied = sorted(h for h in headers if h in PROXY_HEADERS or h.startswith("x-forwarded-"))
+        if not is_loopback(client) or proxied:
             return (
                 "Without API keys this server answers only its own machine: make one "
                 "(`python -m service keys create`) or set FTAAS_API_KEYS to serve others"

@@ -61,6 +61,23 @@ def test_open_access_serves_only_this_machine_however_the_app_was_started(tmp_pa
     assert remote.get("/health").status_code == 200  # probes still see it
 
 
+def test_open_access_is_never_served_through_a_proxy(client):
+    """A reverse proxy on this machine (nginx's defaults: a loopback Host, no
+    X-Forwarded-For) makes a remote client look local; whatever it adds gives it away."""
+    proxied = (
+        {"forwarded": "for=192.0.2.7;proto=https"},
+        {"x-forwarded-for": "192.0.2.7"},
+        {"x-forwarded-host": "api.example.com"},
+        {"x-real-ip": "192.0.2.7"},
+        {"via": "1.1 nginx"},
+    )
+    for headers in proxied:
+        for response in _requests(client, headers):
+            error = assert_envelope(response, 403)
+            assert "FTAAS_API_KEYS" in error["message"]
+    assert client.get("/v1/files").status_code == 200
+
+
 def test_with_api_keys_other_hosts_and_clients_are_served(tmp_path, parts):
     settings = Settings(home=tmp_path, serving_enabled=False, api_keys="key-a:org-a")
     app = api_client(settings, parts).app
@@ -68,6 +85,7 @@ def test_with_api_keys_other_hosts_and_clients_are_served(tmp_path, parts):
     key = {"Authorization": "Bearer key-a"}
     assert remote.get("/v1/files", headers=key).status_code == 200
     assert remote.get("/v1/files", headers={**key, "origin": EVIL}).status_code == 200
+    assert remote.get("/v1/files", headers={**key, "via": "1.1 nginx"}).status_code == 200
     # An operator's allow-list holds in every mode.
     listed = Settings(
         home=tmp_path, serving_enabled=False, api_keys="key-a:org-a",
