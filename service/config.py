@@ -11,6 +11,12 @@ from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.engine import host_memory_adapters
+from training.smollm2 import (
+    SMOLLM2_ID,
+    SMOLLM2_LEARNING_RATE,
+    SMOLLM2_MAX_LENGTH,
+    SMOLLM2_MIN_AUTO_BATCH_SIZE,
+)
 from training.tiny_model import TINY_MODEL_ID, TINY_MODEL_LEARNING_RATE, TINY_MODEL_MAX_LENGTH
 
 
@@ -39,6 +45,14 @@ class BaseModelConfig(BaseModel):
         default=None,
         description="recommended LoRA learning rate for DPO (multiplier 1.0); by default a "
         "tenth of `learning_rate`, since a preference step moves a model further",
+    )
+    min_auto_batch_size: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description='smallest batch size "auto" gives (OpenAI\'s rule, 0.2% of the examples, '
+        "gives 1 below 500): a few examples in many single-example steps overfit a real "
+        "model until it forgets what it knew",
     )
     max_lora_rank: int = Field(default=64, description="largest adapter rank the engine accepts")
     max_loras: int = Field(
@@ -154,11 +168,18 @@ class Settings(BaseSettings):
         "configured the standard AWS way); `$FTAAS_HOME/blobs` by default",
     )
     base_models_file: Path | None = Field(
-        default=None, description="JSON list of BaseModelConfig; unset serves ftaas-tiny"
+        default=None,
+        description="JSON list of BaseModelConfig; unset serves the embedded models",
+    )
+    embedded_models: str = Field(
+        default=SMOLLM2_ID,
+        description=f"comma-separated embedded base models to serve when no base models file "
+        f"is given, listed in this order: {SMOLLM2_ID} (a real instruct model, built once "
+        f"from an installed package) and {TINY_MODEL_ID} (random weights, for fast tests)",
     )
     default_model: dict[str, Any] = Field(
         default_factory=dict,
-        description="JSON: fields of the embedded ftaas-tiny's BaseModelConfig to change, "
+        description="JSON: fields of the first embedded model's BaseModelConfig to change, "
         'e.g. {"num_replicas": 2}',
     )
     ray_address: str | None = Field(
@@ -264,10 +285,25 @@ class Settings(BaseSettings):
             return self.limits
         return OrganizationLimits.model_validate({**self.limits.model_dump(), **override})
 
+    @property
+    def embedded_model_ids(self) -> list[str]:
+        return [name.strip() for name in self.embedded_models.split(",") if name.strip()]
+
+    @model_validator(mode="after")
+    def _known_embedded_models(self) -> Settings:
+        unknown = set(self.embedded_model_ids) - set(EMBEDDED_BASE_MODELS)
+        if unknown or not self.embedded_model_ids:
+            raise ValueError(
+                f"FTAAS_EMBEDDED_MODELS names {sorted(unknown) or 'nothing'}; "
+                f"the embedded models are {', '.join(EMBEDDED_BASE_MODELS)}"
+            )
+        return self
+
     def load_base_models(self) -> list[BaseModelConfig]:
         if self.base_models_file is None:
-            tiny = tiny_base_model(self.home).model_dump()
-            return [BaseModelConfig.model_validate({**tiny, **self.default_model})]
+            models = [EMBEDDED_BASE_MODELS[i](self.home) for i in self.embedded_model_ids]
+            first = {**models[0].model_dump(), **self.default_model}
+            return [BaseModelConfig.model_validate(first), *models[1:]]
         raw = json.loads(self.base_models_file.read_text())
         return [BaseModelConfig.model_validate(item) for item in raw]
 
@@ -281,6 +317,23 @@ def _key_pairs(text: str | None) -> dict[str, str]:
     return pairs
 
 
+def smollm2_base_model(home: Path) -> BaseModelConfig:
+    """SmolLM2-135M-Instruct (training/smollm2.py): bf16 weights, served in bf16."""
+    return BaseModelConfig(
+        id=SMOLLM2_ID,
+        path=str(home / "models" / SMOLLM2_ID),
+        max_length=SMOLLM2_MAX_LENGTH,
+        # Measured on a made-up fact in 24 paraphrases (bench/real_model_quality.py, README
+        # "What auto means"): 4 epochs of batches of 4 at 3e-4 learn it and keep 6 of 7
+        # general answers; OpenAI's single-example steps (96 at 2e-4) kept 2 of 5.
+        learning_rate=SMOLLM2_LEARNING_RATE,
+        min_auto_batch_size=SMOLLM2_MIN_AUTO_BATCH_SIZE,
+        max_lora_rank=64,
+        max_loras=4,
+        dtype="bfloat16",
+    )
+
+
 def tiny_base_model(home: Path) -> BaseModelConfig:
     return BaseModelConfig(
         id=TINY_MODEL_ID,
@@ -292,3 +345,7 @@ def tiny_base_model(home: Path) -> BaseModelConfig:
         max_loras=8,
         dtype="float32",
     )
+
+
+# The embedded base models (built in-process or from installed packages, never downloaded).
+EMBEDDED_BASE_MODELS = {SMOLLM2_ID: smollm2_base_model, TINY_MODEL_ID: tiny_base_model}

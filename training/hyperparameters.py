@@ -154,18 +154,22 @@ def auto_n_epochs(n_examples: int) -> int:
     return n_epochs
 
 
-def auto_batch_size(n_examples: int) -> int:
-    """About 0.2% of the examples (OpenAI's legacy rule), between 1 and MAX_AUTO_BATCH_SIZE."""
-    return max(1, min(MAX_AUTO_BATCH_SIZE, math.ceil(n_examples * 0.002)))
+def auto_batch_size(n_examples: int, minimum: int = 1) -> int:
+    """About 0.2% of the examples (OpenAI's legacy rule), between the base model's
+    `minimum` and MAX_AUTO_BATCH_SIZE, and never more than the examples."""
+    size = min(MAX_AUTO_BATCH_SIZE, max(minimum, math.ceil(n_examples * 0.002)))
+    return max(1, min(size, n_examples))
 
 
-def resolve_sizes(n_epochs: Auto | int, batch_size: Auto | int, n_examples: int) -> dict[str, int]:
+def resolve_sizes(
+    n_epochs: Auto | int, batch_size: Auto | int, n_examples: int, min_batch_size: int = 1
+) -> dict[str, int]:
     """Epochs and batch size for `n_examples` training units ("auto" or as asked, the
     batch never larger than the data)."""
     return {
         "n_epochs": auto_n_epochs(n_examples) if n_epochs == "auto" else int(n_epochs),
         "batch_size": (
-            auto_batch_size(n_examples)
+            auto_batch_size(n_examples, min_batch_size)
             if batch_size == "auto"
             else max(1, min(int(batch_size), n_examples))
         ),
@@ -173,9 +177,12 @@ def resolve_sizes(n_epochs: Auto | int, batch_size: Auto | int, n_examples: int)
 
 
 def resolve(
-    requested: SupervisedHyperparameters, n_examples: int, base_learning_rate: float
+    requested: SupervisedHyperparameters,
+    n_examples: int,
+    base_learning_rate: float,
+    min_batch_size: int = 1,
 ) -> ResolvedHyperparameters:
-    sizes = resolve_sizes(requested.n_epochs, requested.batch_size, n_examples)
+    sizes = resolve_sizes(requested.n_epochs, requested.batch_size, n_examples, min_batch_size)
     n_epochs, batch_size = sizes["n_epochs"], sizes["batch_size"]
     multiplier = (
         1.0

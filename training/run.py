@@ -189,6 +189,7 @@ class TrainingRun(ABC, Generic[Unit]):
                 spec.requested_sizes.get("n_epochs", "auto"),
                 spec.requested_sizes.get("batch_size", "auto"),
                 len(self.train_units),
+                spec.min_auto_batch_size,
             )
             self.hp = self.hp.model_copy(update=sizes)
         if not self.train_units:

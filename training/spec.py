@@ -58,6 +58,7 @@ class TrainingSpec(BaseModel):
     # units only the trainer can count (continued pre-training's blocks): it resolves them
     # from its own unit count, as the service does from a file's rows for other methods.
     requested_sizes: dict[str, int | Literal["auto"]] | None = None
+    min_auto_batch_size: int = 1  # the base model's floor for an "auto" batch size
     # Weights & Biases run settings from the job's `integrations`, honoured when the
     # package is present where the trainer runs and the job's organization registered a key.
     wandb: dict[str, Any] | None = None

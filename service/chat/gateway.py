@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from service.config import BaseModelConfig, Settings
+from service.embedded_models import ModelBuilds
 from service.errors import RateLimited, ServiceUnavailable
 from service.models.service import InferenceTarget
 from service.startup import one_line
@@ -32,6 +33,7 @@ STATS_READ_TIMEOUT_S = 2.0
 # What a client told to retry a full serving queue waits (the SDK honours retry-after).
 OVERLOADED_RETRY_AFTER_S = 1
 WARMING_UP = "engine warming up (chat answers 503 until it is ready)"
+BUILDING = "building the model from its package (chat answers 503 until it is ready)"
 READY = "ready"
 
 
@@ -85,6 +87,7 @@ class ServingGateway:
         use_gpu: bool = False,
         env: dict[str, str] | None = None,
         ray_logs: str = "the Ray cluster's logs",
+        builds: ModelBuilds | None = None,
     ):
         self.settings = settings
         self.base_models = base_models
@@ -93,7 +96,11 @@ class ServingGateway:
         # Variables every replica gets (Ray's token authentication among them).
         self.env = env or {}
         self.ray_logs = ray_logs
-        self._states = {model: WARMING_UP for model in base_models}
+        self.builds = builds  # embedded models are built before their engine starts
+        self._states = {
+            model: WARMING_UP if builds is None or builds.ready(model) else BUILDING
+            for model in base_models
+        }
         self._handles: dict[str, Any] = {}
 
     def state(self, base_model: str) -> str:
@@ -103,10 +110,11 @@ class ServingGateway:
         return dict(self._states)
 
     def deploy(self) -> None:
-        """Start every base model's application that is not already running (blocking).
+        """Start every base model's application that is not already running (blocking),
+        each once it is built (an embedded model; configured ones are ready).
 
-        A base model that fails to deploy is reported (log and /health); the others and
-        the rest of the API keep working."""
+        A base model that fails to build or deploy is reported (log and /health); the
+        others and the rest of the API keep working."""
         from ray import serve
 
         try:
@@ -117,10 +125,15 @@ class ServingGateway:
             for model in self.base_models:
                 self._states[model] = f"engine failed to start: Ray Serve: {reason}"
             logger.error("starting Ray Serve failed: %s", reason, exc_info=True)
+            if self.builds is not None:  # training needs the models all the same
+                self.builds.ensure_all()
             return
         for base in self.base_models.values():
             started = time.monotonic()
             try:
+                if self.builds is not None and not self.builds.ready(base.id):
+                    self.builds.ensure(base.id)
+                    self._states[base.id] = WARMING_UP
                 self._deploy_one(base, existing)
             except Exception as error:
                 reason = one_line(error)

@@ -60,7 +60,9 @@ def resolve_hyperparameters(
     of, whose LoRA shape the new adapter keeps."""
     method = method_of(job)
     requested = HYPERPARAMETER_MODELS[method].model_validate(job.method[method]["hyperparameters"])
-    resolved = resolve(requested, n_examples, base.learning_rate_for(method))
+    resolved = resolve(
+        requested, n_examples, base.learning_rate_for(method), base.min_auto_batch_size
+    )
     if start_adapter_config is not None:
         resolved = resolved.model_copy(update=start_adapter_shape(start_adapter_config))
     return resolved
@@ -101,6 +103,7 @@ def training_spec(
         worker_resources=settings.training_worker_resources,
         resume_from=job.resume_from,
         requested_sizes=_requested_sizes(job),
+        min_auto_batch_size=base.min_auto_batch_size,
         wandb=_wandb_settings(job.integrations),
     )
 

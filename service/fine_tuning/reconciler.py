@@ -138,9 +138,12 @@ class Reconciler:
         use_gpu: Callable[[], bool] = lambda: False,
         clock: Callable[[], int] = now,
         metrics: ServerMetrics | None = None,
+        model_ready: Callable[[str], bool] = lambda model_id: True,
     ):
         self.db = db
         self.metrics = metrics
+        # An embedded base model is built in the background: its jobs wait in the queue.
+        self.model_ready = model_ready
         self.settings = settings
         self.base_models = base_models
         self.store = store
@@ -319,7 +322,9 @@ class Reconciler:
     def _queued(self, job_id: str) -> None:
         with self.db.session() as session:
             job = self._job(session, job_id, S.QUEUED)
-            if job is None or self._trainers_alive(session) >= self.settings.max_running_jobs:
+            if job is None or not self.model_ready(job.model):
+                return
+            if self._trainers_alive(session) >= self.settings.max_running_jobs:
                 return
             try:
                 self._commit_intent(session, job)

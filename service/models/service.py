@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from service.auth import Tenant
 from service.config import BaseModelConfig
 from service.db import CheckpointRow, Database, FileRow, JobRow, ModelRow, changed_rows, now
-from service.errors import InvalidRequest, NotFound
+from service.errors import InvalidRequest, NotFound, ServiceUnavailable
 from service.fine_tuning.naming import (
     SUFFIX_PATTERN,
     fine_tuned_model_name,
@@ -88,8 +88,10 @@ class ModelService:
         started_at: int,
         store: ArtifactStore | None = None,
         max_adapter_bytes: int = 8 * 1024**3,
+        model_ready: Callable[[str], bool] = lambda model_id: True,
     ):
         self.db = db
+        self.model_ready = model_ready  # an embedded base model is built in the background
         self.base_models = base_models
         self.started_at = started_at
         self.store = store
@@ -191,6 +193,12 @@ class ModelService:
                 f"Available: {', '.join(sorted(self.base_models))}",
                 param="base_model",
                 code="model_not_available",
+            )
+        if not self.model_ready(base.id):
+            raise ServiceUnavailable(
+                f"The model `{base.id}` is still being built; try again shortly.",
+                param="base_model",
+                code="model_loading",
             )
         with self.db.session() as session:
             file = session.get(FileRow, request.adapter_file)

@@ -52,6 +52,15 @@ E2E_SERVING = {
 }
 
 
+# The session's server serves both embedded models: ftaas-tiny (first, so E2E_SERVING's
+# FTAAS_DEFAULT_MODEL is its configuration) for the tests that need speed, and the real
+# SmolLM2-135M-Instruct for those about what a job does to a real model
+# (tests/e2e/test_real_model.py). Other servers the tests start serve ftaas-tiny only.
+TINY = "ftaas-tiny"
+REAL = "smollm2-135m-instruct"
+SESSION_MODELS = f"{TINY},{REAL}"
+
+
 class RunningServer:
     """The server as a user runs it (`python -m service serve`), in its own process, as on
     a machine that never ran ftaas: an empty FTAAS_HOME, an empty HOME of its own, and no
@@ -74,7 +83,7 @@ class RunningServer:
         "XDG_DATA_HOME",
     )
 
-    def __init__(self, home: Path, port: int, user_home: Path):
+    def __init__(self, home: Path, port: int, user_home: Path, embedded_models: str = TINY):
         self.home = home
         self.user_home = user_home
         self.base_url = f"http://127.0.0.1:{port}"
@@ -91,6 +100,7 @@ class RunningServer:
         # and limits every e2e test meets.
         self.env.update(E2E_KEYS)
         self.env.update(E2E_SERVING)
+        self.env["FTAAS_EMBEDDED_MODELS"] = embedded_models
         self.process: subprocess.Popen | None = None
 
     @property
@@ -156,7 +166,9 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     user_home = tmp_path_factory.mktemp("user-home")
-    running = RunningServer(tmp_path_factory.mktemp("ftaas-home"), free_port(), user_home)
+    running = RunningServer(
+        tmp_path_factory.mktemp("ftaas-home"), free_port(), user_home, SESSION_MODELS
+    )
     try:
         running.start()
         yield running

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import RunningServer, wait_for_serving
+from tests.e2e.conftest import REAL, TINY, RunningServer, wait_for_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -44,10 +44,11 @@ def test_server_started_from_nothing_answers_chat(server: RunningServer):
     while True:
         with urllib.request.urlopen(f"{server.base_url}/health", timeout=5) as health:
             serving = json.load(health)["serving"]
-        if serving == {"ftaas-tiny": "ready"} or time.monotonic() > deadline:
+        if serving[TINY] == "ready" or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert serving == {"ftaas-tiny": "ready"}
+    assert serving[TINY] == "ready"
+    assert set(serving) == {TINY, REAL}  # the real model: built, then deployed, meanwhile
     log = server.log.read_text()
     assert "ftaas is ready: base_url " in log
     first_start = log.split("ftaas is ready: base_url ")[0]

@@ -96,6 +96,7 @@ def _head_environment(home: Path, s3: S3Server, bucket: str, database_url: str) 
         }
     )
     env.pop("FTAAS_BASE_MODELS_FILE")  # the embedded ftaas-tiny instead of a real model
+    env["FTAAS_EMBEDDED_MODELS"] = "ftaas-tiny"
     for path in (*local_paths.values(), home / "user"):
         path.mkdir(parents=True, exist_ok=True)
     return env

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from service.ray_cluster import free_port
 from tests.conftest import memorisation_jsonl
-from tests.e2e.conftest import ROOT, RunningServer, wait_for_job
+from tests.e2e.conftest import ROOT, SESSION_MODELS, RunningServer, wait_for_job
 from tests.postgres import PostgresServer
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +39,7 @@ def test_two_api_processes_share_one_store_and_one_scheduler(
     url = postgres.new_database()
     pair = []
     for _ in range(2):
-        process = RunningServer(server.home, free_port(), server.user_home)
+        process = RunningServer(server.home, free_port(), server.user_home, SESSION_MODELS)
         process.log = server.home / f"server-{process.base_url.rsplit(':', 1)[1]}.log"
         process.env.update({"FTAAS_DATABASE_URL": url, "FTAAS_MAX_RUNNING_JOBS": "1"})
         pair.append(process)
@@ -103,7 +103,7 @@ def test_uvicorn_with_two_workers_on_one_home_shares_its_head_and_one_scheduler(
             cwd=ROOT, env=server.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        base = RunningServer(server.home, port, server.user_home)
+        base = RunningServer(server.home, port, server.user_home, SESSION_MODELS)
         deadline = time.monotonic() + 180
         while True:
             try:

@@ -24,6 +24,19 @@ def test_auto_resolves_to_numbers():
     assert (resolved.n_epochs, resolved.batch_size, resolved.learning_rate) == (8, 1, 1e-3)
 
 
+@pytest.mark.parametrize(
+    ("n_examples", "minimum", "batch_size"),
+    [(24, 1, 1), (24, 4, 4), (3, 4, 3), (4000, 4, 8), (20_000, 4, 16), (20_000, 32, 16)],
+)
+def test_auto_batch_size_takes_the_base_models_floor_below_openais_rule(
+    n_examples, minimum, batch_size
+):
+    resolved = resolve(SupervisedHyperparameters(), n_examples, 5e-4, min_batch_size=minimum)
+    assert resolved.batch_size == batch_size
+    explicit = SupervisedHyperparameters(batch_size=2)
+    assert resolve(explicit, n_examples, 5e-4, min_batch_size=minimum).batch_size == 2
+
+
 @pytest.mark.parametrize("field", ["n_epochs", "batch_size", "learning_rate_multiplier"])
 def test_out_of_range_values_are_refused(field):
     with pytest.raises(ValidationError):
