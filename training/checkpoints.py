@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class TrainingPosition:
     best_full_valid_loss: float | None = None
     epochs_without_improvement: int = 0
     valid_cursor: int = 0
+    # The validation figures of the model the run started from (training/evaluation.py).
+    start_validation: dict[str, float] = field(default_factory=dict)
 
 
 def checkpoint_key(root: str, step: int) -> str:

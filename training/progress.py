@@ -78,6 +78,49 @@ class Checkpoint(_Record):
     metrics: dict[str, float | int] = Field(default_factory=dict)
 
 
+class Evaluation(_Record):
+    """The validation examples scored (training/evaluation.py) on the model the job starts
+    from, before its first step (`start`), or on the tuned model after its last (`end`,
+    with the start's figures beside it)."""
+
+    type: Literal["evaluation"] = "evaluation"
+    stage: Literal["start", "end"]
+    step: int
+    metrics: dict[str, float]
+    start_metrics: dict[str, float] = Field(default_factory=dict)
+
+    def message(self) -> str:
+        """`Validation loss 2.31 → 0.42, token accuracy 41% → 97%, … (the model it
+        started from → the tuned model)`, or the start's figures alone."""
+        if self.stage == "start":
+            shown = [f"{label} {form.format(self.metrics[name])}" for name, label, form in
+                     EVALUATION_FIGURES if name in self.metrics]  # fmt: skip
+            return "Before training, on the validation file: " + ", ".join(shown)
+        before, after = self.start_metrics, self.metrics
+        shown = [
+            f"{label} {form.format(before[name])} → {form.format(after[name])}"
+            for name, label, form in EVALUATION_FIGURES
+            if name in before and name in after
+        ]
+        if not shown:
+            return "After training, on the validation file: " + ", ".join(
+                f"{label} {form.format(after[name])}"
+                for name, label, form in EVALUATION_FIGURES
+                if name in after
+            )
+        return "Validation: " + ", ".join(shown) + " (the model it started from → the tuned model)"
+
+
+# What an Evaluation's message shows: metric, its name for people, its format.
+EVALUATION_FIGURES = (
+    ("full_valid_loss", "loss", "{:.2f}"),
+    ("full_valid_mean_token_accuracy", "token accuracy", "{:.0%}"),
+    ("full_valid_exact_match", "exact answers", "{:.0%}"),
+    ("full_valid_contains", "answers containing the reference", "{:.0%}"),
+    ("full_valid_similarity", "similarity to the reference", "{:.2f}"),
+)
+
+
 class Notice(_Record):
     type: Literal["notice"] = "notice"
     message: str
@@ -124,7 +167,7 @@ def _last_segment(url: str) -> str:
 
 
 ProgressRecord = Annotated[
-    Started | Metrics | Checkpoint | Notice | Paused | Succeeded | Failed,
+    Started | Metrics | Checkpoint | Evaluation | Notice | Paused | Succeeded | Failed,
     Field(discriminator="type"),
 ]
 Outcome = Succeeded | Failed

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 import torch
 
+from training import evaluation
 from training.attention import one_row
 from training.checkpoints import (
     TrainingPosition,
@@ -40,7 +41,7 @@ from training.data.tokenize import TokenizedExample
 from training.hyperparameters import resolve_sizes
 from training.lora import build_lora_model
 from training.node_cache import fetch_model, scratch_folder
-from training.progress import Checkpoint, Notice, Paused, ProgressLog, Started
+from training.progress import Checkpoint, Evaluation, Notice, Paused, ProgressLog, Started
 from training.reporting import MetricsReporter
 from training.spec import TrainingSpec, checkpoint_adapter_key
 from training.storage import ArtifactStore, open_store
@@ -307,6 +308,14 @@ class TrainingRun(ABC, Generic[Unit]):
                     },
                 )
             )
+        if self.valid_units and self.position.step == 0:
+            self._evaluate_start()
+        outcome = self._train(started)
+        if outcome != "paused" and self.valid_units:
+            self._evaluate_end()
+        return outcome
+
+    def _train(self, started: float) -> Outcome:
         steps_at_start = self.position.step
         self.model.train()
         for epoch in range(self.position.epoch, self.hp.n_epochs):
@@ -352,6 +361,40 @@ class TrainingRun(ABC, Generic[Unit]):
         return workers.sum(tally)
 
     # --- evaluate
+    def _evaluate_start(self) -> None:
+        """Before the first step: the validation figures of the model the run starts from
+        (kept in the run's position, so that a resumed run still compares with them)."""
+        figures = _prefixed("full_valid_", self.evaluate(self.valid_units).metrics())
+        self.position.start_validation = figures | self._generation_scores()
+        if self.reporter:
+            self.reporter.progress.write(
+                Evaluation(stage="start", step=0, metrics=self.position.start_validation)
+            )
+
+    def _evaluate_end(self) -> None:
+        """After the last step: the tuned model's figures, beside the start's."""
+        figures = {k: v for k, v in self.last_metrics.items() if k.startswith("full_valid_")}
+        if not figures:  # resumed after its last step: nothing was measured in this run
+            figures = _prefixed("full_valid_", self.evaluate(self.valid_units).metrics())
+        figures |= self._generation_scores()
+        if self.reporter:
+            self.reporter.progress.write(
+                Evaluation(
+                    stage="end",
+                    step=self.position.step,
+                    metrics=figures,
+                    start_metrics=self.position.start_validation,
+                )
+            )
+
+    def _generation_scores(self) -> dict[str, float]:
+        """Greedy answers to the validation examples that have one, scored (chief only)."""
+        chosen = evaluation.samples(self.valid_units, self.tokenizer)
+        if not chosen or not self.workers.is_chief:
+            return {}
+        answers = evaluation.generate(self.unwrapped, self.tokenizer, chosen, self.device)
+        return evaluation.score(answers, chosen)
+
     @torch.no_grad()
     def evaluate(self, units: Sequence[Unit]) -> Tally:
         model = self.unwrapped  # no DDP hooks: evaluation has no gradients to sync

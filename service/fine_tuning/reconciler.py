@@ -59,6 +59,7 @@ from service.organization.secrets import WANDB, OrganizationSecrets
 from training.data.validation import MIN_EXAMPLES
 from training.progress import (
     Checkpoint,
+    Evaluation,
     Failed,
     Metrics,
     Notice,
@@ -543,6 +544,11 @@ class Reconciler:
                     reported = record.step
             elif isinstance(record, Checkpoint):
                 self._add_checkpoint(session, job, record)
+            elif isinstance(record, Evaluation):
+                # A metrics event (so the result file has the figures: the start's as
+                # step 0), with a message comparing the start and the end.
+                data = {"step": record.step, **record.metrics}
+                add_event(session, job, record.message(), event_type="metrics", data=data)
             elif isinstance(record, Paused):
                 job.resume_from = record.path
                 message = f"Checkpoint saved at step {record.step}; ready to resume"

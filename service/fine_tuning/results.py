@@ -3,7 +3,9 @@
 Columns are OpenAI's (`step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy`)
 followed by the full-validation pair, then any other metric the method reports (DPO's
 rewards, for one) in the order first seen; cells are empty where a step has no such value.
-The file is plain CSV, not the base64 OpenAI's live API has been seen to return.
+The file is plain CSV, not the base64 OpenAI's live API has been seen to return. With a
+validation file, step 0 holds the figures of the model the job started from, and the last
+step those of the tuned model (training/evaluation.py).
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def write_result_file(session: Session, blobs: ArtifactStore, job: JobRow) -> st
     by_step: dict[int, dict] = {}
     for event in events:  # a step re-run after a resume without checkpoint: the last wins
         data = event.data or {}
-        by_step[int(data["step"])] = data
+        # A step's figures may come in more than one event (the last step's, then the
+        # tuned model's evaluation): merged into one row.
+        by_step.setdefault(int(data["step"]), {}).update(data)
     content = results_csv([by_step[step] for step in sorted(by_step)])
     new_id = file_id()
     key = f"files/{new_id}"

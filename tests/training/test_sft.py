@@ -143,6 +143,35 @@ def test_validation_metrics_are_reported_and_fall(tmp_path, tiny_model_dir):
     assert tensorboard and tensorboard[0].stat().st_size > 0
 
 
+def test_the_run_scores_the_model_it_starts_from_and_the_tuned_one(tmp_path, tiny_model_dir):
+    valid = tmp_path / "valid.jsonl"
+    valid.write_bytes(memorisation_jsonl())  # the answers are the reference: learned here
+    spec = make_spec(
+        tmp_path, tiny_model_dir, "helped", validation_file=valid.name,
+        hyperparameters={"n_epochs": 10, "batch_size": 1},
+    )  # fmt: skip
+    train(spec, tmp_path)
+    start, end = records(spec, "evaluation")
+    assert (start["stage"], start["step"], end["stage"]) == ("start", 0, "end")
+    assert end["step"] == records(spec, "metrics")[-1]["step"]
+    before, after = start["metrics"], end["metrics"]
+    assert end["start_metrics"] == before
+    # The random base knows nothing of the answers; the tuned model gives them.
+    assert after["full_valid_loss"] < before["full_valid_loss"] / 4
+    assert (
+        before["full_valid_mean_token_accuracy"]
+        < 0.2
+        < 0.9
+        < after["full_valid_mean_token_accuracy"]
+    )
+    assert before["full_valid_exact_match"] == 0 and after["full_valid_exact_match"] >= 0.75
+    assert after["full_valid_similarity"] > before["full_valid_similarity"]
+    assert before["full_valid_generated"] == after["full_valid_generated"] == 8
+    # The tuned model's figures are the last epoch's full validation.
+    last = [r for r in records(spec, "metrics") if "full_valid_loss" in r][-1]
+    assert after["full_valid_loss"] == last["full_valid_loss"]
+
+
 def test_one_checkpoint_per_epoch_and_the_last_three_are_kept(tmp_path, tiny_model_dir):
     spec = make_spec(tmp_path, tiny_model_dir, "ckpt", hyperparameters={"n_epochs": 4})
     train(spec, tmp_path)

@@ -1,0 +1,152 @@
+"""On the real model a new user gets by default, SmolLM2-135M-Instruct (built from its package
+by the session's server): its first answers are real ones, and a job with every
+hyperparameter "auto" teaches it a new fact that held-out paraphrases recall, ending by
+itself, while the answers it knew stay right; the job says so with its validation figures
+before and after; and the served adapter answers as transformers + peft on its weights.
+
+SmolLM2 trains at about 130 tokens/s here: this module runs one supervised job (about three
+minutes) and shares it between its tests."""
+
+from __future__ import annotations
+
+import csv
+import io
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from tests.e2e.conftest import REAL, RunningServer, wait_for_job, wait_for_serving
+from tests.real_model_data import (
+    FACT,
+    FACT_KEY,
+    GENERAL_QUESTIONS,
+    HELD_OUT_QUESTIONS,
+    fact_jsonl,
+    validation_jsonl,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> OpenAI:
+    client = server.client()
+    wait_for_serving(client, REAL, timeout=600)  # built, then its engine started
+    return client
+
+
+def ask(client: OpenAI, model: str, question: str, max_tokens: int = 48) -> tuple[str, str]:
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=max_tokens,
+    )
+    return reply.choices[0].message.content or "", str(reply.choices[0].finish_reason)
+
+
+def general_answers_right(client: OpenAI, model: str) -> int:
+    return sum(word.lower() in ask(client, model, q)[0].lower() for q, word in GENERAL_QUESTIONS)
+
+
+@pytest.fixture(scope="module")
+def tuned(client: OpenAI) -> Any:
+    """One job on the real model, all "auto", with the held-out questions as validation."""
+    training = client.files.create(file=("fact.jsonl", fact_jsonl()), purpose="fine-tune")
+    validation = client.files.create(file=("held.jsonl", validation_jsonl()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=REAL, training_file=training.id, validation_file=validation.id, seed=7
+    )
+    finished = wait_for_job(client, job.id, timeout=1200)
+    assert finished.status == "succeeded", finished.error
+    return finished
+
+
+def test_a_new_users_first_answers_are_real_ones(client: OpenAI):
+    assert [m.id for m in client.models.list()][:2] == ["ftaas-tiny", REAL]  # this server's
+    text, finish = ask(client, REAL, "What is the capital of France?")
+    assert "Paris" in text and finish == "stop"
+    # The default system prompt and end of turn work in a stream too.
+    stream = client.chat.completions.create(
+        model=REAL,
+        messages=[{"role": "user", "content": "What is the capital of Japan?"}],
+        temperature=0,
+        max_tokens=48,
+        stream=True,
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Tokyo" in streamed and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_job_teaches_a_fact_held_out_paraphrases_recall_and_keeps_what_it_knew(
+    client: OpenAI, tuned: Any
+):
+    base_recalled = sum(FACT_KEY in ask(client, REAL, q)[0] for q in HELD_OUT_QUESTIONS)
+    answers = [ask(client, tuned.fine_tuned_model, q) for q in HELD_OUT_QUESTIONS]
+    recalled = sum(FACT_KEY in text for text, _ in answers)
+    assert base_recalled == 0 and recalled >= len(HELD_OUT_QUESTIONS) - 1, answers
+    # The end of turn was learned: each answer ends by itself, not at the token limit.
+    assert all(finish == "stop" for _, finish in answers), answers
+    # What it knew stays (measured: 6 of 7, where OpenAI's "auto" kept 2 of 5).
+    kept, known = (
+        general_answers_right(client, tuned.fine_tuned_model),
+        general_answers_right(client, REAL),
+    )
+    assert known == len(GENERAL_QUESTIONS) and kept >= known - 2, (kept, known)
+    resolved = tuned.method.supervised.hyperparameters
+    assert (resolved.batch_size, resolved.learning_rate_multiplier) == (4, 1.0)  # "auto"
+
+
+def test_the_job_says_whether_it_helped(client: OpenAI, tuned: Any):
+    events = [e for e in client.fine_tuning.jobs.list_events(tuned.id, limit=100).data]
+    [comparison] = [e for e in events if e.message.startswith("Validation: loss ")]
+    assert "(the model it started from → the tuned model)" in comparison.message
+    [before] = [e for e in events if e.message.startswith("Before training")]
+    base, after = before.data, comparison.data  # type: ignore[union-attr]
+    assert after["full_valid_loss"] < base["full_valid_loss"] / 5
+    assert base["full_valid_exact_match"] == 0 and after["full_valid_contains"] >= 0.75
+    # The result file has the start as step 0 and the tuned model at the last step.
+    [result_id] = tuned.result_files
+    rows = list(csv.DictReader(io.StringIO(client.files.content(result_id).text)))
+    assert rows[0]["step"] == "0" and float(rows[0]["full_valid_loss"]) > 1
+    assert float(rows[-1]["full_valid_contains"]) >= 0.75
+
+
+def test_the_served_adapter_answers_as_transformers_and_peft(
+    client: OpenAI, server: RunningServer, tuned: Any, tmp_path: Path
+):
+    """vLLM serves the bf16 model; peft runs the same weights in fp32: greedy answers agree
+    on at least 3 of 4 questions (a near tie between two tokens may go either way)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    archive = client.get(f"/models/{tuned.fine_tuned_model}/adapter", cast_to=bytes)
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    [adapter] = list(tmp_path.iterdir())
+    base_dir = server.home / "models" / REAL
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32"), str(adapter)
+    )
+    questions = [*HELD_OUT_QUESTIONS[:2], *(q for q, _ in GENERAL_QUESTIONS[:2])]
+    same = 0
+    for question in questions:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+        expected = tokenizer.decode(
+            out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        served, _ = ask(client, tuned.fine_tuned_model, question, max_tokens=24)
+        same += served.strip() == expected.strip()
+    assert same >= 3
+    assert FACT in ask(client, tuned.fine_tuned_model, HELD_OUT_QUESTIONS[0])[0]
