@@ -545,10 +545,11 @@ class Reconciler:
             elif isinstance(record, Checkpoint):
                 self._add_checkpoint(session, job, record)
             elif isinstance(record, Evaluation):
-                # A metrics event (so the result file has the figures: the start's as
-                # step 0), with a message comparing the start and the end.
-                data = {"step": record.step, **record.metrics}
-                add_event(session, job, record.message(), event_type="metrics", data=data)
+                # A message event with the figures as data, not a metrics event: those
+                # are one per step from 1, as OpenAI's (the result file merges the end's
+                # figures into the last step's row).
+                data = {"step": record.step, "stage": record.stage, **record.metrics}
+                add_event(session, job, record.message(), data=data)
             elif isinstance(record, Paused):
                 job.resume_from = record.path
                 message = f"Checkpoint saved at step {record.step}; ready to resume"

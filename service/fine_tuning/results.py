@@ -4,8 +4,9 @@ Columns are OpenAI's (`step,train_loss,train_accuracy,valid_loss,valid_mean_toke
 followed by the full-validation pair, then any other metric the method reports (DPO's
 rewards, for one) in the order first seen; cells are empty where a step has no such value.
 The file is plain CSV, not the base64 OpenAI's live API has been seen to return. With a
-validation file, step 0 holds the figures of the model the job started from, and the last
-step those of the tuned model (training/evaluation.py).
+validation file, the last step's row also holds the tuned model's evaluation
+(training/evaluation.py); the figures of the model the job started from are in the
+job's "Before training" event.
 """
 
 from __future__ import annotations
@@ -63,14 +64,14 @@ def write_result_file(session: Session, blobs: ArtifactStore, job: JobRow) -> st
     """Store the job's result CSV as a file of its organization; returns the file id."""
     events = session.scalars(
         select(EventRow)
-        .where(EventRow.job_id == job.id, EventRow.type == "metrics")
+        .where(EventRow.job_id == job.id, EventRow.type.in_(("metrics", "message")))
         .order_by(EventRow.seq)
     ).all()
     by_step: dict[int, dict] = {}
     for event in events:  # a step re-run after a resume without checkpoint: the last wins
-        data = event.data or {}
-        # A step's figures may come in more than one event (the last step's, then the
-        # tuned model's evaluation): merged into one row.
+        data = dict(event.data or {})
+        if event.type == "message" and data.pop("stage", None) != "end":
+            continue  # only the tuned model's evaluation joins its step's row
         by_step.setdefault(int(data["step"]), {}).update(data)
     content = results_csv([by_step[step] for step in sorted(by_step)])
     new_id = file_id()

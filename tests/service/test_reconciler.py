@@ -17,6 +17,7 @@ from tests.service.fakes import FakeLauncher
 from training.control import pause_requested
 from training.progress import (
     Checkpoint,
+    Evaluation,
     Metrics,
     Paused,
     ProgressBatch,
@@ -346,6 +347,29 @@ def test_one_lease_holder_at_a_time_and_a_dead_holders_lease_is_taken_over(parts
     assert second.hold() and not first.hold()
     second.release()
     assert first.hold()
+
+
+def test_the_evaluation_is_a_message_and_the_result_file_has_one_row_per_step(world: World):
+    job_id = world.running()
+    start = {"full_valid_loss": 2.5, "full_valid_contains": 0.0}
+    world.trainer(job_id).write(Evaluation(stage="start", step=0, metrics=start))
+    world.train(job_id, steps=2)
+    log = world.trainer(job_id)  # a new writer: it numbers on after the others' records
+    end = {"full_valid_loss": 0.1, "full_valid_contains": 1.0}
+    log.write(Evaluation(stage="end", step=2, metrics=end, start_metrics=start))
+    log.write(Succeeded(adapter_dir="/adapter"))
+    world.ray.end(job_id)
+    world.tick()
+    events = world.events(job_id)
+    assert [e.data["step"] for e in events if e.type == "metrics"] == [1, 2]
+    [comparison] = [e for e in events if e.message.startswith("Validation: loss 2.50 → 0.10")]
+    assert comparison.type == "message" and comparison.data["full_valid_contains"] == 1.0
+    [result_id] = world.sdk.fine_tuning.jobs.retrieve(job_id).result_files
+    rows = world.sdk.files.content(result_id).text.splitlines()
+    header = rows[0].split(",")
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    last = dict(zip(header, rows[2].split(","), strict=True))
+    assert (last["full_valid_loss"], last["full_valid_contains"]) == ("0.10000", "1.00000")
 
 
 def test_steps_run_again_after_a_restart_from_an_older_checkpoint_are_reported_once(
