@@ -127,7 +127,7 @@ def test_metrics_parse_and_move_with_traffic(server: RunningServer, client: Open
     assert moved("ftaas_time_to_first_token_seconds_count", **base) == 1  # the streamed one
     assert moved("ftaas_generated_tokens_total", **base) > 0
     assert moved("ftaas_prompt_tokens_total", **base) > 0
-    assert len(by_replica(after, "ftaas_serving_engine_requests")) == 2
+    assert len(by_replica(after, "ftaas_serving_engine_requests", base_model="ftaas-tiny")) == 2
     assert total(after, "ftaas_serving_requests_in_flight") == 0
     assert ("ftaas_fine_tuning_jobs", (("status", "queued"),)) in after
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -171,10 +171,12 @@ def test_a_second_request_for_an_adapter_goes_where_it_is_loaded(
         greedy(client, model, QUESTION)
     after = scrape(server, settle=True)
     name = "ftaas_adapter_cache_events_total"
-    hits_then = by_replica(before, name, tier="registry", event="hit")
+    hits_then = by_replica(before, name, base_model="ftaas-tiny", tier="registry", event="hit")
     hits = {
         r: v - hits_then.get(r, 0)
-        for r, v in by_replica(after, name, tier="registry", event="hit").items()
+        for r, v in by_replica(
+            after, name, base_model="ftaas-tiny", tier="registry", event="hit"
+        ).items()
     }
     loads = total(after, name, tier="registry", event="load") - total(
         before, name, tier="registry", event="load"
@@ -187,6 +189,14 @@ def test_a_client_that_hangs_up_stops_its_generation(server: RunningServer, clie
     def generated() -> float:
         return total(scrape(server, settle=True), "ftaas_serving_engine_generated_tokens_total")
 
+    def hung_up() -> tuple[float, float]:
+        """Requests the server counted, and those of them counted as 499."""
+        samples = scrape(server, settle=True)
+        tiny = {"base_model": "ftaas-tiny"}
+        return total(samples, "ftaas_requests_total", **tiny), total(
+            samples, "ftaas_requests_total", **tiny, status="499"
+        )
+
     start = generated()
     began = time.monotonic()
     client.completions.create(**LONG)
@@ -194,12 +204,13 @@ def test_a_client_that_hangs_up_stops_its_generation(server: RunningServer, clie
     full_tokens = generated() - start
 
     # Streaming: the client reads one chunk and closes the stream.
-    start = generated()
+    start, (counted, closed) = generated(), hung_up()
     stream = client.completions.create(**LONG, stream=True)
     next(iter(stream))
     stream.close()
     time.sleep(full_s)  # long enough for the whole answer, had it gone on
     assert generated() - start < full_tokens / 2
+    assert hung_up() == (counted + 1, closed + 1)  # counted, as 499
 
     # Not streaming: clients give up waiting. The engines drop their requests at once,
     # long before the same requests take to finish when nobody leaves.
@@ -212,13 +223,16 @@ def test_a_client_that_hangs_up_stops_its_generation(server: RunningServer, clie
     four_full_s = time.monotonic() - began
 
     impatient = server.client(timeout=0.3)
+    counted, closed = hung_up()
     run_together([threading.Thread(target=ask, args=(impatient,)) for _ in range(4)])
     gone = time.monotonic()
     while total(scrape(server), "ftaas_serving_engine_requests") > 0:
         assert time.monotonic() - gone < four_full_s, "the engines kept generating"
         time.sleep(0.1)
     assert time.monotonic() - gone < four_full_s / 2
-    assert total(scrape(server), "ftaas_requests_total", status="499") >= 5
+    # Each one the server saw (a client may give up before its request is read) is a 499.
+    now_counted, now_closed = hung_up()
+    assert 1 <= now_closed - closed == now_counted - counted <= 4
 
 
 def test_a_full_serving_queue_answers_429_with_retry_after_and_stays_up(
