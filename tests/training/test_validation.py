@@ -55,6 +55,22 @@ def test_mixed_formats_are_refused_on_the_odd_line():
     assert "prompt_completion" in report.problems[0].message
 
 
+def test_the_format_of_most_lines_wins_and_the_stray_line_is_named():
+    prompt = {"prompt": "p", "completion": "c"}
+    report = validate_jsonl(lines({"text": "a stray line"}, *[GOOD] * 11, prompt))
+    assert report.data_format == "chat" and report.n_examples == 11
+    assert [str(p) for p in report.problems] == [
+        "line 1: a text example in a file of chat examples",
+        "line 13: a prompt_completion example in a file of chat examples",
+    ]
+    # However many stray lines, the report stays bounded and counts them all.
+    many = validate_jsonl(lines(*[GOOD] * 30, *[prompt] * 29))
+    assert (many.n_examples, many.n_problems, len(many.problems)) == (30, 29, 20)
+    # A job's method decides, whatever most lines are.
+    expected = validate_jsonl(lines(*[GOOD] * 3, prompt), expected_format="prompt_completion")
+    assert (expected.n_examples, expected.n_problems) == (1, 3)
+
+
 def test_preference_rows_accept_the_old_key_names():
     row = {
         "input": {"messages": [{"role": "user", "content": "q"}]},

@@ -1,8 +1,7 @@
 """Streaming validation of a JSONL training file: every problem names its line and field.
 
-The file is read line by line, so memory stays bounded whatever its size. The same
-function runs when a file is uploaded and again when a job starts (against the method's
-expected format).
+The file is read line by line, so memory stays bounded whatever its size. It runs when a
+file is uploaded; a job then checks the format found against its method's.
 """
 
 from __future__ import annotations
@@ -153,34 +152,59 @@ def bounded_lines(stream: BinaryIO) -> Iterator[bytes]:
         yield line
 
 
+@dataclass
+class _Lines:
+    """One format's lines in a file: how many, the first few line numbers, and what
+    checking them as that format found."""
+
+    count: int = 0
+    first_numbers: list[int] = field(default_factory=list)
+    report: ValidationReport = field(default_factory=ValidationReport)
+
+    def add(self, number: int) -> None:
+        self.count += 1
+        if len(self.first_numbers) < MAX_REPORTED_PROBLEMS:
+            self.first_numbers.append(number)
+
+
 def validate_jsonl(
     stream: BinaryIO | Iterable[bytes], expected_format: DataFormat | None = None
 ) -> ValidationReport:
-    """Check every line; the file's format is the first row's unless one is expected."""
-    report = ValidationReport(data_format=expected_format)
+    """Check every line. The file's format is the expected one, or else that of most of
+    its lines, so that one stray line is the line reported (not every other line)."""
+    unreadable = ValidationReport()
+    by_format: dict[DataFormat, _Lines] = {}
     for number, row in iter_rows(stream):
         if isinstance(row, LineProblem):
-            report.add(row)
+            unreadable.add(row)
             continue
         row_format = detect_format(row)
-        if report.data_format is None:
-            report.data_format = row_format
-        if row_format != report.data_format:
-            report.add(
-                LineProblem(
-                    number,
-                    None,
-                    f"a {row_format} example in a file of {report.data_format} examples",
-                )
-            )
-            continue
+        lines = by_format.setdefault(row_format, _Lines())
+        lines.add(number)
         try:
-            parse_example(row, report.data_format)
+            parse_example(row, row_format)
         except ValidationError as error:
             for problem in _pydantic_problems(number, error):
-                report.add(problem)
+                lines.report.add(problem)
             continue
-        report.n_examples += 1
+        lines.report.n_examples += 1
+    counts = [(lines.count, line_format) for line_format, lines in by_format.items()]
+    most = max(counts, key=lambda pair: pair[0], default=(0, None))[1]  # ties: seen first
+    data_format = expected_format or most
+    report = ValidationReport(data_format=data_format)
+    found = [unreadable]
+    for line_format, lines in by_format.items():
+        if line_format == data_format:
+            found.append(lines.report)
+            report.n_examples = lines.report.n_examples
+            continue
+        stray = ValidationReport(n_problems=lines.count)
+        message = f"a {line_format} example in a file of {data_format} examples"
+        stray.problems = [LineProblem(n, None, message) for n in lines.first_numbers]
+        found.append(stray)
+    report.n_problems = sum(part.n_problems for part in found)
+    first = sorted((p for part in found for p in part.problems), key=lambda p: p.line)
+    report.problems = first[:MAX_REPORTED_PROBLEMS]
     return report
 
 
