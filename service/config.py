@@ -218,7 +218,12 @@ class Settings(BaseSettings):
         default=16 * 1024 * 1024,
         description="largest JSON request body (chat, completions, jobs, uploads)",
     )
-    max_choices: int = Field(default=8, description="largest `n` (and `best_of`) a request gets")
+    max_choices: int = Field(
+        default=8, ge=1, description="largest `n` (and `best_of`) a request may ask for"
+    )
+    max_prompts: int = Field(
+        default=32, ge=1, description="most prompts one completions request may send"
+    )
     max_output_tokens: int | None = Field(
         default=None, description="largest max_tokens a request gets; unset: the model's context"
     )

@@ -252,8 +252,6 @@ class LLMServer:
             "engine_requests": self.engine.unfinished_requests(),
             "engine_generated_tokens": self.engine.generated_tokens(),
             "adapters_registered": len(self.engine.loaded_adapters()),
-            # What a retirement waits for: registered, registering or generating here.
-            "adapters": sorted({*self.engine.loaded_adapters(), *self.in_use}),
             "retired_through": self.retired_through,
             "events": dict(self.events),
         }

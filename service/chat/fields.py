@@ -3,10 +3,12 @@
 Only OpenAI's request fields (read from the official SDK's own parameter types, so the list
 follows OpenAI) and a few sampling extensions of vLLM that cost no more than OpenAI's own
 pass; anything else is a 400 naming the field, as OpenAI answers an unrecognised argument.
-The sizes a request can multiply work by (`n`, `best_of`, output tokens, log-probabilities)
-are clamped to configured limits. The prefix cache is salted per organization, so no
-tenant can time another's prompts, and a client's own `cache_salt` is refused. Media URLs
-are fetched only from allowed domains (data: URLs always pass).
+The sizes a request multiplies work by have bounds: `n`, `best_of`, log-probabilities
+and the number of completion prompts past theirs are a 400 naming the field, as OpenAI
+answers a value above its maximum; output tokens are clamped to the configured limit.
+The prefix cache is salted per organization, so no tenant can time another's prompts, and
+a client's own `cache_salt` is refused. Media URLs are fetched only from allowed domains
+(data: URLs always pass).
 """
 
 from __future__ import annotations
@@ -57,17 +59,41 @@ def harden(
             f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0]
         )
     body = dict(body)
-    _clamp(body, "n", settings.max_choices)
-    _clamp(body, "best_of", settings.max_choices)
+    _bound(body, "n", settings.max_choices)
+    _bound(body, "best_of", settings.max_choices)
     for field in ("max_tokens", "max_completion_tokens"):
         _clamp(body, field, settings.max_output_tokens)
     if kind == "chat":
-        _clamp(body, "top_logprobs", MAX_TOP_LOGPROBS)
+        _bound(body, "top_logprobs", MAX_TOP_LOGPROBS)
         _check_media(body.get("messages"), settings)
     else:
-        _clamp(body, "logprobs", MAX_COMPLETION_LOGPROBS)
+        _bound(body, "logprobs", MAX_COMPLETION_LOGPROBS)
+        _bound_prompts(body.get("prompt"), settings.max_prompts)
     body["cache_salt"] = cache_salt(organization)
     return body
+
+
+def _bound(body: dict[str, Any], field: str, limit: int) -> None:
+    value = body.get(field)
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise InvalidRequest(
+            f"Invalid '{field}': integer above maximum value. Expected a value <= {limit}, "
+            f"but got {value} instead.",
+            param=field,
+        )
+
+
+def _bound_prompts(prompt: Any, limit: int) -> None:
+    """Each prompt of a list is a generation of its own (times `n`): a list of token ids
+    is one prompt, a list of strings or of token lists is one per item."""
+    if not isinstance(prompt, list) or all(isinstance(item, int) for item in prompt):
+        return
+    if len(prompt) > limit:
+        raise InvalidRequest(
+            f"Invalid 'prompt': array too long. Expected an array with maximum length "
+            f"{limit}, but got an array with length {len(prompt)} instead.",
+            param="prompt",
+        )
 
 
 def _clamp(body: dict[str, Any], field: str, limit: int | None) -> None:

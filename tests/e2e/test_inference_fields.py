@@ -1,5 +1,5 @@
 """Hardened inference on the real engine: every answer is made with the organization's
-cache salt (vLLM takes it), sizes are clamped, vLLM's other fields and a client's own salt
+cache salt (vLLM takes it), sizes are bounded, vLLM's other fields and a client's own salt
 are refused by name, and media URLs are not fetched."""
 
 from __future__ import annotations
@@ -21,14 +21,27 @@ def client(server) -> OpenAI:
     return client
 
 
-def test_the_engine_answers_salted_clamped_requests(client):
+def test_the_engine_answers_salted_bounded_requests(client):
     reply = client.chat.completions.create(
-        model="ftaas-tiny", messages=HI, n=50, max_tokens=2, temperature=1,
+        model="ftaas-tiny", messages=HI, n=8, max_tokens=2, temperature=1,
         extra_body={"top_k": 5},
     )  # fmt: skip
     assert len(reply.choices) == 8  # FTAAS_MAX_CHOICES
     stream = client.completions.create(model="ftaas-tiny", prompt="The", max_tokens=3, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    several = client.completions.create(model="ftaas-tiny", prompt=["A", "B"], max_tokens=2)
+    assert sorted(c.index for c in several.choices) == [0, 1]
+
+
+def test_sizes_past_their_bound_are_refused_and_the_server_stays_up(client):
+    with pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model="ftaas-tiny", messages=HI, n=9, max_tokens=2)
+    assert refused.value.body["param"] == "n"  # type: ignore[index]
+    # 20,000 prompts in one small body would be 20,000 generations on the shared engine.
+    with pytest.raises(BadRequestError) as refused:
+        client.completions.create(model="ftaas-tiny", prompt=["a"] * 20_000, max_tokens=1)
+    assert refused.value.body["param"] == "prompt"  # type: ignore[index]
+    assert client.completions.create(model="ftaas-tiny", prompt="The", max_tokens=2).choices
 
 
 @pytest.mark.parametrize(

@@ -38,17 +38,37 @@ def test_other_fields_and_a_clients_own_cache_salt_are_refused_by_name():
     assert refusal("completion", {"model": "m", "prompt": "p", "messages": []}).param == "messages"
 
 
-def test_sizes_are_clamped_to_the_configured_limits():
-    body = {**CHAT, "n": 100, "max_tokens": 10**6, "max_completion_tokens": 10**6,
-            "top_logprobs": 50}  # fmt: skip
+def test_output_tokens_are_clamped_to_the_configured_limit():
+    body = {**CHAT, "n": 4, "max_tokens": 10**6, "max_completion_tokens": 10**6,
+            "top_logprobs": 20}  # fmt: skip
     hardened = harden("chat", body, "org-a", settings(max_choices=4, max_output_tokens=256))
     assert (hardened["n"], hardened["max_tokens"], hardened["max_completion_tokens"]) == (
         4, 256, 256,
     )  # fmt: skip
     assert hardened["top_logprobs"] == 20
-    completion = harden("completion", {"model": "m", "prompt": "p", "logprobs": 9, "best_of": 30},
-                        "org-a", settings())  # fmt: skip
-    assert (completion["logprobs"], completion["best_of"]) == (5, 8)
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "value", "limit"),
+    [("chat", "n", 5, 4), ("completion", "best_of", 5, 4), ("chat", "top_logprobs", 21, 20),
+     ("completion", "logprobs", 6, 5)],
+)  # fmt: skip
+def test_sizes_past_their_bound_are_refused_as_openai_does(kind, field, value, limit):
+    body = {**CHAT} if kind == "chat" else {"model": "m", "prompt": "p"}
+    error = refusal(kind, {**body, field: value}, max_choices=4)
+    assert error.param == field
+    assert f"Expected a value <= {limit}, but got {value} instead" in str(error)
+
+
+def test_a_completion_may_send_a_bounded_number_of_prompts():
+    def prompts(prompt: object) -> dict:
+        return {"model": "m", "prompt": prompt}
+
+    for fine in ("p", ["a"] * 3, [1, 2, 3] * 1000, [[1, 2]] * 3):
+        harden("completion", prompts(fine), "org-a", settings(max_prompts=3))
+    for too_many in (["a"] * 4, [[1]] * 4, ["a"] * 500_000):
+        error = refusal("completion", prompts(too_many), max_prompts=3)
+        assert error.param == "prompt" and "maximum length 3" in str(error)
 
 
 def test_media_is_fetched_only_from_allowed_domains():
