@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request, Response
 
 from service.auth import admit_scraper
 from service.body_limit import BodyLimit
+from service.capacity import heavy_work
 from service.chat.gateway import ServingGateway
 from service.chat.router import router as chat_router
 from service.config import BaseModelConfig, Settings
@@ -172,6 +173,7 @@ def wire_organization(app: FastAPI, settings: Settings, db: Database) -> None:
     app.state.keys = keys
     app.state.limits = Limits(settings)
     app.state.secrets = OrganizationSecrets(db)
+    app.state.heavy = heavy_work()
 
 
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
@@ -262,7 +264,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         app.include_router(router)
 
     @app.get("/health", tags=["health"])
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:  # on the event loop: no thread to wait for
         gateway: ServingGateway | None = getattr(app.state, "gateway", None)
         serving = gateway.states() if gateway is not None else {}
         return {"status": "ok", "serving": serving}

@@ -1,12 +1,19 @@
-"""Typed dependencies: who is asking and which services a route uses, visible in signatures."""
+"""Typed dependencies: who is asking and which services a route uses, visible in signatures.
+
+All are `async`: FastAPI runs a sync dependency on the shared pool of worker threads,
+which a route's work may hold (service/capacity.py); authentication's database read runs
+on threads of its own.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, Header, Request
 
 from service.auth import Tenant, tenant_for
+from service.capacity import HeavyWork
 from service.chat.gateway import ServingGateway
 from service.config import Settings
 from service.files.service import FileService
@@ -18,7 +25,7 @@ from service.organization.secrets import OrganizationSecrets
 from service.uploads.service import UploadService
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -29,43 +36,54 @@ def _admitted(request: Request, authorization: str | None, admin: bool) -> Tenan
     return tenant
 
 
-def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    return _admitted(request, authorization, admin=False)
+async def _authenticated(request: Request, authorization: str | None, admin: bool) -> Tenant:
+    limiter = request.app.state.heavy.authentication
+    return await anyio.to_thread.run_sync(_admitted, request, authorization, admin, limiter=limiter)
 
 
-def _admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    return _admitted(request, authorization, admin=True)
+async def _tenant(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Tenant:
+    return await _authenticated(request, authorization, admin=False)
 
 
-def _files(request: Request) -> FileService:
+async def _admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    return await _authenticated(request, authorization, admin=True)
+
+
+async def _files(request: Request) -> FileService:
     return request.app.state.files
 
 
-def _uploads(request: Request) -> UploadService:
+async def _uploads(request: Request) -> UploadService:
     return request.app.state.uploads
 
 
-def _jobs(request: Request) -> FineTuningService:
+async def _jobs(request: Request) -> FineTuningService:
     return request.app.state.jobs
 
 
-def _models(request: Request) -> ModelService:
+async def _models(request: Request) -> ModelService:
     return request.app.state.models
 
 
-def _gateway(request: Request) -> ServingGateway:
+async def _gateway(request: Request) -> ServingGateway:
     return request.app.state.gateway
 
 
-def _keys(request: Request) -> KeyRing:
+async def _keys(request: Request) -> KeyRing:
     return request.app.state.keys
 
 
-def _limits(request: Request) -> Limits:
+async def _limits(request: Request) -> Limits:
     return request.app.state.limits
 
 
-def _secrets(request: Request) -> OrganizationSecrets:
+async def _heavy(request: Request) -> HeavyWork:
+    return request.app.state.heavy
+
+
+async def _secrets(request: Request) -> OrganizationSecrets:
     return request.app.state.secrets
 
 
@@ -80,3 +98,4 @@ UploadsDep = Annotated[UploadService, Depends(_uploads)]
 JobsDep = Annotated[FineTuningService, Depends(_jobs)]
 ModelsDep = Annotated[ModelService, Depends(_models)]
 GatewayDep = Annotated[ServingGateway, Depends(_gateway)]
+HeavyDep = Annotated[HeavyWork, Depends(_heavy)]

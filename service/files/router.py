@@ -9,9 +9,8 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from openai.types import FileDeleted, FileObject
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
-from service.deps import FilesDep, TenantDep
+from service.deps import FilesDep, HeavyDep, TenantDep
 from training.storage import CHUNK_BYTES
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -29,13 +28,16 @@ class FileList(BaseModel):
 async def create_file(
     tenant: TenantDep,
     files: FilesDep,
+    heavy: HeavyDep,
     file: UploadFile,
     purpose: Annotated[str, Form()],
 ) -> FileObject:
-    # Off the event loop: copying a spooled upload and validating it line by line take
-    # seconds per GB, and every stream and health check would wait for them.
+    # Off the event loop and the shared threads: copying a spooled upload and validating
+    # it line by line take seconds per GB (service/capacity.py).
     name = file.filename or "upload.jsonl"
-    return await run_in_threadpool(files.create, tenant, name, purpose, file.file)
+    return await heavy.files.run(
+        tenant.organization, files.create, tenant, name, purpose, file.file
+    )
 
 
 @router.get("", response_model=FileList)

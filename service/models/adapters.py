@@ -6,7 +6,9 @@ folder, streamed from the artifact store as it is read (no temporary copy, bound
 
 In: a tar (any compression) or zip archive holding those two files, anywhere in it. Only
 those two names are read, each as a regular file within its size bound; nothing in the
-archive names a path on this machine. The adapter must be LoRA of a rank the base model's
+archive names a path on this machine. The weights' safetensors header is checked against
+the base model before the rest of them is read, so an archive's work is bounded by what
+a servable adapter of that base can hold. The adapter must be LoRA of a rank the base model's
 engine accepts, with no `modules_to_save`, no DoRA and no weights for embeddings or the
 output layer (vLLM serves none of those), on linear layers the base model has, with their
 shapes.
@@ -22,13 +24,21 @@ import tarfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from service.config import BaseModelConfig
 from service.errors import InvalidRequest
-from training.storage import CHUNK_BYTES, ArtifactStore, join
+from service.models.weights_header import (
+    LENGTH_BYTES,
+    MAX_HEADER_BYTES,
+    NotSafetensors,
+    Tensor,
+    file_header,
+    read_header,
+)
+from training.storage import CHUNK_BYTES, ArtifactStore, S3Store, is_remote, join, parse_s3_url
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -74,18 +84,24 @@ ARCHIVE_ERRORS = (
 )  # fmt: skip
 
 
-def unpack_adapter(archive: Path, target: Path, max_weights_bytes: int) -> Path:
+HeaderCheck = Callable[[dict[str, Tensor]], None]
+
+
+def unpack_adapter(
+    archive: Path, target: Path, check_header: HeaderCheck, max_weights_bytes: int
+) -> Path:
     """The archive's two adapter files, found by name anywhere in it, copied into `target`.
 
     One pass over the archive, bounded in members and in bytes read (decompressed), so
-    no archive can make the API do unbounded work; nothing else in it is written."""
+    no archive can make the API do unbounded work; the weights' header passes
+    `check_header` before the rest of them is read; nothing else in it is written."""
     bounds = {CONFIG: MAX_CONFIG_BYTES, WEIGHTS: max_weights_bytes}
     target.mkdir(parents=True, exist_ok=True)
     try:
         if zipfile.is_zipfile(archive):
-            _unpack_zip(archive, target, bounds)
+            _unpack_zip(archive, target, bounds, check_header)
         else:
-            _unpack_tar(archive, target, bounds)
+            _unpack_tar(archive, target, bounds, check_header)
     except InvalidRequest:
         raise
     except ARCHIVE_ERRORS as error:
@@ -99,9 +115,25 @@ def unpack_adapter(archive: Path, target: Path, max_weights_bytes: int) -> Path:
     return target
 
 
-def _copy_bounded(stream: IO[bytes], out: Path, name: str, bound: int) -> None:
+def _copy_member(
+    stream: IO[bytes], size: int, out: Path, name: str, bound: int, check_header: HeaderCheck
+) -> None:
+    if size > bound:
+        raise _bad(f"{name} is {size} bytes, more than {bound}")
     with open(out, "wb") as file:
-        copied = 0
+        if name == WEIGHTS:  # its header first: checked before the data is read
+
+            def read(count: int) -> bytes:
+                data = stream.read(count)
+                file.write(data)
+                return data
+
+            try:
+                tensors = read_header(read, size)
+            except NotSafetensors as error:
+                raise _bad(f"{WEIGHTS} is not a safetensors file ({error})") from None
+            check_header(tensors)
+        copied = file.tell()
         while chunk := stream.read(CHUNK_BYTES):
             copied += len(chunk)
             if copied > bound:
@@ -109,23 +141,28 @@ def _copy_bounded(stream: IO[bytes], out: Path, name: str, bound: int) -> None:
             file.write(chunk)
 
 
-def _unpack_tar(archive: Path, target: Path, bounds: dict[str, int]) -> None:
+def _unpack_tar(
+    archive: Path, target: Path, bounds: dict[str, int], check_header: HeaderCheck
+) -> None:
     budget = sum(bounds.values()) + MAX_ARCHIVE_MEMBERS * tarfile.BLOCKSIZE
     read = 0
     with tarfile.open(archive, mode="r|*") as tar:  # a stream: each member read once
         for count, member in enumerate(tar):
             tar.members = []  # type: ignore[attr-defined]  # else the stream keeps every header
+            name = member.name.rsplit("/", 1)[-1]
+            wanted = name in bounds and member.isreg() and not (target / name).exists()
+            if wanted and member.size > bounds[name]:  # told before any of it is read
+                raise _bad(f"{name} is {member.size} bytes, more than {bounds[name]}")
             read += member.size
             if count >= MAX_ARCHIVE_MEMBERS or read > budget:
                 raise _bad("The archive holds far more than an adapter's two files")
-            name = member.name.rsplit("/", 1)[-1]
-            if name in bounds and member.isreg() and not (target / name).exists():
-                if member.size > bounds[name]:
-                    raise _bad(f"{name} is {member.size} bytes, more than {bounds[name]}")
+            if wanted:
                 stream = tar.extractfile(member)
                 assert stream is not None  # a regular file
                 with stream:
-                    _copy_bounded(stream, target / name, name, bounds[name])
+                    _copy_member(
+                        stream, member.size, target / name, name, bounds[name], check_header
+                    )
 
 
 def _zip_entries(archive: Path) -> int:
@@ -145,51 +182,93 @@ def _zip_entries(archive: Path) -> int:
     return entries
 
 
-def _unpack_zip(archive: Path, target: Path, bounds: dict[str, int]) -> None:
+def _unpack_zip(
+    archive: Path, target: Path, bounds: dict[str, int], check_header: HeaderCheck
+) -> None:
     _zip_entries(archive)
     with zipfile.ZipFile(archive) as zipped:
         for entry in zipped.infolist():
             name = entry.filename.rsplit("/", 1)[-1]
             if name in bounds and not entry.is_dir() and not (target / name).exists():
-                if entry.file_size > bounds[name]:
-                    raise _bad(f"{name} is {entry.file_size} bytes, more than {bounds[name]}")
                 with zipped.open(entry) as stream:
-                    _copy_bounded(stream, target / name, name, bounds[name])
+                    _copy_member(
+                        stream, entry.file_size, target / name, name, bounds[name], check_header
+                    )
 
 
 @functools.lru_cache(maxsize=16)
 def linear_layers(base_path: str) -> dict[str, tuple[int, int]]:
-    """The base model's linear layers (name → (in, out features)), from its config alone:
-    the model is built on PyTorch's meta device, so no weight is read or allocated."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = _base_config(base_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {
-        name: (module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    }
+    """The base model's linear layers (name → (in, out features)): its weights' matrices,
+    read from the safetensors headers alone (from an s3:// base, only their first bytes)."""
+    layers: dict[str, tuple[int, int]] = {}
+    for tensors in _base_headers(base_path):
+        for name, tensor in tensors.items():
+            if name.endswith(".weight") and len(tensor.shape) == 2:
+                out_features, in_features = tensor.shape
+                layers[name.removesuffix(".weight")] = (in_features, out_features)
+    if not layers:
+        raise _bad("The base model's weights are not in safetensors files: no import for it")
+    return layers
 
 
-def _base_config(base_path: str) -> Any:
-    """The base model's transformers config; from an s3:// base, only its config.json is
-    fetched (never the weights)."""
-    import tempfile
-
-    from transformers import AutoConfig
-
-    from training.storage import S3Store, is_remote, parse_s3_url
-
+def _base_headers(base_path: str) -> Iterator[dict[str, Tensor]]:
     if not is_remote(base_path):
-        return AutoConfig.from_pretrained(base_path)
+        for path in sorted(Path(base_path).glob("*.safetensors")):
+            yield file_header(path)
+        return
     bucket, prefix = parse_s3_url(base_path)
-    with tempfile.TemporaryDirectory(prefix="ftaas-config-") as folder:
-        config = S3Store(bucket, prefix).get_bytes("config.json")
-        (Path(folder) / "config.json").write_bytes(config)
-        return AutoConfig.from_pretrained(folder)
+    store = S3Store(bucket, "")
+    for item in store.list(prefix):
+        if "/" not in item.key[len(prefix) :].strip("/") and item.key.endswith(".safetensors"):
+            with store.open(item.key) as stream:
+                yield read_header(stream.read, item.size)
+
+
+def weights_bound(layers: dict[str, tuple[int, int]], max_rank: int) -> int:
+    """The most bytes a servable adapter's weights file can take: both LoRA matrices of
+    every linear layer at the engine's largest rank, in fp32, and a header."""
+    matrices = max_rank * sum(i + o for i, o in layers.values())
+    return LENGTH_BYTES + MAX_HEADER_BYTES + 4 * matrices
+
+
+SERVABLE_DTYPES = ("F32", "F16", "BF16")
+
+
+def check_weights(
+    tensors: dict[str, Tensor],
+    layers: dict[str, tuple[int, int]],
+    base: BaseModelConfig,
+    rank: int | None = None,
+) -> None:
+    """Refuse weights the engine for `base` cannot serve: LoRA matrices of its linear
+    layers with their shapes, at `rank` (any the engine accepts, when None: the header is
+    checked before the config may have been read)."""
+    if not tensors:
+        raise _bad(f"{WEIGHTS} holds no weights")
+    for key, tensor in tensors.items():
+        if any(part in key for part in UNSERVABLE):
+            raise _bad(f"The adapter has weights for {key}, which vLLM cannot serve")
+        match = LORA_KEY.match(key)
+        if match is None:
+            raise _bad(f"{key} is not a LoRA weight (lora_A or lora_B)")
+        if tensor.dtype not in SERVABLE_DTYPES:
+            raise _bad(f"{key} is {tensor.dtype}; the engine serves {', '.join(SERVABLE_DTYPES)}")
+        module = match["module"]
+        if module not in layers:
+            raise _bad(f"The adapter targets {module}, which {base.id} does not have")
+        in_features, out_features = layers[module]
+        shape = list(tensor.shape)
+        side = match["side"]
+        found = (shape[0] if side == "A" else shape[-1]) if len(shape) == 2 else 0
+        r = rank if rank is not None else found
+        if not 1 <= r <= base.max_lora_rank:
+            raise _bad(
+                f"{key} has shape {shape}: rank {r} is outside 1..{base.max_lora_rank}, the "
+                f"ranks the engine serving {base.id} accepts"
+            )
+        expected = [r, in_features] if side == "A" else [out_features, r]
+        if shape != expected:
+            raise _bad(f"{key} has shape {shape}; {base.id} needs {expected}")
 
 
 def check_adapter(folder: Path, base: BaseModelConfig) -> dict[str, Any]:
@@ -220,31 +299,9 @@ def check_adapter(folder: Path, base: BaseModelConfig) -> dict[str, Any]:
     alpha = config.get("lora_alpha", rank)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
         raise _bad(f"lora_alpha must be a positive number, not {alpha!r}")
-    shapes = _weight_shapes(folder / WEIGHTS)
-    layers = linear_layers(base.path)
-    for key, shape in shapes.items():
-        if any(part in key for part in UNSERVABLE):
-            raise _bad(f"The adapter has weights for {key}, which vLLM cannot serve")
-        match = LORA_KEY.match(key)
-        if match is None:
-            raise _bad(f"{key} is not a LoRA weight (lora_A or lora_B)")
-        module = match["module"]
-        if module not in layers:
-            raise _bad(f"The adapter targets {module}, which {base.id} does not have")
-        in_features, out_features = layers[module]
-        expected = [rank, in_features] if match["side"] == "A" else [out_features, rank]
-        if list(shape) != expected:
-            raise _bad(f"{key} has shape {list(shape)}; {base.id} needs {expected}")
-    if not shapes:
-        raise _bad(f"{WEIGHTS} holds no weights")
-    return config
-
-
-def _weight_shapes(path: Path) -> dict[str, list[int]]:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as weights:
-            return {key: list(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
-    except Exception as error:
+        tensors = file_header(folder / WEIGHTS)
+    except NotSafetensors as error:
         raise _bad(f"{WEIGHTS} is not a safetensors file ({error})") from None
+    check_weights(tensors, linear_layers(base.path), base, rank)
+    return config

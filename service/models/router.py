@@ -10,7 +10,7 @@ from openai.types import Model, ModelDeleted
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import GatewayDep, ModelsDep, TenantDep
+from service.deps import GatewayDep, HeavyDep, ModelsDep, TenantDep
 from service.models.service import ImportAdapterRequest
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -27,10 +27,12 @@ def list_models(tenant: TenantDep, models: ModelsDep) -> ModelList:
 
 
 @router.post("", response_model=Model)
-def import_adapter(tenant: TenantDep, models: ModelsDep, body: ImportAdapterRequest) -> Model:
+async def import_adapter(
+    tenant: TenantDep, models: ModelsDep, heavy: HeavyDep, body: ImportAdapterRequest
+) -> Model:
     """An ftaas extension: register an uploaded PEFT LoRA adapter archive (tar or zip of
     adapter_config.json and adapter_model.safetensors) as a model of a base model."""
-    return models.import_adapter(tenant, body)
+    return await heavy.imports.run(tenant.organization, models.import_adapter, tenant, body)
 
 
 # Before the catch-all route below, which would otherwise take `.../adapter` as a model id.

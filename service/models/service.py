@@ -29,7 +29,10 @@ from service.models.adapters import (
     adapter_archive,
     archive_folder_name,
     check_adapter,
+    check_weights,
+    linear_layers,
     unpack_adapter,
+    weights_bound,
 )
 from training.spec import checkpoint_adapter_key, job_folder
 from training.storage import ArtifactStore, join
@@ -211,9 +214,16 @@ class ModelService:
         assert self.store is not None
         short_id = model_short_id()
         key = join("imported", short_id, "adapter")
+        layers = linear_layers(base.path)
+        bound = min(self.max_adapter_bytes, weights_bound(layers, base.max_lora_rank))
         with tempfile.TemporaryDirectory(prefix="ftaas-import-") as scratch:
             archive = self.store.local_file(file.blob_key, Path(scratch))
-            folder = unpack_adapter(archive, Path(scratch) / "adapter", self.max_adapter_bytes)
+            folder = unpack_adapter(
+                archive,
+                Path(scratch) / "adapter",
+                lambda tensors: check_weights(tensors, layers, base),
+                bound,
+            )
             check_adapter(folder, base)
             self.store.put_folder(folder, key)
         name = fine_tuned_model_name(base.id, tenant.organization, request.suffix, short_id)

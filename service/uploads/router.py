@@ -8,9 +8,8 @@ from fastapi import APIRouter, UploadFile
 from openai.types import Upload
 from openai.types.uploads import UploadPart
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
-from service.deps import TenantDep, UploadsDep
+from service.deps import HeavyDep, TenantDep, UploadsDep
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
 
@@ -49,17 +48,26 @@ def create_upload(tenant: TenantDep, uploads: UploadsDep, request: CreateUploadR
 
 @router.post("/{upload_id}/parts", response_model=UploadPart)
 async def add_upload_part(
-    tenant: TenantDep, uploads: UploadsDep, upload_id: str, data: UploadFile
+    tenant: TenantDep, uploads: UploadsDep, heavy: HeavyDep, upload_id: str, data: UploadFile
 ) -> UploadPart:
-    # Off the event loop: the part is copied from its spool file in a worker thread.
-    return await run_in_threadpool(uploads.add_part, tenant, upload_id, data.file)
+    # Off the event loop and the shared threads: the part is copied from its spool file.
+    return await heavy.files.run(
+        tenant.organization, uploads.add_part, tenant, upload_id, data.file
+    )
 
 
 @router.post("/{upload_id}/complete", response_model=Upload)
-def complete_upload(
-    tenant: TenantDep, uploads: UploadsDep, upload_id: str, request: CompleteUploadRequest
+async def complete_upload(
+    tenant: TenantDep,
+    uploads: UploadsDep,
+    heavy: HeavyDep,
+    upload_id: str,
+    request: CompleteUploadRequest,
 ) -> Upload:
-    return uploads.complete(tenant, upload_id, request.part_ids, request.md5)
+    # The parts' assembly and the training file's validation: heavy work.
+    return await heavy.files.run(
+        tenant.organization, uploads.complete, tenant, upload_id, request.part_ids, request.md5
+    )
 
 
 @router.post("/{upload_id}/cancel", response_model=Upload)

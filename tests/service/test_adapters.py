@@ -4,19 +4,23 @@ the engine could not serve is refused with a 400 naming the problem."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from service.models.adapters import linear_layers
 from tests.service.test_api import assert_envelope
 from training.hyperparameters import ResolvedHyperparameters
 from training.lora import build_lora_model
+from training.storage import open_store
 
 
 @pytest.fixture
@@ -162,6 +166,44 @@ def test_adapters_the_engine_cannot_serve_are_refused_with_the_reason(
     assert [m["owned_by"] for m in api.get("/v1/models").json()["data"]] == ["ftaas"]
 
 
+def zero_bomb(claimed: int) -> bytes:
+    """A .tar.gz of one adapter_model.safetensors of `claimed` zero bytes, about a
+    thousand times smaller: one deflate stream in which, after a full flush, every MiB of
+    zeros compresses to the same bytes (so it is made by repeating them). It has no end:
+    nothing reads that far."""
+    member = tarfile.TarInfo("a/adapter_model.safetensors")
+    member.size = claimed
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip
+    head = deflate.compress(member.tobuf(format=tarfile.PAX_FORMAT))
+    head += deflate.flush(zlib.Z_FULL_FLUSH)
+    mib = b"\0" * 1024 * 1024
+    block = deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
+    assert deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH) == block
+    return head + block * (claimed // len(mib))
+
+
+def test_an_archive_that_inflates_to_gigabytes_is_refused_from_its_first_bytes(api):
+    # More than the largest adapter ftaas-tiny's engine serves: refused on its size alone.
+    bomb = zero_bomb(8 * 1024**3)  # the old bound's 8 GiB, in 8 MB
+    assert len(bomb) < 10_000_000
+    error = assert_envelope(register(api, bomb), 400, "adapter_file")
+    assert "adapter_model.safetensors is 8589934592 bytes, more than " in error["message"]
+    # Within that size, refused by its first eight bytes.
+    error = assert_envelope(register(api, zero_bomb(16 * 1024**2)), 400, "adapter_file")
+    assert "not a safetensors file (its header would be 0 bytes)" in error["message"]
+    # A header whose matrix is not one the base model has: refused by its header.
+    header = json.dumps(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
+         {"dtype": "F32", "shape": [8, 1000], "data_offsets": [0, 32_000]}}
+    ).encode()  # fmt: skip
+    weights = len(header).to_bytes(8, "little") + header + b"\0" * 32_000
+    member = tarfile.TarInfo("a/adapter_model.safetensors")
+    member.size = len(weights)
+    crafted = gzip.compress(member.tobuf(format=tarfile.PAX_FORMAT) + weights)
+    error = assert_envelope(register(api, crafted), 400, "adapter_file")
+    assert "has shape [8, 1000]; ftaas-tiny needs [8, " in error["message"]
+
+
 def test_only_tuned_models_of_ones_own_organization_download(api, tmp_path, tiny_model_dir):
     assert_envelope(api.get("/v1/models/ftaas-tiny/adapter"), 400, "model")
     assert_envelope(api.get("/v1/models/ft:ftaas-tiny:other:x:abcdefgh/adapter"), 404, "model")
@@ -194,3 +236,25 @@ def test_an_imported_model_belongs_to_the_organization_that_imported_it(
     assert_envelope(client.get(f"/v1/models/{model}/adapter", headers=b), 404, "model")
     assert model not in {m["id"] for m in client.get("/v1/models", headers=b).json()["data"]}
     assert client.get(f"/v1/models/{model}/adapter", headers=a).status_code == 200
+
+
+def test_the_base_models_linear_layers_come_from_its_weights_headers(
+    tiny_model_dir, s3_env, tmp_path
+):
+    """Read from safetensors headers, locally or from S3, they are exactly the model's
+    torch.nn.Linear layers (the embeddings' matrices beside them, which no adapter may
+    target)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    built = {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    local = linear_layers(str(tiny_model_dir))
+    assert {k: v for k, v in local.items() if "embed" not in k} == built
+    bucket = s3_env.new_bucket()
+    open_store(f"s3://{bucket}").put_folder(tiny_model_dir, "models/tiny")
+    assert linear_layers(f"s3://{bucket}/models/tiny") == local
