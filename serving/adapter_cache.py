@@ -6,10 +6,17 @@ fetched whole and checked against its manifest (every file, every size) before v
 it; the cache holds at most `max_bytes`, evicting the least recently used adapters, except
 those the caller pins (the ones its engine has registered, which vLLM may reload from
 here at any time). A local store needs no copy: its folders are served where they are.
+
+Each replica has a folder of its own on the node: its budget, its order and its pins
+cover what it alone holds, so no replica can delete a folder another's engine may
+reload (which would kill that engine). A replica holds a lock on its folder while it
+lives; a new one deletes the folders whose replica is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 from collections.abc import Collection
@@ -20,6 +27,7 @@ from training.node_cache import cached_name, locked, node_cache_dir
 from training.storage import ArtifactStore, IncompleteFolder
 
 KEY_FILE = ".ftaas-key"
+OWNER_LOCK = ".ftaas-owner.lock"  # held (flock) by the live replica owning the folder
 
 
 @dataclass
@@ -30,10 +38,25 @@ class Fetched:
 
 
 class AdapterCache:
-    def __init__(self, store: ArtifactStore, max_bytes: int, root: Path | None = None):
+    def __init__(self, store: ArtifactStore, max_bytes: int, owner: str, root: Path | None = None):
+        """`owner`: the replica's id, unique on the node; `root`: the node's cache."""
         self.store, self.max_bytes = store, max_bytes
-        self.root = root or node_cache_dir() / "adapters"
-        self.root.mkdir(parents=True, exist_ok=True)
+        shared = root or node_cache_dir() / "adapters"
+        name = f"replica-{cached_name(owner)}"
+        # Locked before it has its name, so no other replica ever sees it unlocked.
+        staging = shared / f".staging-{name}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self._owner_lock = open(staging / OWNER_LOCK, "w")  # noqa: SIM115  # held while alive
+        fcntl.flock(self._owner_lock, fcntl.LOCK_EX)
+        self.root = shared / name
+        shutil.rmtree(self.root, ignore_errors=True)
+        staging.rename(self.root)
+        _delete_abandoned(shared)
+
+    def close(self) -> None:
+        """Give the folder up (its files go with the next replica's start)."""
+        self._owner_lock.close()
 
     def fetch(self, key: str, pinned: Collection[str] = ()) -> Fetched:
         """The adapter's local folder; making room never evicts the `pinned` keys."""
@@ -75,3 +98,18 @@ class AdapterCache:
             shutil.rmtree(folder, ignore_errors=True)
             total -= sizes[folder]
         return evicted
+
+
+def _delete_abandoned(shared: Path) -> None:
+    """Delete the folders of the node's replicas that are gone: their owner lock is free."""
+    for folder in shared.glob("replica-*"):
+        lock_path = folder / OWNER_LOCK
+        if not lock_path.exists():
+            continue
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its replica is alive
+            with contextlib.suppress(OSError):
+                shutil.rmtree(folder)

@@ -83,7 +83,6 @@ class LLMServer:
     async def __init__(self, config: EngineConfig):  # type: ignore[misc]  # Serve awaits it
         model_path = await asyncio.to_thread(fetch_model, config.model_path)
         self.config = dataclasses.replace(config, model_path=model_path)
-        self.disk = AdapterCache(open_store(config.storage_url), config.adapter_cache_bytes)
         self.adapter_keys: dict[str, str] = {}  # adapter name → its key in the store
         self.in_use: Counter[str] = Counter()  # adapter name → requests using it now
         self.evicted: list[str] = []  # dropped by the multiplexer, to unregister
@@ -91,6 +90,9 @@ class LLMServer:
         self.retired_through: tuple[str, int] | None = None  # the board's stamp applied
         self.events = stats.AdapterEvents()
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.disk = await asyncio.to_thread(
+            AdapterCache, open_store(config.storage_url), config.adapter_cache_bytes, self.replica
+        )
         self.engine = await OpenAIEngine.start(self.config)
 
         async def register(name: str) -> RegisteredAdapter:

@@ -26,7 +26,7 @@ def test_adapters_are_fetched_checked_and_the_least_recent_evicted(s3_env, tmp_p
     store = open_store(f"s3://{s3_env.new_bucket()}/ftaas")
     for name in ("a", "b", "c"):
         _adapter(store, tmp_path, f"jobs/{name}/adapter", 1000)
-    cache = AdapterCache(store, max_bytes=2100, root=tmp_path / "cache")
+    cache = AdapterCache(store, max_bytes=2100, owner="r1", root=tmp_path / "cache")
     first = cache.fetch("jobs/a/adapter")
     a = first.path
     assert (a / "adapter_model.safetensors").stat().st_size == 1000
@@ -47,7 +47,7 @@ def test_adapters_the_engine_registered_are_never_evicted_and_deleted_ones_go(s3
     store = open_store(f"s3://{s3_env.new_bucket()}/ftaas")
     for name in ("a", "b", "c"):
         _adapter(store, tmp_path, f"jobs/{name}/adapter", 1000)
-    cache = AdapterCache(store, max_bytes=1500, root=tmp_path / "cache")
+    cache = AdapterCache(store, max_bytes=1500, owner="r1", root=tmp_path / "cache")
     a = cache.fetch("jobs/a/adapter").path
     time.sleep(0.01)
     b = cache.fetch("jobs/b/adapter", pinned=["jobs/a/adapter"])
@@ -62,5 +62,26 @@ def test_adapters_the_engine_registered_are_never_evicted_and_deleted_ones_go(s3
 def test_a_local_store_serves_adapters_in_place(tmp_path):
     store = LocalStore(tmp_path / "store")
     _adapter(store, tmp_path, "jobs/a/adapter", 10)
-    fetched = AdapterCache(store, max_bytes=0, root=tmp_path / "cache").fetch("jobs/a/adapter")
+    fetched = AdapterCache(store, max_bytes=0, owner="r1", root=tmp_path / "cache").fetch(
+        "jobs/a/adapter"
+    )
     assert fetched.path == tmp_path / "store" / "jobs" / "a" / "adapter"
+
+
+def test_replicas_on_one_node_never_evict_each_others_adapters(s3_env, tmp_path):
+    """Two replicas share the node's disk: each one's budget counts its own copies, so
+    one making room never deletes a folder the other's engine may load again."""
+    store = open_store(f"s3://{s3_env.new_bucket()}/ftaas")
+    for name in ("a", "b", "c"):
+        _adapter(store, tmp_path, f"jobs/{name}/adapter", 1000)
+    node = tmp_path / "cache"
+    first = AdapterCache(store, max_bytes=1500, owner="r1", root=node)
+    second = AdapterCache(store, max_bytes=1500, owner="r2", root=node)
+    held = first.fetch("jobs/a/adapter").path
+    assert second.fetch("jobs/b/adapter").evicted == []
+    assert second.fetch("jobs/c/adapter").evicted == ["jobs/b/adapter"]
+    assert held.exists()  # the first replica's copy, untouched
+    # A replica gone (its process ended, here its lock given up): the next start clears it.
+    first.close()
+    AdapterCache(store, max_bytes=1500, owner="r3", root=node)
+    assert not held.exists() and second.fetch("jobs/c/adapter").path.exists()
