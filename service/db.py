@@ -140,6 +140,10 @@ class JobRow(Base):
     stop_requested_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     # Consecutive scheduler steps of this job that raised; the job fails at a bound.
     step_failures: Mapped[int] = mapped_column(Integer, default=0)
+    # Runs the scheduler started again by itself because Ray lost the job (bounded), and
+    # when Ray was first seen not to know it (it is lost once that lasts).
+    lost_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lost_seen_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012

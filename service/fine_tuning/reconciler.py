@@ -83,9 +83,13 @@ METHOD_FORMATS = {
 }
 KEEP_CHECKPOINTS = 3
 MAX_STEP_FAILURES = 10
-# Attempts of one job the scheduler starts by itself (after a lost cluster); a user's
-# resume starts one more whatever the count.
-MAX_ATTEMPTS = 5
+# Runs of one job the scheduler starts again by itself because Ray lost it (a cluster
+# gone); past this the job fails, since a job that takes its cluster down with it would
+# otherwise take it down forever. A user's resumes are not counted.
+MAX_LOST_RUNS = 3
+# Ray must still not know a running job this long after it was first seen not to (one
+# answer from a head that is restarting is not the job lost).
+LOST_AFTER_S = 10
 S = JobStatus
 
 
@@ -417,11 +421,35 @@ class Reconciler:
             if outcome is not None:
                 return self._finish(session, job, outcome)
             if info.state == LaunchState.UNKNOWN:
-                transition(job, S.QUEUED)
-                add_event(session, job, "Ray no longer knows this job; it is queued to run again")
-            elif not info.state.active:
+                self._not_known(session, job)
+                return None
+            job.lost_seen_at = None
+            if not info.state.active:
                 self._ended_without_outcome(session, job, info)
             return None
+
+    def _not_known(self, session: Session, job: JobRow) -> None:
+        """Ray does not know the running job: lost once that lasts, run again a bounded
+        number of times."""
+        if job.lost_seen_at is None:
+            job.lost_seen_at = self.clock()
+            return
+        if self.clock() - job.lost_seen_at < LOST_AFTER_S:
+            return
+        job.lost_seen_at = None
+        if job.lost_runs >= MAX_LOST_RUNS:
+            fail(
+                session,
+                job,
+                "cluster_lost",
+                f"Ray lost this job {job.lost_runs + 1} times (its cluster went away while it "
+                "ran each time), so it is not run again automatically",
+                None,
+            )
+            return
+        job.lost_runs += 1
+        transition(job, S.QUEUED)
+        add_event(session, job, "Ray no longer knows this job; it is queued to run again")
 
     # --- pausing → paused, resuming → queued, once the trainer has stopped
     def _winding_down(self, job_id: str) -> ReadyModel | None:
@@ -496,7 +524,7 @@ class Reconciler:
         batch = self.channel.read(job.output_dir, job.progress_offset)
         outcome = self._apply(session, job, batch)
         lost = info.state == LaunchState.UNKNOWN
-        if lost and isinstance(outcome, Failed) and job.attempts < MAX_ATTEMPTS:
+        if lost and isinstance(outcome, Failed) and job.lost_runs < MAX_LOST_RUNS:
             return info, None
         return info, outcome
 

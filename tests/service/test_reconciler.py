@@ -11,7 +11,13 @@ from service.db import EventRow, JobRow, ModelRow
 from service.fine_tuning.channel import TrainerChannel
 from service.fine_tuning.launcher import LauncherUnavailable, LaunchState
 from service.fine_tuning.lease import Lease
-from service.fine_tuning.reconciler import MAX_STEP_FAILURES, Reconciler, TickReport
+from service.fine_tuning.reconciler import (
+    LOST_AFTER_S,
+    MAX_LOST_RUNS,
+    MAX_STEP_FAILURES,
+    Reconciler,
+    TickReport,
+)
 from tests.conftest import memorisation_jsonl
 from tests.service.fakes import FakeLauncher
 from training.control import pause_requested
@@ -75,6 +81,12 @@ class World:
         self.tick()  # queued → starting (committed) → submitted → running
         assert self.status(job_id) == "running"
         return job_id
+
+    def lose(self, job_id: str) -> None:
+        """Ticks over which Ray, which no longer knows the job, is believed."""
+        self.tick()
+        self.clock += LOST_AFTER_S
+        self.tick()
 
     def train(self, job_id: str, steps: int = 2) -> None:
         log = self.trainer(job_id)
@@ -296,10 +308,36 @@ def test_resume_while_still_pausing_waits_for_the_trainer_then_runs_again(world:
 def test_a_job_ray_lost_runs_again_as_a_new_attempt(world: World):
     job_id = world.running()
     del world.ray.states[job_id]  # the cluster restarted
-    world.tick()
+    world.lose(job_id)
     assert world.status(job_id) == "queued"
     world.tick()
     assert world.row(job_id).ray_submission_id == f"{job_id}-2"
+
+
+def test_ray_not_knowing_a_job_for_one_moment_is_not_the_job_lost(world: World):
+    job_id = world.running()
+    state = world.ray.states.pop(job_id)  # a head restarting answers 404 once
+    world.tick()
+    world.ray.states[job_id] = state
+    world.clock += LOST_AFTER_S
+    world.tick()
+    del world.ray.states[job_id]
+    world.tick()
+    assert world.status(job_id) == "running" and world.row(job_id).lost_runs == 0
+
+
+def test_a_job_its_cluster_keeps_losing_fails_after_a_bound(world: World):
+    job_id = world.running()
+    for run in range(1, MAX_LOST_RUNS + 2):
+        del world.ray.states[world.row(job_id).ray_submission_id]
+        world.lose(job_id)
+        if run <= MAX_LOST_RUNS:
+            assert world.status(job_id) == "queued"
+            world.tick()  # submitted again
+            assert world.row(job_id).ray_submission_id == f"{job_id}-{run + 1}"
+    job = world.sdk.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "failed" and job.error and job.error.code == "cluster_lost"
+    assert f"Ray lost this job {MAX_LOST_RUNS + 1} times" in job.error.message
 
 
 def test_a_step_that_keeps_raising_fails_the_job_after_a_bound(world: World):
@@ -379,7 +417,7 @@ def test_steps_run_again_after_a_restart_from_an_older_checkpoint_are_reported_o
     world.train(job_id, steps=3)
     world.tick()
     del world.ray.states[job_id]  # lost: it runs again from its last checkpoint (step 1)
-    world.tick()
+    world.lose(job_id)
     world.tick()
     log = world.trainer(job_id)
     for step in (2, 3, 4, 5):
@@ -420,7 +458,7 @@ def test_a_failure_recorded_as_the_cluster_went_away_runs_again_a_real_one_fails
     lost = world.running()
     world.trainer(lost).write(Failed(message="Training failed: worker died"))
     del world.ray.states[lost]  # the cluster went away with the trainer
-    world.tick()
+    world.lose(lost)
     assert world.status(lost) == "queued"
     world.tick()
     assert world.row(lost).ray_submission_id == f"{lost}-2"
