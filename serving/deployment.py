@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -80,7 +81,8 @@ class RegisteredAdapter:
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=60)
 class LLMServer:
-    async def __init__(self, config: EngineConfig):  # type: ignore[misc]  # Serve awaits it
+    async def __init__(self, config: EngineConfig, fingerprint: str = ""):  # type: ignore[misc]  # Serve awaits it
+        self.fingerprint = fingerprint  # of what it was deployed with (app_fingerprint)
         model_path = await asyncio.to_thread(fetch_model, config.model_path)
         self.config = dataclasses.replace(config, model_path=model_path)
         self.adapter_keys: dict[str, str] = {}  # adapter name → its key in the store
@@ -267,6 +269,10 @@ class LLMServer:
                 logger.debug("posting to the stats board failed", exc_info=True)
             await asyncio.sleep(STATS_INTERVAL_S)
 
+    async def deployed_with(self) -> str:
+        """The fingerprint of the configuration this replica was deployed with."""
+        return self.fingerprint
+
     async def check_health(self) -> None:
         await self.engine.engine.check_health()
 
@@ -291,6 +297,15 @@ class AdapterLoadFailed(Exception):
         self.status, self.body = status, body
 
 
+def app_fingerprint(config: EngineConfig, options: dict[str, Any]) -> str:
+    """What an application was deployed with (the engine's configuration and the
+    replicas' options), in 16 hex digits: a running application with another one is
+    deployed again, not reused."""
+    described = {"config": dataclasses.asdict(config), "options": options}
+    text = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def build_llm_app(
     config: EngineConfig,
     *,
@@ -301,6 +316,7 @@ def build_llm_app(
     max_ongoing_requests: int,
     max_queued_requests: int,
     resources: dict[str, float] | None = None,
+    fingerprint: str = "",
 ) -> Any:
     """`replicas`: {"num_replicas": n} or {"autoscaling_config": {...}}."""
     return LLMServer.options(  # type: ignore[attr-defined]
@@ -313,4 +329,4 @@ def build_llm_app(
             "resources": resources or {},
             "runtime_env": {"env_vars": env},
         },
-    ).bind(config)
+    ).bind(config, fingerprint)

@@ -64,6 +64,19 @@ def replica_options(base: BaseModelConfig) -> dict[str, Any]:
     return {"autoscaling_config": base.autoscaling.model_dump()}
 
 
+def _deployed_with(name: str) -> str | None:
+    """The configuration fingerprint a running application's replica reports; None from
+    a replica of an older version, which has none to report."""
+    from ray import serve
+
+    try:
+        handle = serve.get_app_handle(name)
+        return str(handle.deployed_with.remote().result(timeout_s=60))
+    except Exception:
+        logger.info("serving application %s reports no configuration", name, exc_info=True)
+        return None
+
+
 def _wait_until_running(name: str, timeout_s: float = 900) -> None:
     from ray import serve
 
@@ -152,14 +165,10 @@ class ServingGateway:
     def _deploy_one(self, base: BaseModelConfig, existing: dict[str, Any]) -> None:
         from ray import serve
 
-        from serving.deployment import app_name, build_llm_app
+        from serving.deployment import app_fingerprint, app_name, build_llm_app
         from serving.engine import EngineConfig
 
         name = app_name(base.id)
-        if name in existing and _status_name(existing[name].status) in HEALTHY_APP_STATES:
-            logger.info("serving application %s already running: reusing it", name)
-            _wait_until_running(name)  # still DEPLOYING after a restart during the first one
-            return
         config = EngineConfig(
             model_id=base.id,
             model_path=base.path,
@@ -174,21 +183,40 @@ class ServingGateway:
             max_adapters_per_replica=base.max_adapters_per_replica,
             allowed_media_domains=self.settings.media_domains,
         )
-        app = build_llm_app(
-            config,
-            num_cpus=1,
-            num_gpus=1 if self.use_gpu else 0,
-            env={
+        options: dict[str, Any] = {
+            "num_cpus": 1,
+            "num_gpus": 1 if self.use_gpu else 0,
+            "env": {
                 **self.env,
                 **engine_cache_env(self.settings),
                 "VLLM_CPU_KVCACHE_SPACE": str(self.settings.serving_kv_cache_gb),
             },
-            replicas=replica_options(base),
-            max_ongoing_requests=base.max_ongoing_requests,
-            max_queued_requests=base.max_queued_requests,
-            resources=self.settings.serving_resources,
-        )
-        logger.info("deploying serving application %s", name)
+            "replicas": replica_options(base),
+            "max_ongoing_requests": base.max_ongoing_requests,
+            "max_queued_requests": base.max_queued_requests,
+            "resources": self.settings.serving_resources,
+        }
+        fingerprint = app_fingerprint(config, options)
+        if name in existing and _status_name(existing[name].status) in HEALTHY_APP_STATES:
+            _wait_until_running(name)  # still DEPLOYING after a restart during the first one
+            running = _deployed_with(name)
+            if running == fingerprint:
+                logger.info(
+                    "serving application %s already running: reusing it (configuration %s)",
+                    name,
+                    fingerprint,
+                )
+                return
+            # The API restarted on a head that outlived it, with another configuration: a
+            # reused engine would refuse ranks the API admits, or serve another template.
+            logger.info(
+                "serving application %s runs configuration %s, not %s: deploying it again",
+                name,
+                running or "unknown",
+                fingerprint,
+            )
+        app = build_llm_app(config, fingerprint=fingerprint, **options)
+        logger.info("deploying serving application %s (configuration %s)", name, fingerprint)
         serve.run(app, name=name, route_prefix=None)
 
     async def _handle(self, base_model: str) -> Any:

@@ -18,3 +18,27 @@ def test_an_engine_fetches_media_only_from_allowed_domains():
     assert closed.allowed_media_domains == ["media.invalid"]
     allowed = EngineConfig("m", "/models/m", 64, 8, 2, allowed_media_domains=("img.example.com",))
     assert parsed(allowed).allowed_media_domains == ["img.example.com"]
+
+
+def test_a_running_engine_is_reused_only_with_the_configuration_it_was_deployed_with():
+    """The gateway compares this fingerprint with the running replica's (the e2e restart
+    test sees the same configuration reused across processes)."""
+    import dataclasses
+
+    from serving.deployment import app_fingerprint
+
+    config = EngineConfig("m", "/models/m", 64, 8, 2, chat_template="{{ x }}")
+    options = {"replicas": {"num_replicas": 2}, "env": {"A": "1", "B": "2"}}
+    same = app_fingerprint(config, options)
+    assert same == app_fingerprint(
+        EngineConfig("m", "/models/m", 64, 8, 2, chat_template="{{ x }}"),
+        {"env": {"B": "2", "A": "1"}, "replicas": {"num_replicas": 2}},
+    )  # the order of keys does not matter
+    changed = [
+        dataclasses.replace(config, max_lora_rank=64),
+        dataclasses.replace(config, chat_template="{{ y }}"),
+        dataclasses.replace(config, model_path="/models/other"),
+        dataclasses.replace(config, allowed_media_domains=("img.example.com",)),
+    ]
+    assert same not in {app_fingerprint(c, options) for c in changed}
+    assert same != app_fingerprint(config, {**options, "replicas": {"num_replicas": 3}})
