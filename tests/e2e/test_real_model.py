@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,18 @@ def ask(client: OpenAI, model: str, question: str, max_tokens: int = 48) -> tupl
     return reply.choices[0].message.content or "", str(reply.choices[0].finish_reason)
 
 
+def ask_all(client: OpenAI, model: str, questions: list[str]) -> list[tuple[str, str]]:
+    """Greedy answers, four at a time (the engine batches them: a minute saved here)."""
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda q: ask(client, model, q), questions))
+
+
 def general_answers_right(client: OpenAI, model: str) -> int:
-    return sum(word.lower() in ask(client, model, q)[0].lower() for q, word in GENERAL_QUESTIONS)
+    answers = ask_all(client, model, [q for q, _ in GENERAL_QUESTIONS])
+    return sum(
+        word.lower() in text.lower()
+        for (text, _), (_, word) in zip(answers, GENERAL_QUESTIONS, strict=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +96,9 @@ def test_a_new_users_first_answers_are_real_ones(client: OpenAI):
 def test_a_job_teaches_a_fact_held_out_paraphrases_recall_and_keeps_what_it_knew(
     client: OpenAI, tuned: Any
 ):
-    base_recalled = sum(FACT_KEY in ask(client, REAL, q)[0] for q in HELD_OUT_QUESTIONS)
-    answers = [ask(client, tuned.fine_tuned_model, q) for q in HELD_OUT_QUESTIONS]
+    held_out = list(HELD_OUT_QUESTIONS)
+    base_recalled = sum(FACT_KEY in text for text, _ in ask_all(client, REAL, held_out))
+    answers = ask_all(client, tuned.fine_tuned_model, held_out)
     recalled = sum(FACT_KEY in text for text, _ in answers)
     assert base_recalled == 0 and recalled >= len(HELD_OUT_QUESTIONS) - 1, answers
     # The end of turn was learned: each answer ends by itself, not at the token limit.
