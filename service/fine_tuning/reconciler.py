@@ -253,7 +253,9 @@ class Reconciler:
             pass
 
     def _count_failure(self, job_id: str, error: Exception) -> None:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        # A tenant reads it: Ray's answers name the entrypoint and the store's URL.
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        reason = without_server_paths(f"{type(error).__name__}: {first_line}")
         with self.db.session() as session:
             job = session.get(JobRow, job_id)
             if job is None or JobStatus(job.status) in TERMINAL:

@@ -95,7 +95,8 @@ def job_object(job: JobRow) -> FineTuningJobObject:
             "result_files": job.result_files or [],
             "seed": job.seed,
             "status": wire_status(job.status),
-            "trained_tokens": job.trained_tokens,
+            # As OpenAI's: the tokens trained, once the job has succeeded (null before).
+            "trained_tokens": job.trained_tokens if job.status == JobStatus.SUCCEEDED else None,
             "training_file": job.training_file,
             "validation_file": job.validation_file,
             "estimated_finish": job.estimated_finish,
@@ -210,6 +211,15 @@ class FineTuningService:
                 param="hyperparameters",
             )
         hyperparameters = request.method_hyperparameters()
+        if (
+            getattr(hyperparameters, "early_stopping_patience", None)
+            and not request.validation_file
+        ):
+            raise InvalidRequest(
+                "early_stopping_patience needs a validation_file: early stopping watches "
+                "the full validation loss at each epoch's end",
+                param=f"{request.hyperparameters_param}.early_stopping_patience",
+            )
         with self.db.session() as session:
             if self.limits is not None:
                 self.limits.check_jobs(session, tenant.organization)

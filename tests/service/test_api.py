@@ -151,6 +151,14 @@ def test_bad_job_parameters_are_400_with_the_param(client):
             },
             "method.supervised.hyperparameters.target_modules",
         ),
+        (  # early stopping watches the validation loss: none, nothing to watch
+            {
+                "model": "ftaas-tiny",
+                "training_file": file_id,
+                **supervised(early_stopping_patience=2),
+            },
+            "method.supervised.hyperparameters.early_stopping_patience",
+        ),
     ]
     for body, param in cases:
         error = assert_envelope(client.post("/v1/fine_tuning/jobs", json=body), 400)

@@ -113,10 +113,12 @@ def test_the_whole_path_one_transition_per_tick(world: World):
     world.tick()
     steps = [e.data["step"] for e in world.events(job_id) if e.type == "metrics"]
     assert steps == [1, 2] and world.status(job_id) == "running"
+    assert world.sdk.fine_tuning.jobs.retrieve(job_id).trained_tokens is None  # as OpenAI's
     log.write(Succeeded(adapter_dir="/adapter"))
     world.ray.end(job_id)
     report = world.tick()
     assert world.status(job_id) == "succeeded"
+    assert world.sdk.fine_tuning.jobs.retrieve(job_id).trained_tokens == 100
     assert [m.name for m in report.ready] == [world.row(job_id).fine_tuned_model]
     world.tick()  # nothing more happens, and nothing twice
     steps = [e.data["step"] for e in world.events(job_id) if e.type == "metrics"]
@@ -343,13 +345,18 @@ def test_a_job_its_cluster_keeps_losing_fails_after_a_bound(world: World):
 def test_a_step_that_keeps_raising_fails_the_job_after_a_bound(world: World):
     job_id = world.job()
     world.tick()
-    world.ray.refuse_submit = RuntimeError("Ray refused the job (500): runtime env failed")
+    world.ray.refuse_submit = RuntimeError(
+        "Ray refused the job (500): runtime env failed for python -m training.entrypoint "
+        "s3://secret-bucket/ftaas/jobs/x/spec.json in /srv/ftaas/home"
+    )
     for _ in range(MAX_STEP_FAILURES):
         world.tick(errors=True)
     job = world.sdk.fine_tuning.jobs.retrieve(job_id)
     assert job.status == "failed" and job.error and job.error.code == "internal_error"
     assert "runtime env failed" in job.error.message
-    assert len([e for e in world.events(job_id) if e.level == "warn"]) == 1
+    [warning] = [e for e in world.events(job_id) if e.level == "warn"]
+    for shown in (warning.message, job.error.message):  # the first warning too (review L1)
+        assert "secret-bucket" not in shown and "/srv/ftaas" not in shown, shown
     world.tick()  # a failed job is never stepped again
 
 
