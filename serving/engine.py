@@ -9,11 +9,11 @@ can cross a Ray Serve handle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import re
 import time
-from collections import defaultdict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal
@@ -167,13 +167,38 @@ def _from_vllm_error(error: Any) -> tuple[int, dict[str, Any]]:
     return int(info.code), openai_error(int(info.code), info.message, info.param)
 
 
+class KeyedLocks:
+    """One asyncio lock per key, kept only while a task holds or waits for it (a replica
+    sees every adapter name ever asked for: a lock for each would only grow)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class OpenAIEngine:
     def __init__(self, engine: Any, state: Any):
         self.engine = engine
         self.models = state.openai_serving_models
         self.chat_handler = state.openai_serving_chat
         self.completion_handler = state.openai_serving_completion
-        self._adapter_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._adapter_locks = KeyedLocks()
 
     @classmethod
     async def start(cls, config: EngineConfig) -> OpenAIEngine:
@@ -204,7 +229,7 @@ class OpenAIEngine:
         """Make `name` servable; None when it is (already) loaded, else an error reply."""
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
-        async with self._adapter_locks[name]:
+        async with self._adapter_locks.hold(name):
             if name in self.models.lora_requests:
                 return None
             result = await self.models.load_lora_adapter(
@@ -226,7 +251,7 @@ class OpenAIEngine:
         return len(ids)
 
     async def unload_adapter(self, name: str) -> bool:
-        async with self._adapter_locks[name]:
+        async with self._adapter_locks.hold(name):
             lora = self.models.lora_requests.pop(name, None)
             if lora is None:
                 return False

@@ -42,3 +42,27 @@ def test_a_running_engine_is_reused_only_with_the_configuration_it_was_deployed_
     ]
     assert same not in {app_fingerprint(c, options) for c in changed}
     assert same != app_fingerprint(config, {**options, "replicas": {"num_replicas": 3}})
+
+
+def test_a_lock_per_adapter_lasts_only_while_it_is_held_or_awaited():
+    import asyncio
+
+    from serving.engine import KeyedLocks
+
+    async def scenario() -> None:
+        locks, order = KeyedLocks(), []
+
+        async def use(name: str, tag: str) -> None:
+            async with locks.hold(name):
+                order.append(f"{tag} in")
+                await asyncio.sleep(0.01)
+                order.append(f"{tag} out")
+
+        await asyncio.gather(use("a", "1"), use("a", "2"), use("b", "3"))
+        assert order.index("1 out") < order.index("2 in")  # one at a time per name
+        assert len(locks) == 0  # nothing kept once nobody holds or waits
+        for n in range(1000):
+            await use(f"adapter-{n}", "x")
+        assert len(locks) == 0
+
+    asyncio.run(scenario())
