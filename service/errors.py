@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -10,6 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+
+from training.data.validation import UNION_BRANCH
 
 
 class APIError(Exception):
@@ -93,8 +94,6 @@ def error_response(
     return JSONResponse(envelope(message, error_type, param, code), status, headers=headers)
 
 
-# pydantic names the union branch it tried (`int`, `literal['auto']`): not a field.
-_UNION_BRANCH = re.compile(r"^(int|str|float|bool|none|[\w-]+\[.*\]|constrained-\w+)$")
 _REQUEST_PARTS = frozenset({"body", "query", "path", "header"})
 
 
@@ -102,7 +101,7 @@ def _param_of(location: tuple[Any, ...]) -> str | None:
     parts = [
         f"[{p}]" if isinstance(p, int) else str(p)
         for p in location
-        if p not in _REQUEST_PARTS and not (isinstance(p, str) and _UNION_BRANCH.match(p))
+        if p not in _REQUEST_PARTS and not (isinstance(p, str) and UNION_BRANCH.match(p))
     ]
     return ".".join(parts).replace(".[", "[") or None
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from training.spec import ADAPTER_WEIGHTS
 from training.storage import MANIFEST, ArtifactStore, join
 
 STATE = "trainer_state.pt"
@@ -112,7 +113,7 @@ def load_checkpoint(
     from safetensors.torch import load_file
 
     folder = store.local_folder(key) or store.get_folder(key, scratch / "resume")
-    weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    weights = load_file(str(folder / "adapter" / ADAPTER_WEIGHTS))
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:

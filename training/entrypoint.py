@@ -16,10 +16,8 @@ import traceback
 
 from training.node_cache import scratch_folder
 from training.progress import Failed, Paused, ProgressLog, Succeeded, without_server_paths
-from training.spec import TrainingSpec
+from training.spec import ADAPTER_FILES, TrainingSpec
 from training.storage import ArtifactStore, open_store
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -43,10 +43,9 @@ from training.lora import build_lora_model
 from training.node_cache import fetch_model, scratch_folder
 from training.progress import Checkpoint, Evaluation, Notice, Paused, ProgressLog, Started
 from training.reporting import MetricsReporter
-from training.spec import TrainingSpec, checkpoint_adapter_key
+from training.spec import KEEP_CHECKPOINTS, TrainingSpec, checkpoint_adapter_key
 from training.storage import ArtifactStore, open_store
 
-KEEP_EPOCH_CHECKPOINTS = 3  # as OpenAI: the last three epochs stay usable models
 MAX_VALID_EVALS = 100  # small-batch validation runs at most this often over a run
 
 Outcome = Literal["completed", "paused", "early_stopped"]
@@ -456,7 +455,7 @@ class TrainingRun(ABC, Generic[Unit]):
                 self.optimizer,
                 self.scheduler,
                 self.scratch,
-                keep=KEEP_EPOCH_CHECKPOINTS,
+                keep=KEEP_CHECKPOINTS,
                 recipe_state=self.recipe_state(),
             )
             self.reporter.progress.write(

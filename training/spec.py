@@ -16,6 +16,13 @@ from training.data.schema import DataFormat
 from training.hyperparameters import ResolvedHyperparameters, TrainingMethod
 from training.storage import ArtifactStore, join
 
+# A PEFT adapter folder, as peft writes it and vLLM reads it.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+# As OpenAI: the last three epochs' checkpoints stay usable models (across attempts too).
+KEEP_CHECKPOINTS = 3
+
 
 def checkpoint_adapter_key(checkpoint: str) -> str:
     """The servable adapter inside a checkpoint folder (see training.checkpoints)."""

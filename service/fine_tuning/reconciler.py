@@ -70,7 +70,13 @@ from training.progress import (
     Succeeded,
     without_server_paths,
 )
-from training.spec import checkpoint_adapter_key, spec_key, wandb_secret_key
+from training.spec import (
+    ADAPTER_CONFIG,
+    KEEP_CHECKPOINTS,
+    checkpoint_adapter_key,
+    spec_key,
+    wandb_secret_key,
+)
 from training.storage import ArtifactStore, join
 
 logger = logging.getLogger(__name__)
@@ -81,7 +87,6 @@ METHOD_FORMATS = {
     "dpo": ({"preference"}, "preference (`input`, `preferred_output`, `non_preferred_output`)"),
     "continued_pretraining": ({"text"}, "text (`text`)"),
 }
-KEEP_CHECKPOINTS = 3
 MAX_STEP_FAILURES = 10
 # Runs of one job the scheduler starts again by itself because Ray lost it (a cluster
 # gone); past this the job fails, since a job that takes its cluster down with it would
@@ -708,7 +713,7 @@ class Reconciler:
         # outlives the tuned model it started from.
         folder = checkpoint_adapter_key(job.resume_from) if job.resume_from else job.start_adapter
         try:
-            raw = self.store.get_bytes(join(folder, "adapter_config.json"))
+            raw = self.store.get_bytes(join(folder, ADAPTER_CONFIG))
         except FileNotFoundError:
             raise JobCannotStart(
                 "model_not_available",

@@ -38,11 +38,10 @@ from service.models.weights_header import (
     file_header,
     read_header,
 )
+from training.spec import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS
 from training.storage import CHUNK_BYTES, ArtifactStore, S3Store, is_remote, join, parse_s3_url
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-ADAPTER_FILES = (CONFIG, WEIGHTS)
+CONFIG, WEIGHTS = ADAPTER_CONFIG, ADAPTER_WEIGHTS
 MAX_CONFIG_BYTES = 1024 * 1024
 # peft's names for a LoRA weight: <module>.lora_A.weight / <module>.lora_B.weight.
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")

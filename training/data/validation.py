@@ -59,8 +59,9 @@ class ValidationReport:
 
 
 ROLE_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-# pydantic names the branch of a union it tried (`str`, `list[TextPart]`): not a field.
-_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+# pydantic names the branch of a union it tried (`str`, `list[TextPart]`, `literal['auto']`,
+# `constrained-int`, a model's class name): not a field. (The API's errors use it too.)
+UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\]|constrained-\w+|[A-Z]\w*)$")
 CONTENT_SHAPE = 'must be a string or a list of text parts ({"type": "text", "text": "..."})'
 
 
@@ -81,7 +82,7 @@ def _field_path(location: Iterable[Any]) -> tuple[str | None, bool]:
             and parts[index - 2] == "messages"
         ):
             continue  # the role tag pydantic adds after messages[i]
-        elif isinstance(part, str) and _UNION_BRANCH.match(part):
+        elif isinstance(part, str) and UNION_BRANCH.match(part):
             if previous == "content":
                 in_content_union = True
                 break
