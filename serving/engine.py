@@ -296,7 +296,36 @@ class OpenAIEngine:
             async for chunk in result:
                 yield chunk
         else:
-            yield {"status": 200, "body": result.model_dump(mode="json"), "stream": False}
+            yield {
+                "status": 200,
+                "body": as_openai_answer(result.model_dump(mode="json")),
+                "stream": False,
+            }
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+# A message's fields that OpenAI's schema requires even when null; its other fields are
+# absent rather than null (clients generated from the schema refuse a null array).
+REQUIRED_NULLABLE_MESSAGE_FIELDS = frozenset({"role", "content", "refusal"})
+
+
+def as_openai_answer(body: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's chat or completion answer as OpenAI's published schema has it: a message's
+    optional fields and usage's details absent instead of null, and a choice's
+    log-probabilities with their (required) `refusal`."""
+    for choice in body.get("choices") or []:
+        message = choice.get("message")
+        if isinstance(message, dict):
+            for key in [k for k, v in message.items() if v is None]:
+                if key not in REQUIRED_NULLABLE_MESSAGE_FIELDS:
+                    del message[key]
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict) and "message" in choice:
+            logprobs.setdefault("refusal", None)
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        for key in [k for k, v in usage.items() if v is None]:
+            del usage[key]
+    return body

@@ -24,7 +24,7 @@ class FileList(BaseModel):
     has_more: bool
 
 
-@router.post("", response_model=FileObject)
+@router.post("", response_model=FileObject, response_model_exclude_none=True)
 async def create_file(
     tenant: TenantDep,
     files: FilesDep,
@@ -40,7 +40,7 @@ async def create_file(
     )
 
 
-@router.get("", response_model=FileList)
+@router.get("", response_model=FileList, response_model_exclude_none=True)
 def list_files(
     tenant: TenantDep,
     files: FilesDep,
@@ -58,7 +58,7 @@ def list_files(
     )
 
 
-@router.get("/{file_id}", response_model=FileObject)
+@router.get("/{file_id}", response_model=FileObject, response_model_exclude_none=True)
 def retrieve_file(tenant: TenantDep, files: FilesDep, file_id: str) -> FileObject:
     return files.retrieve(tenant, file_id)
 

@@ -75,7 +75,9 @@ def list_events(
     return EventList(data=data, has_more=has_more)
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get(
+    "/{job_id}/checkpoints", response_model=CheckpointList, response_model_exclude_none=True
+)
 def list_checkpoints(
     tenant: TenantDep,
     jobs: JobsDep,

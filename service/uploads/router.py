@@ -39,7 +39,7 @@ class CompleteUploadRequest(BaseModel):
     md5: str | None = None
 
 
-@router.post("", response_model=Upload)
+@router.post("", response_model=Upload, response_model_exclude_none=True)
 def create_upload(tenant: TenantDep, uploads: UploadsDep, request: CreateUploadRequest) -> Upload:
     return uploads.create(
         tenant, request.filename, request.purpose, request.bytes, request.mime_type
@@ -56,7 +56,7 @@ async def add_upload_part(
     )
 
 
-@router.post("/{upload_id}/complete", response_model=Upload)
+@router.post("/{upload_id}/complete", response_model=Upload, response_model_exclude_none=True)
 async def complete_upload(
     tenant: TenantDep,
     uploads: UploadsDep,
@@ -70,6 +70,6 @@ async def complete_upload(
     )
 
 
-@router.post("/{upload_id}/cancel", response_model=Upload)
+@router.post("/{upload_id}/cancel", response_model=Upload, response_model_exclude_none=True)
 def cancel_upload(tenant: TenantDep, uploads: UploadsDep, upload_id: str) -> Upload:
     return uploads.cancel(tenant, upload_id)

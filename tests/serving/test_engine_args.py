@@ -66,3 +66,24 @@ def test_a_lock_per_adapter_lasts_only_while_it_is_held_or_awaited():
         assert len(locks) == 0
 
     asyncio.run(scenario())
+
+
+def test_vllms_answers_are_passed_on_as_openais_schema_has_them():
+    from serving.engine import as_openai_answer
+
+    chat = {
+        "choices": [{
+            "index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "hi", "refusal": None,
+                        "annotations": None, "audio": None, "tool_calls": []},
+            "logprobs": {"content": []},
+        }],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
+                  "prompt_tokens_details": None},
+    }  # fmt: skip
+    answer = as_openai_answer(chat)
+    assert answer["choices"][0]["message"] == {
+        "role": "assistant", "content": "hi", "refusal": None, "tool_calls": []
+    }  # fmt: skip
+    assert answer["choices"][0]["logprobs"] == {"content": [], "refusal": None}
+    assert "prompt_tokens_details" not in answer["usage"]
