@@ -59,7 +59,7 @@ async def delete_model(
 ) -> ModelDeleted:
     # Serving first, files last: no longer routed to, then dropped by every replica (its
     # requests aborted), and only then are its files deleted, which vLLM may read until then.
-    deleted, row, checkpoints = await run_in_threadpool(models.delete, tenant, model)
-    await gateway.retire_adapters(row.base_model, [row.id, *checkpoints])
-    await run_in_threadpool(models.delete_files, row)
-    return deleted
+    deletion = await run_in_threadpool(models.delete, tenant, model)
+    await gateway.retire_adapters(deletion.base_model, deletion.names)
+    await run_in_threadpool(models.delete_files, deletion)
+    return deletion.answer

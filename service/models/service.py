@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 from service.auth import Tenant
 from service.config import BaseModelConfig
 from service.db import CheckpointRow, Database, FileRow, JobRow, ModelRow, changed_rows, now
-from service.errors import InvalidRequest, NotFound, ServiceUnavailable
+from service.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from service.fine_tuning.lifecycle import TERMINAL, JobStatus
 from service.fine_tuning.naming import (
     SUFFIX_PATTERN,
     fine_tuned_model_name,
@@ -74,6 +75,17 @@ def tuned_adapter(session: Session, tenant: Tenant, model: str) -> tuple[str, st
     return row.base_model, row.adapter_dir
 
 
+@dataclass(frozen=True)
+class Deletion:
+    """A deleted model's answer, and what is left to do: serving drops `names` on
+    `base_model`, then `folders` are deleted from the store (serving first, files last)."""
+
+    answer: ModelDeleted
+    base_model: str
+    names: list[str]
+    folders: list[str]
+
+
 class ImportAdapterRequest(BaseModel):
     """POST /v1/models: a PEFT LoRA adapter (an uploaded archive) as a model of a base."""
 
@@ -128,20 +140,34 @@ class ModelService:
     def retrieve(self, tenant: Tenant, model: str) -> Model:
         if model in self.base_models:
             return self._base(model)
+        if is_checkpoint(model):  # served by that name, so retrievable by it too
+            checkpoint = self._checkpoint(tenant, model)
+            return Model(
+                id=model,
+                object="model",
+                created=checkpoint.created_at,
+                owned_by=checkpoint.organization,
+            )
         return self._tuned(self._row(tenant, model))
 
-    def delete(
-        self, tenant: Tenant, model: str
-    ) -> tuple[ModelDeleted, ModelRow, builtins.list[str]]:
-        """Delete a tuned model: from now on it is no longer listed or routed to, nor are
-        its job's checkpoints; the job keeps its record. Returns the deleted model, its
-        row and the checkpoint names. Its files stay until `delete_files`, which the
-        caller runs once serving has dropped every one of those names."""
+    def _checkpoint(self, tenant: Tenant, model: str) -> CheckpointRow:
+        with self.db.session() as session:
+            row = session.scalar(select(CheckpointRow).where(CheckpointRow.model_name == model))
+        if row is None or row.organization != tenant.organization:
+            raise _not_found(model)
+        return row
+
+    def delete(self, tenant: Tenant, model: str) -> Deletion:
+        """Delete a tuned model (and its job's checkpoints) or one checkpoint: from now on
+        it is no longer listed or routed to; a job keeps its record. Its files stay until
+        `delete_files`, which the caller runs once serving has dropped every name."""
         if model in self.base_models:
             raise InvalidRequest(
                 f"Base model `{model}` cannot be deleted; only fine-tuned models can.",
                 param="model",
             )
+        if is_checkpoint(model):
+            return self._delete_checkpoint(tenant, model)
         row = self._row(tenant, model)
         with self.db.session() as session:
             if not changed_rows(session.execute(delete(ModelRow).where(ModelRow.id == row.id))):
@@ -154,13 +180,42 @@ class ModelService:
                     )
                 )
                 session.execute(delete(CheckpointRow).where(CheckpointRow.job_id == row.job_id))
-        return ModelDeleted(id=row.id, object="model", deleted=True), row, checkpoints
+        # An import's folder, or every output of the job that made it (all attempts).
+        folder = row.adapter_dir if row.job_id is None else job_folder(row.job_id)
+        return Deletion(
+            ModelDeleted(id=row.id, object="model", deleted=True),
+            row.base_model,
+            [row.id, *checkpoints],
+            [folder],
+        )
 
-    def delete_files(self, row: ModelRow) -> None:
-        """A deleted model's files: an import's folder, or every output of the job that
-        made it (adapter, checkpoints, all attempts)."""
+    def _delete_checkpoint(self, tenant: Tenant, model: str) -> Deletion:
+        """One checkpoint of a finished job (a running or paused job may resume from it)."""
+        checkpoint = self._checkpoint(tenant, model)
+        with self.db.session() as session:
+            job = session.get(JobRow, checkpoint.job_id)
+            if job is None or JobStatus(job.status) not in TERMINAL:
+                raise Conflict(
+                    f"The checkpoint `{model}` belongs to a job that has not finished, which "
+                    "may still continue from it; cancel the job first.",
+                    param="model",
+                    code="job_not_finished",
+                )
+            deleted = delete(CheckpointRow).where(CheckpointRow.id == checkpoint.id)
+            if not changed_rows(session.execute(deleted)):
+                raise _not_found(model)
+            base_model = job.model
+        return Deletion(
+            ModelDeleted(id=model, object="model", deleted=True),
+            base_model,
+            [model],
+            [checkpoint.path],
+        )
+
+    def delete_files(self, deletion: Deletion) -> None:
         if self.store is not None:
-            self.store.delete(row.adapter_dir if row.job_id is None else job_folder(row.job_id))
+            for folder in deletion.folders:
+                self.store.delete(folder)
 
     def inference_target(self, tenant: Tenant, model: str) -> InferenceTarget:
         if model in self.base_models:

@@ -566,14 +566,14 @@ def test_deleting_a_model_removes_its_checkpoints_and_files_but_not_its_job(worl
     [checkpoint] = world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data
     models = world.parts["models"]
     stored = list(blobs.list(job_folder(job_id)))
-    _, row, dropped = models.delete(Tenant("local"), name)
-    assert dropped == [checkpoint.fine_tuned_model_checkpoint]
+    deletion = models.delete(Tenant("local"), name)
+    assert deletion.names == [name, checkpoint.fine_tuned_model_checkpoint]
     for gone in (name, checkpoint.fine_tuned_model_checkpoint):
         with pytest.raises(NotFound):
             models.inference_target(Tenant("local"), gone)
     # No longer routed to, but its files stay until serving has dropped every name.
     assert list(blobs.list(job_folder(job_id))) == stored != []
-    models.delete_files(row)
+    models.delete_files(deletion)
     assert list(blobs.list(job_folder(job_id))) == []
     assert world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data == []
     job = world.sdk.fine_tuning.jobs.retrieve(job_id)
@@ -627,3 +627,33 @@ def test_a_failed_jobs_message_names_no_server_path(world: World):
     assert "…/file-abc" in error.message and "…/spec.json" in error.message
     events = world.sdk.fine_tuning.jobs.list_events(job_id)
     assert not any("/srv/" in event.message for event in events)
+
+
+def test_a_checkpoint_is_retrieved_and_deleted_by_its_name_once_its_job_is_done(world: World):
+    from openai import ConflictError, NotFoundError
+
+    job_id = world.running()
+    world.train(job_id)
+    out = world.row(job_id).output_dir
+    blobs = world.parts["blobs"]
+    log = world.trainer(job_id)
+    for step in (1, 2):
+        path = f"{out}/checkpoints/step-00000{step}"
+        blobs.put_bytes(f"{path}/adapter/adapter_config.json", b"{}")
+        log.write(Checkpoint(step=step, epoch=step, path=path))
+    world.tick()
+    older, newer = world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data[::-1]
+    name = older.fine_tuned_model_checkpoint
+    assert world.sdk.models.retrieve(name).id == name  # served by that name (review L20)
+    with pytest.raises(ConflictError):  # the job may still continue from it
+        world.sdk.models.delete(name)
+    log.write(Succeeded(adapter_dir=f"{out}/adapter"))
+    world.ray.end(job_id)
+    world.tick()
+    assert world.sdk.models.delete(name).deleted  # a tenant can erase what its data made
+    assert [c.id for c in world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data] == [newer.id]
+    assert not list(blobs.list(f"{out}/checkpoints/step-000001"))
+    assert list(blobs.list(f"{out}/checkpoints/step-000002"))
+    with pytest.raises(NotFoundError):
+        world.sdk.models.retrieve(name)
+    assert world.sdk.models.retrieve(world.row(job_id).fine_tuned_model or "").id
