@@ -31,7 +31,7 @@ from service.fine_tuning.lease import Lease
 from service.fine_tuning.reconciler import PrunedCheckpoint, ReadyModel, Reconciler
 from service.fine_tuning.router import router as jobs_router
 from service.fine_tuning.service import FineTuningService
-from service.housekeeping import Housekeeping
+from service.housekeeping import ExpiredOutputs, Housekeeping
 from service.local_guard import LocalGuard
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import ServerMetrics
@@ -127,8 +127,10 @@ async def run_scheduler(
         while True:
             try:
                 if await asyncio.to_thread(lease.hold):
+                    expired: list[ExpiredOutputs] = []
                     if housekeeping.due():
                         await asyncio.to_thread(housekeeping.sweep)
+                        expired = await asyncio.to_thread(housekeeping.expired_outputs)
                     report = await asyncio.to_thread(reconciler.tick)
                     actions = [
                         *(
@@ -137,6 +139,7 @@ async def run_scheduler(
                             if settings.serving_enabled
                         ),
                         *(_prune(gateway, reconciler, p) for p in report.pruned),
+                        *(_expire(gateway, housekeeping, e) for e in expired),
                     ]
                     for action in actions:
                         load = asyncio.create_task(action)
@@ -158,6 +161,15 @@ async def _eager_load(gateway: ServingGateway, model: ReadyModel) -> None:
         )
     except Exception:
         logger.warning("eager load of %s failed; it loads on first use", model.name, exc_info=True)
+
+
+async def _expire(
+    gateway: ServingGateway, housekeeping: Housekeeping, expired: ExpiredOutputs
+) -> None:
+    """Serving first, files last (service/housekeeping.py)."""
+    if expired.names:
+        await gateway.retire_adapters(expired.base_model, expired.names)
+    await asyncio.to_thread(housekeeping.delete_outputs, expired)
 
 
 async def _prune(gateway: ServingGateway, reconciler: Reconciler, pruned: PrunedCheckpoint) -> None:
@@ -227,7 +239,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         )
         app.state.gateway = gateway
         lease = Lease(db)
-        housekeeping = Housekeeping(db, blobs)
+        housekeeping = Housekeeping(
+            db, blobs, unfinished_outputs_days=settings.unfinished_outputs_days
+        )
         background = [
             asyncio.create_task(run_scheduler(reconciler, lease, gateway, settings, housekeeping))
         ]

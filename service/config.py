@@ -221,6 +221,11 @@ class Settings(BaseSettings):
     max_choices: int = Field(
         default=8, ge=1, description="largest `n` (and `best_of`) a request may ask for"
     )
+    unfinished_outputs_days: float = Field(
+        default=7.0,
+        gt=0,
+        description="days a failed or cancelled job's outputs (checkpoints, logs) are kept",
+    )
     max_prompts: int = Field(
         default=32, ge=1, description="most prompts one completions request may send"
     )

@@ -144,6 +144,8 @@ class JobRow(Base):
     # when Ray was first seen not to know it (it is lost once that lasts).
     lost_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lost_seen_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # When a failed or cancelled job's outputs (checkpoints, logs) were deleted.
+    outputs_expired_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012

@@ -9,6 +9,11 @@ is bounded by what users hold.
 - Copies of an organization's W&B key handed to attempts whose trainer is gone (the
   trainer's driver deletes its own, unless it was killed or never started), for jobs of the
   last SECRETS_WINDOW_S.
+- The outputs of jobs that failed or were cancelled (their checkpoints, with optimizer
+  state, and logs), a while after they ended (`unfinished_outputs_days`): no model was made
+  from them, and nothing else would ever delete them. Their checkpoints are served by name
+  until then, so serving drops them first and the files go last (`expired_outputs`, then
+  `delete_outputs`).
 
 The scheduler's lease holder runs it at start and then every few minutes.
 """
@@ -20,10 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import delete, literal, select
+from sqlalchemy.orm import aliased
 
-from service.db import Database, FileRow, JobRow, UploadPartRow, UploadRow
-from service.fine_tuning.lifecycle import TRAINER_MAY_BE_ALIVE
+from service.db import CheckpointRow, Database, FileRow, JobRow, ModelRow, UploadPartRow, UploadRow
+from service.fine_tuning.lifecycle import TERMINAL, TRAINER_MAY_BE_ALIVE, JobStatus
 from training.spec import job_folder, wandb_secret_key
 from training.storage import ArtifactStore, join
 
@@ -32,6 +38,23 @@ logger = logging.getLogger(__name__)
 GRACE_S = 3600.0
 EVERY_S = 600.0
 SECRETS_WINDOW_S = 30 * 24 * 3600.0
+
+
+DAY_S = 24 * 3600.0
+TERMINAL_VALUES = [status.value for status in TERMINAL]
+# Jobs whose outputs one sweep deletes at most (the rest wait for the next).
+EXPIRE_BATCH = 100
+
+
+@dataclass(frozen=True)
+class ExpiredOutputs:
+    """A failed or cancelled job's outputs: its checkpoints' names for serving to drop,
+    then its folder to delete."""
+
+    job_id: str
+    base_model: str
+    names: list[str]
+    folder: str
 
 
 @dataclass
@@ -48,8 +71,10 @@ class Housekeeping:
         blobs: ArtifactStore,
         clock: Callable[[], float] = time.time,
         grace_s: float = GRACE_S,
+        unfinished_outputs_days: float = 7.0,
     ):
         self.db, self.blobs, self.clock, self.grace_s = db, blobs, clock, grace_s
+        self.outputs_ttl_s = unfinished_outputs_days * DAY_S
         self._last = 0.0
 
     def due(self) -> bool:
@@ -120,3 +145,50 @@ class Housekeeping:
         for upload in expired:
             self.blobs.delete(f"uploads/{upload.id}")
         return len(expired)
+
+    def expired_outputs(self) -> list[ExpiredOutputs]:
+        """Jobs that failed or were cancelled long enough ago (a batch of them): serving
+        drops their checkpoints, then `delete_outputs` deletes each."""
+        ended = [JobStatus.FAILED.value, JobStatus.CANCELLED.value]
+        child = aliased(JobRow)
+        with self.db.session() as session:
+            jobs = session.scalars(
+                select(JobRow)
+                .where(
+                    JobRow.status.in_(ended),
+                    JobRow.outputs_expired_at.is_(None),
+                    JobRow.finished_at <= self.clock() - self.outputs_ttl_s,
+                    ~select(ModelRow.id).where(ModelRow.job_id == JobRow.id).exists(),
+                    # A job that trains on top of one of its checkpoints reads it again on
+                    # every attempt: kept until that one ends.
+                    ~select(child.id)
+                    .where(
+                        child.start_adapter.startswith(literal("jobs/") + JobRow.id + "/"),
+                        child.status.not_in(TERMINAL_VALUES),
+                    )
+                    .exists(),
+                )
+                .order_by(JobRow.finished_at)
+                .limit(EXPIRE_BATCH)
+            ).all()
+            expired = []
+            for job in jobs:
+                names = list(
+                    session.scalars(
+                        select(CheckpointRow.model_name).where(CheckpointRow.job_id == job.id)
+                    )
+                )
+                expired.append(ExpiredOutputs(job.id, job.model, names, job_folder(job.id)))
+        return expired
+
+    def delete_outputs(self, expired: ExpiredOutputs) -> None:
+        """Once serving has dropped its checkpoints (each replica refuses them from then
+        on): their rows, its folder, and the mark that it is done."""
+        with self.db.session() as session:
+            session.execute(delete(CheckpointRow).where(CheckpointRow.job_id == expired.job_id))
+        self.blobs.delete(expired.folder)
+        with self.db.session() as session:
+            job = session.get(JobRow, expired.job_id)
+            if job is not None:
+                job.outputs_expired_at = int(self.clock())
+        logger.info("housekeeping: deleted the outputs of %s", expired.job_id)

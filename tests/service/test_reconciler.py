@@ -657,3 +657,49 @@ def test_a_checkpoint_is_retrieved_and_deleted_by_its_name_once_its_job_is_done(
     with pytest.raises(NotFoundError):
         world.sdk.models.retrieve(name)
     assert world.sdk.models.retrieve(world.row(job_id).fine_tuned_model or "").id
+
+
+def test_the_outputs_of_failed_and_cancelled_jobs_expire_and_a_models_stay(world: World):
+    import time
+
+    from openai import NotFoundError
+
+    from service.housekeeping import DAY_S, Housekeeping
+    from training.progress import Failed
+    from training.spec import job_folder
+
+    blobs = world.parts["blobs"]
+    jobs: dict[str, str] = {}
+    for outcome in ("cancelled", "failed", "succeeded"):
+        job_id = jobs[outcome] = world.running()
+        out = world.row(job_id).output_dir
+        blobs.put_bytes(f"{out}/checkpoints/step-000001/adapter/adapter_config.json", b"{}")
+        world.trainer(job_id).write(
+            Checkpoint(step=1, epoch=1, path=f"{out}/checkpoints/step-000001")
+        )
+        world.tick()
+        if outcome == "cancelled":
+            world.sdk.fine_tuning.jobs.cancel(job_id)
+            world.ray.end(job_id, LaunchState.STOPPED)
+        elif outcome == "failed":
+            world.trainer(job_id).write(Failed(message="Training failed: bad data"))
+            world.ray.end(job_id, LaunchState.FAILED)
+        else:
+            world.trainer(job_id).write(Succeeded(adapter_dir=f"{out}/adapter"))
+            world.ray.end(job_id)
+        world.tick()
+        assert world.status(job_id) == outcome
+    week_later = Housekeeping(world.parts["db"], blobs, clock=lambda: time.time() + 7 * DAY_S + 60)
+    assert Housekeeping(world.parts["db"], blobs).expired_outputs() == []  # not yet
+    expired = week_later.expired_outputs()
+    assert {e.job_id for e in expired} == {jobs["cancelled"], jobs["failed"]}
+    for each in expired:
+        [name] = each.names  # what serving drops first
+        world.sdk.models.retrieve(name)
+        week_later.delete_outputs(each)
+        assert not list(blobs.list(job_folder(each.job_id)))
+        with pytest.raises(NotFoundError):
+            world.sdk.models.retrieve(name)
+        assert world.sdk.fine_tuning.jobs.retrieve(each.job_id).status in ("cancelled", "failed")
+    assert week_later.expired_outputs() == []  # each once
+    assert list(blobs.list(job_folder(jobs["succeeded"])))  # a model's outputs stay
