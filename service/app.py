@@ -236,6 +236,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             store=blobs,
             max_adapter_bytes=settings.max_adapter_bytes,
             model_ready=builds.ready,
+            limits=limits,
         )
         app.state.gateway = gateway
         lease = Lease(db)

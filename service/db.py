@@ -146,6 +146,9 @@ class JobRow(Base):
     lost_seen_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     # When a failed or cancelled job's outputs (checkpoints, logs) were deleted.
     outputs_expired_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # What a finished job's outputs hold in the store (the storage quota counts it);
+    # None: not measured yet (housekeeping measures it).
+    output_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     version: Mapped[int] = mapped_column(Integer, default=1)
 
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
@@ -187,6 +190,9 @@ class ModelRow(Base):
     job_id: Mapped[str | None] = mapped_column(String(64), default=None)  # None: imported
     adapter_dir: Mapped[str] = mapped_column(Text)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # An imported adapter's bytes in the store (the storage quota counts them; a tuned
+    # model's are its job's `output_bytes`).
+    bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class ApiKeyRow(Base):

@@ -62,6 +62,7 @@ class SweepReport:
     expired_uploads: int = 0
     removed_blobs: int = 0
     removed_secrets: int = 0
+    measured_jobs: int = 0
 
 
 class Housekeeping:
@@ -85,6 +86,7 @@ class Housekeeping:
         report = SweepReport()
         report.expired_uploads = self._expire_uploads()
         report.removed_secrets = self._forget_secrets()
+        report.measured_jobs = self._measure_outputs()
         old = self.clock() - self.grace_s
         with self.db.session() as session:
             files = set(session.scalars(select(FileRow.blob_key)))
@@ -101,9 +103,37 @@ class Housekeeping:
             if (upload not in pending or key.endswith(".partial")) and item.modified < old:
                 self.blobs.delete(key)
                 report.removed_blobs += 1
-        if report.expired_uploads or report.removed_blobs or report.removed_secrets:
+        if (
+            report.expired_uploads
+            or report.removed_blobs
+            or report.removed_secrets
+            or report.measured_jobs
+        ):
             logger.info("housekeeping: %s", report)
         return report
+
+    def _measure_outputs(self) -> int:
+        """What finished jobs' outputs hold in the store, for the storage quota (measured
+        once, and again after a deletion shrank them)."""
+        with self.db.session() as session:
+            jobs = list(
+                session.scalars(
+                    select(JobRow.id)
+                    .where(
+                        JobRow.status.in_(TERMINAL_VALUES),
+                        JobRow.output_bytes.is_(None),
+                        JobRow.outputs_expired_at.is_(None),
+                    )
+                    .limit(EXPIRE_BATCH)
+                )
+            )
+        for job_id in jobs:
+            size = sum(item.size for item in self.blobs.list(job_folder(job_id)))
+            with self.db.session() as session:
+                job = session.get(JobRow, job_id)
+                if job is not None and job.output_bytes is None:
+                    job.output_bytes = size
+        return len(jobs)
 
     def _forget_secrets(self) -> int:
         alive = [s.value for s in TRAINER_MAY_BE_ALIVE]
@@ -190,5 +220,5 @@ class Housekeeping:
         with self.db.session() as session:
             job = session.get(JobRow, expired.job_id)
             if job is not None:
-                job.outputs_expired_at = int(self.clock())
+                job.outputs_expired_at, job.output_bytes = int(self.clock()), 0
         logger.info("housekeeping: deleted the outputs of %s", expired.job_id)

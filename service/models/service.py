@@ -35,6 +35,7 @@ from service.models.adapters import (
     unpack_adapter,
     weights_bound,
 )
+from service.organization.limits import Limits
 from training.spec import checkpoint_adapter_key, job_folder
 from training.storage import ArtifactStore, join
 
@@ -84,6 +85,7 @@ class Deletion:
     base_model: str
     names: list[str]
     folders: list[str]
+    job_id: str | None = None  # the job whose outputs shrink
 
 
 class ImportAdapterRequest(BaseModel):
@@ -104,8 +106,10 @@ class ModelService:
         store: ArtifactStore | None = None,
         max_adapter_bytes: int = 8 * 1024**3,
         model_ready: Callable[[str], bool] = lambda model_id: True,
+        limits: Limits | None = None,
     ):
         self.db = db
+        self.limits = limits  # quotas per organization; None: unlimited
         self.model_ready = model_ready  # an embedded base model is built in the background
         self.base_models = base_models
         self.started_at = started_at
@@ -187,6 +191,7 @@ class ModelService:
             row.base_model,
             [row.id, *checkpoints],
             [folder],
+            row.job_id,
         )
 
     def _delete_checkpoint(self, tenant: Tenant, model: str) -> Deletion:
@@ -210,12 +215,18 @@ class ModelService:
             base_model,
             [model],
             [checkpoint.path],
+            checkpoint.job_id,
         )
 
     def delete_files(self, deletion: Deletion) -> None:
         if self.store is not None:
             for folder in deletion.folders:
                 self.store.delete(folder)
+        if deletion.job_id is not None:  # its outputs are measured again (or are gone)
+            with self.db.session() as session:
+                job = session.get(JobRow, deletion.job_id)
+                if job is not None:
+                    job.output_bytes = None
 
     def inference_target(self, tenant: Tenant, model: str) -> InferenceTarget:
         if model in self.base_models:
@@ -280,6 +291,10 @@ class ModelService:
                 bound,
             )
             check_adapter(folder, base)
+            size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
+            if self.limits is not None:
+                with self.db.session() as session:
+                    self.limits.check_storage(session, tenant.organization, size, "adapter_file")
             self.store.put_folder(folder, key)
         name = fine_tuned_model_name(base.id, tenant.organization, request.suffix, short_id)
         row = ModelRow(
@@ -289,6 +304,7 @@ class ModelService:
             job_id=None,
             adapter_dir=key,
             created_at=now(),
+            bytes=size,
         )
         try:
             with self.db.session() as session:

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.config import OrganizationLimits, Settings
-from service.db import FileRow, JobRow, UploadRow, now
+from service.db import FileRow, JobRow, ModelRow, UploadRow, now
 from service.errors import QuotaExceeded, RateLimited
 from service.fine_tuning.lifecycle import TERMINAL, JobStatus
 
@@ -159,6 +159,22 @@ class Limits:
             )
             or 0
         )
+        stored += int(
+            session.scalar(
+                select(func.coalesce(func.sum(ModelRow.bytes), 0)).where(
+                    ModelRow.organization == organization, ModelRow.job_id.is_(None)
+                )
+            )
+            or 0
+        )
+        stored += int(
+            session.scalar(
+                select(func.coalesce(func.sum(JobRow.output_bytes), 0)).where(
+                    JobRow.organization == organization, JobRow.outputs_expired_at.is_(None)
+                )
+            )
+            or 0
+        )
         if files + 1 > limits.files:
             raise QuotaExceeded(
                 f"Your organization holds {files} files, its limit: delete some first.",
@@ -169,7 +185,7 @@ class Limits:
             raise QuotaExceeded(
                 f"Storing {adding_bytes} more bytes would exceed your organization's "
                 f"{limits.storage_bytes} byte storage limit ({stored + pending} in use): "
-                "delete files first.",
+                "delete files, tuned models or checkpoints first.",
                 param=param,
                 code="storage_quota_exceeded",
             )

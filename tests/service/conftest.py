@@ -50,7 +50,7 @@ def parts(settings: Settings):  # type: ignore[no-untyped-def]
         "files": files,
         "uploads": UploadService(db, blobs, files),
         "jobs": FineTuningService(db, base_models, reconciler.stop, limits),
-        "models": ModelService(db, base_models, started_at=0, store=blobs),
+        "models": ModelService(db, base_models, started_at=0, store=blobs, limits=limits),
         "reconciler": reconciler,
         "launcher": launcher,
         "limits": limits,

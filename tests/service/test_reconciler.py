@@ -703,3 +703,32 @@ def test_the_outputs_of_failed_and_cancelled_jobs_expire_and_a_models_stay(world
         assert world.sdk.fine_tuning.jobs.retrieve(each.job_id).status in ("cancelled", "failed")
     assert week_later.expired_outputs() == []  # each once
     assert list(blobs.list(job_folder(jobs["succeeded"])))  # a model's outputs stay
+
+
+def test_a_finished_jobs_outputs_count_against_the_storage_quota_until_deleted(
+    world: World, settings
+):
+    import openai
+
+    from service.config import OrganizationLimits
+    from service.housekeeping import Housekeeping
+
+    job_id = world.running()
+    out = world.row(job_id).output_dir
+    blobs = world.parts["blobs"]
+    blobs.put_bytes(f"{out}/adapter/adapter_model.safetensors", b"w" * 5_000)
+    blobs.put_bytes(f"{out}/adapter/adapter_config.json", b"{}")
+    world.trainer(job_id).write(Succeeded(adapter_dir=f"{out}/adapter"))
+    world.ray.end(job_id)
+    world.tick()
+    Housekeeping(world.parts["db"], blobs).sweep()  # measures the finished job's outputs
+    assert (world.row(job_id).output_bytes or 0) > 5_000
+    world.parts["limits"].settings = settings.model_copy(
+        update={"limits": OrganizationLimits(storage_bytes=8_000)}
+    )
+    small = memorisation_jsonl()
+    with pytest.raises(openai.RateLimitError) as refused:  # 5 kB of weights + this > 8 kB
+        world.sdk.files.create(file=("t.jsonl", small * 3), purpose="fine-tune")
+    assert refused.value.body["code"] == "storage_quota_exceeded"  # type: ignore[index]
+    world.sdk.models.delete(world.row(job_id).fine_tuned_model or "")
+    world.sdk.files.create(file=("t.jsonl", small * 3), purpose="fine-tune")  # room again
