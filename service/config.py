@@ -62,6 +62,14 @@ class BaseModelConfig(BaseModel):
     chat_template: str | None = Field(
         default=None, description="Jinja template overriding the tokenizer's own"
     )
+    tool_call_parser: str | None = Field(
+        default=None,
+        max_length=64,
+        description="vLLM's parser of this model's tool calls (`hermes` for Qwen2.5, "
+        "`llama3_json`...): with it `tool_choice: auto` (the default with `tools`) can "
+        "call tools; without it the model answers in text (`required` and a named "
+        "function still call tools, through guided decoding)",
+    )
     # Serving at scale (serving/deployment.py): replicas, the tiers an adapter moves through
     # (accelerator slots, host memory, the replica's disk, the artifact store) and how many
     # requests a replica takes before the API answers 429.

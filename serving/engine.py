@@ -48,6 +48,8 @@ class EngineConfig:
     max_adapters_per_replica: int = 64
     # Domains a multimodal model may fetch media from; none: no URL is fetched at all.
     allowed_media_domains: tuple[str, ...] = ()
+    # vLLM's tool-call parser of this model; None: no automatic tool choice.
+    tool_call_parser: str | None = None
 
     @property
     def host_memory_adapters(self) -> int:
@@ -67,6 +69,8 @@ class EngineConfig:
         ]  # fmt: skip
         if self.chat_template:
             args += ["--chat-template", self.chat_template]
+        if self.tool_call_parser:
+            args += ["--enable-auto-tool-choice", "--tool-call-parser", self.tool_call_parser]
         # vLLM fetches from anywhere when given no domains: a name that cannot resolve
         # (RFC 6761) makes the engine itself refuse every URL, behind the API's own check.
         args += ["--allowed-media-domains", *(self.allowed_media_domains or NO_MEDIA_DOMAIN)]

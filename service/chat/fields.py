@@ -125,3 +125,13 @@ def _check_media(messages: Any, settings: Settings) -> None:
                     "as a data: URL, or ask the operator to allow the domain)",
                     param=f"messages[{index}].content[{number}].{kind}",
                 )
+
+
+def tool_choice_for(body: dict[str, Any], can_choose_tools: bool) -> dict[str, Any]:
+    """OpenAI's default with `tools` is `tool_choice: auto`; an engine with no tool-call
+    parser for its model refuses it with a 400, so there the model answers in text, as
+    `auto` allows (`required` and a named function pass: vLLM's guided decoding serves
+    them without a parser)."""
+    if can_choose_tools or not body.get("tools") or body.get("tool_choice", "auto") != "auto":
+        return body
+    return {**body, "tool_choice": "none"}

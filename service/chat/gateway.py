@@ -182,6 +182,7 @@ class ServingGateway:
             adapter_cache_bytes=base.adapter_cache_bytes or self.settings.adapter_cache_bytes,
             max_adapters_per_replica=base.max_adapters_per_replica,
             allowed_media_domains=self.settings.media_domains,
+            tool_call_parser=base.tool_call_parser,
         )
         options: dict[str, Any] = {
             "num_cpus": 1,

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.chat.fields import harden
+from service.chat.fields import harden, tool_choice_for
 from service.deps import GatewayDep, ModelsDep, TenantDep
 from service.errors import APIError, InvalidRequest, envelope
 from service.metrics import CLIENT_CLOSED, ServerMetrics
@@ -54,6 +54,9 @@ async def _answer(kind: str, request: Request, tenant: Any, models: Any, gateway
     body = harden(kind, await _json_body(request), tenant.organization, request.app.state.settings)
     # A database read: off the event loop, which serves every stream.
     target = await run_in_threadpool(models.inference_target, tenant, body["model"])
+    if kind == "chat":
+        base = models.base_models.get(target.base_model)
+        body = tool_choice_for(body, base is not None and base.tool_call_parser is not None)
     # One of the organization's concurrent slots, held until the answer has been sent.
     release = request.app.state.limits.inference_slot(tenant.organization)
     record = AnswerRecord(request.app.state.metrics, kind, target.base_model, body["model"])

@@ -81,3 +81,16 @@ def test_media_is_fetched_only_from_allowed_domains():
     allowed = settings(allowed_media_domains="images.example.com")
     harden("chat", with_image("https://images.example.com/cat.png"), "org-a", allowed)
     harden("chat", with_image("data:image/png;base64,AAAA"), "org-a", settings())
+
+
+def test_tools_without_a_tool_call_parser_are_answered_in_text_not_refused():
+    from service.chat.fields import tool_choice_for
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    body = {**CHAT, "tools": tools}
+    assert tool_choice_for(body, can_choose_tools=False)["tool_choice"] == "none"
+    assert "tool_choice" not in tool_choice_for(body, can_choose_tools=True)
+    named = {**body, "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    assert tool_choice_for(named, can_choose_tools=False) == named
+    assert tool_choice_for({**body, "tool_choice": "required"}, False)["tool_choice"] == "required"
+    assert tool_choice_for(CHAT, can_choose_tools=False) == CHAT

@@ -87,3 +87,10 @@ def test_vllms_answers_are_passed_on_as_openais_schema_has_them():
     }  # fmt: skip
     assert answer["choices"][0]["logprobs"] == {"content": [], "refusal": None}
     assert "prompt_tokens_details" not in answer["usage"]
+
+
+def test_a_configured_tool_call_parser_lets_the_engine_choose_tools():
+    plain = parsed(EngineConfig("m", "/models/m", 64, 8, 2))
+    assert not plain.enable_auto_tool_choice
+    tools = parsed(EngineConfig("m", "/models/m", 64, 8, 2, tool_call_parser="hermes"))
+    assert tools.enable_auto_tool_choice and tools.tool_call_parser == "hermes"
