@@ -131,7 +131,7 @@ async def run_scheduler(
                     if housekeeping.due():
                         await asyncio.to_thread(housekeeping.sweep)
                         expired = await asyncio.to_thread(housekeeping.expired_outputs)
-                    report = await asyncio.to_thread(reconciler.tick)
+                    report = await asyncio.to_thread(reconciler.tick, lease.keep)
                     actions = [
                         *(
                             _eager_load(gateway, m)

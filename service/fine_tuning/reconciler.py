@@ -126,6 +126,7 @@ class TickReport:
     errors: dict[str, str] = field(default_factory=dict)  # job id → the step's exception
     conflicts: list[str] = field(default_factory=list)  # changed by another writer meanwhile
     launcher_unavailable: str | None = None
+    lease_lost: bool = False  # another process schedules now: the tick stopped
 
 
 def fail(session: Session, job: JobRow, code: str, message: str, param: str | None) -> None:
@@ -176,7 +177,9 @@ class Reconciler:
         }
 
     # --- the tick
-    def tick(self) -> TickReport:
+    def tick(self, keep_lease: Callable[[], bool] | None = None) -> TickReport:
+        """One step of every open job. `keep_lease`: asked before each job; once it says
+        the scheduler's lease is lost, the tick stops (another process schedules)."""
         report = TickReport()
         with self.db.session() as session:
             open_jobs = session.execute(
@@ -211,6 +214,10 @@ class Reconciler:
             handler = self._handlers.get(JobStatus(status))
             if handler is None:  # paused: waits for the user
                 continue
+            if keep_lease is not None and not keep_lease():
+                report.lease_lost = True
+                logger.warning("the scheduler lease was lost mid-tick: stopping the tick")
+                break
             if status == S.QUEUED:
                 # Queued jobs come last: once the slots are full, none of the rest can start
                 # this tick, and the tick costs nothing more for a long queue.

@@ -394,6 +394,29 @@ def test_one_lease_holder_at_a_time_and_a_dead_holders_lease_is_taken_over(parts
     assert first.hold()
 
 
+def test_a_slow_tick_keeps_renewing_its_lease_and_stops_once_it_is_lost(world: World, parts):
+    now = [100.0]
+    mine = Lease(parts["db"], ttl_s=9, holder="a", clock=lambda: now[0])
+    other = Lease(parts["db"], ttl_s=9, holder="b", clock=lambda: now[0])
+    assert mine.hold()
+    now[0] += 2
+    assert mine.keep()  # within a third of its time: not even asked again
+    now[0] += 6  # a slow housekeeping sweep, a slow job: renewed, not lost
+    assert mine.keep() and not other.hold()
+    now[0] += 8
+    assert not other.hold()  # still renewed 8 s ago, within its 9
+    jobs = [world.job() for _ in range(3)]
+    asked: list[bool] = []
+
+    def keep() -> bool:  # lost after the first job of the tick (taken over meanwhile)
+        asked.append(True)
+        return len(asked) == 1
+
+    report = world.reconciler.tick(keep_lease=keep)
+    assert report.lease_lost and len(asked) == 2
+    assert [world.status(j) for j in jobs].count("queued") == 1  # one job stepped, no more
+
+
 def test_the_evaluation_is_a_message_and_the_result_file_has_one_row_per_step(world: World):
     job_id = world.running()
     start = {"full_valid_loss": 2.5, "full_valid_contains": 0.0}
