@@ -144,10 +144,12 @@ def test_every_answer_validates_against_openais_schemas(
     }  # fmt: skip
     job = check("POST /fine_tuning/jobs", operation_schema("post", "/fine_tuning/jobs"),
                 ok(http.post("/fine_tuning/jobs", json=body)))  # fmt: skip
-    wait_status(http, job["id"], {"running"})
+    check("GET (running)", operation_schema("get", jobs_path),
+          wait_status(http, job["id"], {"running"}))  # fmt: skip
     check("POST .../pause", operation_schema("post", f"{jobs_path}/pause"),
           ok(http.post(f"/fine_tuning/jobs/{job['id']}/pause")))  # fmt: skip
-    wait_status(http, job["id"], {"paused"})
+    check("GET (paused)", operation_schema("get", jobs_path),
+          wait_status(http, job["id"], {"paused"}))  # fmt: skip
     check("POST .../resume", operation_schema("post", f"{jobs_path}/resume"),
           ok(http.post(f"/fine_tuning/jobs/{job['id']}/resume")))  # fmt: skip
     check("POST .../cancel", operation_schema("post", f"{jobs_path}/cancel"),
