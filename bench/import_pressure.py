@@ -18,11 +18,9 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,20 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.ray_cluster import free_port  # noqa: E402
+from tests.adapters import zero_bomb  # noqa: E402
 
 MIB = 1024 * 1024
-
-
-def zero_bomb(claimed: int) -> bytes:
-    """A .tar.gz whose adapter_model.safetensors is `claimed` zero bytes: one deflate
-    stream in which, after a full flush, every MiB of zeros compresses to the same bytes."""
-    member = tarfile.TarInfo("adapter/adapter_model.safetensors")
-    member.size = claimed
-    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
-    head = deflate.compress(member.tobuf(format=tarfile.PAX_FORMAT))
-    head += deflate.flush(zlib.Z_FULL_FLUSH)
-    block = deflate.compress(b"\0" * MIB) + deflate.flush(zlib.Z_FULL_FLUSH)
-    return head + block * (claimed // MIB) + deflate.flush()
 
 
 class Prober:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import zlib
 from pathlib import Path
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,3 +37,19 @@ def archive(folder: Path) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(folder, arcname=folder.name)
     return buffer.getvalue()
+
+
+def zero_bomb(claimed: int) -> bytes:
+    """A .tar.gz of one adapter_model.safetensors of `claimed` zero bytes, about a
+    thousand times smaller: one deflate stream in which, after a full flush, every MiB of
+    zeros compresses to the same bytes (so it is made by repeating them). It has no end:
+    nothing reads that far."""
+    member = tarfile.TarInfo("adapter/adapter_model.safetensors")
+    member.size = claimed
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip
+    head = deflate.compress(member.tobuf(format=tarfile.PAX_FORMAT))
+    head += deflate.flush(zlib.Z_FULL_FLUSH)
+    mib = b"\0" * 1024 * 1024
+    block = deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
+    assert deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH) == block
+    return head + block * (claimed // len(mib))

@@ -9,7 +9,6 @@ import io
 import json
 import tarfile
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from service.models.adapters import linear_layers
+from tests.adapters import zero_bomb
 from tests.service.test_api import assert_envelope
 from training.hyperparameters import ResolvedHyperparameters
 from training.lora import build_lora_model
@@ -164,22 +164,6 @@ def test_adapters_the_engine_cannot_serve_are_refused_with_the_reason(
     missing = {"base_model": "ftaas-tiny", "adapter_file": "file-nope"}
     assert_envelope(api.post("/v1/models", json=missing), 400, "adapter_file")
     assert [m["owned_by"] for m in api.get("/v1/models").json()["data"]] == ["ftaas"]
-
-
-def zero_bomb(claimed: int) -> bytes:
-    """A .tar.gz of one adapter_model.safetensors of `claimed` zero bytes, about a
-    thousand times smaller: one deflate stream in which, after a full flush, every MiB of
-    zeros compresses to the same bytes (so it is made by repeating them). It has no end:
-    nothing reads that far."""
-    member = tarfile.TarInfo("a/adapter_model.safetensors")
-    member.size = claimed
-    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip
-    head = deflate.compress(member.tobuf(format=tarfile.PAX_FORMAT))
-    head += deflate.flush(zlib.Z_FULL_FLUSH)
-    mib = b"\0" * 1024 * 1024
-    block = deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH)
-    assert deflate.compress(mib) + deflate.flush(zlib.Z_FULL_FLUSH) == block
-    return head + block * (claimed // len(mib))
 
 
 def test_an_archive_that_inflates_to_gigabytes_is_refused_from_its_first_bytes(api):
