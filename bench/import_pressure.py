@@ -14,11 +14,8 @@ and their ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.ray_cluster import free_port  # noqa: E402
+from bench.fresh_server import fresh_server  # noqa: E402
 from tests.adapters import zero_bomb  # noqa: E402
 
 MIB = 1024 * 1024
@@ -72,32 +69,7 @@ def main() -> None:
     parser.add_argument("--imports", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
-    (work / "home").mkdir()
-    port = free_port()
-    env = {
-        **os.environ,
-        "HOME": str(work / "home"),
-        "FTAAS_HOME": str(work / "state"),
-        "FTAAS_PORT": str(port),
-        "FTAAS_EMBEDDED_MODELS": "ftaas-tiny",
-    }
-    with open(work / "server.log", "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/health").json()["serving"].get("ftaas-tiny") == "ready":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "server did not start"
-            time.sleep(1)
+    with fresh_server({"FTAAS_EMBEDDED_MODELS": "ftaas-tiny"}) as base:
         archive = zero_bomb(int(args.gibibytes * 1024 * MIB))
         files = [
             httpx.post(
@@ -147,10 +119,6 @@ def main() -> None:
                 )
             ratio = max(busy.samples[path]) / max(quiet.samples[path])
             print(f"{path}: worst latency during the imports / quiet = {ratio:.2f}x")
-    finally:
-        server.terminate()
-        server.wait(30)
-        subprocess.run([sys.executable, "-m", "service", "stop"], cwd=ROOT, env=env, check=False)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.ray_cluster import free_port  # noqa: E402
+from bench.fresh_server import fresh_server  # noqa: E402
 
 ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
 
@@ -96,33 +94,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--megabytes", type=int, default=300)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
-    (work / "home").mkdir()
-    port = free_port()
-    env = {
-        **os.environ,
-        "HOME": str(work / "home"),
-        "FTAAS_HOME": str(work / "state"),
-        "FTAAS_PORT": str(port),
-    }
-    env["FTAAS_MAX_UPLOAD_BYTES"] = str((args.megabytes + 50) * 1024 * 1024)
-    with open(work / "server.log", "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/health").json()["serving"].get("ftaas-tiny") == "ready":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "server did not start"
-            time.sleep(1)
-        data = work / "big.jsonl"
+    with fresh_server({"FTAAS_MAX_UPLOAD_BYTES": str((args.megabytes + 50) * 1024 * 1024)}) as base:
+        data = Path(tempfile.mkdtemp(prefix="ftaas-bench-")) / "big.jsonl"
         size = write_file(data, args.megabytes)
 
         quiet = Prober(base)
@@ -156,10 +129,6 @@ def main() -> None:
                 )
             ratio = max(getattr(busy, name)) / max(getattr(quiet, name))
             print(f"{name}: worst latency during the upload / quiet = {ratio:.2f}x")
-    finally:
-        server.terminate()
-        server.wait(30)
-        subprocess.run([sys.executable, "-m", "service", "stop"], cwd=ROOT, env=env, check=False)
 
 
 if __name__ == "__main__":
