@@ -133,6 +133,9 @@ class FineTuningJobObject(FineTuningJob):
     ]
     method: JobMethod | None = None  # type: ignore[assignment]
     user_provided_suffix: str | None = None
+    # As the request gave them (unset fields absent): OpenAI's schema types `tags` as an
+    # array, never null, which the SDK's own type would send.
+    integrations: list[dict[str, Any]] | None = None  # type: ignore[assignment]
 
 
 class ListPage(BaseModel, Generic[T]):

@@ -3,6 +3,7 @@ server is down is reconciled by the restarted server, and its model is served.""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -65,6 +66,11 @@ def test_job_finished_while_the_api_was_killed_is_reconciled(server: RunningServ
 
     wait_for_serving(client, "ftaas-tiny")
     assert "pineapple" in greedy(client, finished.fine_tuned_model or "", QUESTIONS[0])
-    restart_log = server.log.read_text()[log_offset:]
+    # The gateway asks the running engine what it was deployed with before it says so.
+    decided = re.compile(r"serving application llm-ftaas-tiny (already running|runs config)")
+    deadline = time.monotonic() + 120
+    while not decided.search(restart_log := server.log.read_text()[log_offset:]):
+        assert time.monotonic() < deadline, "the gateway never decided about the engine"
+        time.sleep(1)
     assert "already running: reusing it" in restart_log, "the engine was redeployed"
     assert "deploying serving application" not in restart_log

@@ -141,6 +141,7 @@ def test_every_answer_validates_against_openais_schemas(
         "training_file": training["id"],
         "method": {"type": "supervised",
                    "supervised": {"hyperparameters": {"n_epochs": 20, "batch_size": 1}}},
+        "integrations": [{"type": "wandb", "wandb": {"project": "ftaas-tests"}}],
     }  # fmt: skip
     job = check("POST /fine_tuning/jobs", operation_schema("post", "/fine_tuning/jobs"),
                 ok(http.post("/fine_tuning/jobs", json=body)))  # fmt: skip
