@@ -131,7 +131,7 @@ async def run_scheduler(
                     if housekeeping.due():
                         await asyncio.to_thread(housekeeping.sweep)
                         expired = await asyncio.to_thread(housekeeping.expired_outputs)
-                    report = await asyncio.to_thread(reconciler.tick, lease.keep)
+                    report = await asyncio.to_thread(reconciler.tick, lease.keep, lease.fence)
                     actions = [
                         *(
                             _eager_load(gateway, m)
@@ -221,6 +221,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             use_gpu=partial(use_gpu, settings),
             metrics=app.state.metrics,
             model_ready=builds.ready,
+            cluster_id=settings.ray_cluster_id,
         )
         app.state.settings = settings
         wire_organization(app, settings, db)

@@ -193,6 +193,15 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         default=None, validation_alias=AliasChoices("FTAAS_RAY_ADDRESS", "RAY_ADDRESS")
     )
+    cluster_id: str | None = Field(
+        default=None,
+        description="the name of the Ray cluster this process submits training to, recorded "
+        "with each attempt: a scheduler on another cluster (a RayService upgrade's new one) "
+        "follows that attempt through the store instead of taking it for lost. It must stay "
+        "the same when the cluster's head restarts (KubeRay: the RayCluster's name, which "
+        "deploy/ sets from the pod's `ray.io/cluster` label); by default `RAY_ADDRESS`, or "
+        "`embedded` for the embedded head",
+    )
     ray_num_cpus: int = Field(default=8, description="logical CPUs of the embedded Ray head")
     ray_head_resources: dict[str, float] | None = Field(
         default=None, description="JSON: custom Ray resources of the embedded head node"
@@ -302,6 +311,10 @@ class Settings(BaseSettings):
         if not override:
             return self.limits
         return OrganizationLimits.model_validate({**self.limits.model_dump(), **override})
+
+    @property
+    def ray_cluster_id(self) -> str:
+        return self.cluster_id or self.ray_address or "embedded"
 
     @property
     def embedded_model_ids(self) -> list[str]:

@@ -144,6 +144,8 @@ class JobRow(Base):
     # when Ray was first seen not to know it (it is lost once that lasts).
     lost_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lost_seen_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # The Ray cluster the current attempt was submitted to (Settings.cluster_id).
+    cluster_id: Mapped[str | None] = mapped_column(String(255), default=None)
     # When a failed or cancelled job's outputs (checkpoints, logs) were deleted.
     outputs_expired_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     # What a finished job's outputs hold in the store (the storage quota counts it);
@@ -236,6 +238,8 @@ class LeaseRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[float] = mapped_column(Float)
+    # Up by one each time another holder takes the lease: the fencing token.
+    generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 def make_engine(url: str) -> Engine:

@@ -6,6 +6,13 @@ before every tick and, with `keep`, between the jobs of a tick and after houseke
 another process takes it over once it has expired (its holder died or hung), within
 `ttl_s`. Taking and renewing are one conditional UPDATE each, so two processes can never
 both believe they hold it for the same period.
+
+A holder that stalls past its time (a long GC pause, a hung call) may still act on the
+belief that it holds the lease. So every write of a tick is fenced (`fence`): in the
+write's own transaction, the lease row must still name this holder at the generation it
+took it with. A takeover raises the generation, and the two updates of one row serialise
+in the database, so a stale holder's write rolls back instead of landing beside the new
+holder's.
 """
 
 from __future__ import annotations
@@ -16,12 +23,17 @@ import socket
 import time
 from collections.abc import Callable
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import case, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from service.db import Database, LeaseRow
 
 SCHEDULER = "scheduler"
+
+
+class LeaseLost(RuntimeError):
+    """Another process took the lease over: this one must not write as the scheduler."""
 
 
 class Lease:
@@ -39,6 +51,7 @@ class Lease:
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.clock = clock
         self._held_at: float | None = None  # when a hold (or renewal) last succeeded
+        self.generation: int | None = None  # the lease's generation while this holds it
 
     def keep(self) -> bool:
         """Whether this process still holds the lease: renewed once a third of its time
@@ -55,29 +68,61 @@ class Lease:
                 update(LeaseRow)
                 .where(LeaseRow.name == self.name)
                 .where(or_(LeaseRow.holder == self.holder, LeaseRow.expires_at < now))
-                .values(holder=self.holder, expires_at=now + self.ttl_s)
+                .values(
+                    holder=self.holder,
+                    expires_at=now + self.ttl_s,
+                    generation=case(
+                        (LeaseRow.holder == self.holder, LeaseRow.generation),
+                        else_=LeaseRow.generation + 1,
+                    ),
+                )
             )
             if renewed.rowcount == 1:
                 self._held_at = now
+                self.generation = connection.scalar(
+                    select(LeaseRow.generation).where(LeaseRow.name == self.name)
+                )
                 return True
             exists = connection.scalar(select(LeaseRow.name).where(LeaseRow.name == self.name))
         self._held_at = None
+        self.generation = None
         if exists is not None:
             return False
         try:
             with self.db.engine.begin() as connection:
                 connection.execute(
                     insert(LeaseRow).values(
-                        name=self.name, holder=self.holder, expires_at=now + self.ttl_s
+                        name=self.name,
+                        holder=self.holder,
+                        expires_at=now + self.ttl_s,
+                        generation=1,
                     )
                 )
             self._held_at = now
+            self.generation = 1
             return True
         except IntegrityError:  # another process made it first
             return False
 
+    def fence(self, session: Session) -> None:
+        """Check, inside `session`'s transaction, that this process still holds the lease
+        at the generation it took it with; `LeaseLost` (the caller's transaction rolls
+        back) if not. The no-op UPDATE locks the row until the transaction ends, so a
+        takeover waits for this write or this write sees the takeover."""
+        held = session.execute(
+            update(LeaseRow)
+            .where(LeaseRow.name == self.name)
+            .where(LeaseRow.holder == self.holder)
+            .where(LeaseRow.generation == (self.generation or 0))
+            .values(generation=LeaseRow.generation)
+        )
+        if held.rowcount != 1:  # type: ignore[attr-defined]
+            self._held_at = None
+            raise LeaseLost(f"the {self.name} lease was taken over")
+
     def release(self) -> None:
         self._held_at = None
+        self.generation = None
         with self.db.engine.begin() as connection:
             connection.execute(
                 update(LeaseRow)

@@ -18,7 +18,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from service.fine_tuning.launcher import (
     LaunchState,
     SubmissionExists,
 )
+from service.fine_tuning.lease import LeaseLost
 from service.fine_tuning.lifecycle import (
     TERMINAL,
     TRAINER_MAY_BE_ALIVE,
@@ -95,6 +96,10 @@ MAX_LOST_RUNS = 3
 # Ray must still not know a running job this long after it was first seen not to (one
 # answer from a head that is restarting is not the job lost).
 LOST_AFTER_S = 10
+# An attempt submitted to another Ray cluster (an upgrade's old one, still training) is
+# unknown to this cluster's Ray by nature: it is followed through the store, and taken
+# for lost only once it has written nothing for this long (its cluster is gone).
+FOREIGN_SILENT_S = 600
 S = JobStatus
 
 
@@ -150,8 +155,14 @@ class Reconciler:
         clock: Callable[[], int] = now,
         metrics: ServerMetrics | None = None,
         model_ready: Callable[[str], bool] = lambda model_id: True,
+        cluster_id: str = "local",
     ):
         self.db = db
+        # The Ray cluster `launcher` submits to: recorded with each attempt.
+        self.cluster_id = cluster_id
+        # Set for a tick by its caller: checks the scheduler lease in every write's
+        # transaction (service/fine_tuning/lease.py), raising LeaseLost once it is gone.
+        self._fence: Callable[[Session], None] | None = None
         self.metrics = metrics
         # An embedded base model is built in the background: its jobs wait in the queue.
         self.model_ready = model_ready
@@ -177,9 +188,30 @@ class Reconciler:
         }
 
     # --- the tick
-    def tick(self, keep_lease: Callable[[], bool] | None = None) -> TickReport:
+    def tick(
+        self,
+        keep_lease: Callable[[], bool] | None = None,
+        fence: Callable[[Session], None] | None = None,
+    ) -> TickReport:
         """One step of every open job. `keep_lease`: asked before each job; once it says
-        the scheduler's lease is lost, the tick stops (another process schedules)."""
+        the scheduler's lease is lost, the tick stops (another process schedules).
+        `fence`: run inside every write's transaction; it raises LeaseLost (the write
+        rolls back and the tick stops) once another process holds the lease."""
+        self._fence = fence
+        try:
+            return self._tick(keep_lease)
+        finally:
+            self._fence = None
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Session]:
+        """A transaction of the scheduler: fenced by the lease when the tick is."""
+        with self.db.session() as session:
+            yield session
+            if self._fence is not None:
+                self._fence(session)
+
+    def _tick(self, keep_lease: Callable[[], bool] | None) -> TickReport:
         report = TickReport()
         with self.db.session() as session:
             open_jobs = session.execute(
@@ -227,6 +259,10 @@ class Reconciler:
             self._pruned = []
             try:
                 ready = handler(job_id)
+            except LeaseLost:
+                report.lease_lost = True
+                logger.warning("the scheduler lease was taken over: stopping the tick")
+                break
             except LauncherUnavailable as error:  # Ray's fault, not the job's: it waits
                 report.launcher_unavailable = str(error)
                 self._warn_waiting(job_id)
@@ -256,7 +292,7 @@ class Reconciler:
             return
         self._warned_waiting.add(job_id)
         try:
-            with self.db.session() as session:
+            with self._session() as session:
                 job = session.get(JobRow, job_id)
                 if job is not None:
                     message = "Ray's job API is not answering; the job waits until it does"
@@ -268,7 +304,7 @@ class Reconciler:
         # A tenant reads it: Ray's answers name the entrypoint and the store's URL.
         first_line = str(error).splitlines()[0] if str(error) else ""
         reason = without_server_paths(f"{type(error).__name__}: {first_line}")
-        with self.db.session() as session:
+        with self._session() as session:
             job = session.get(JobRow, job_id)
             if job is None or JobStatus(job.status) in TERMINAL:
                 return
@@ -295,7 +331,7 @@ class Reconciler:
 
     def _reset_failures(self, job_id: str) -> None:
         try:
-            with self.db.session() as session:
+            with self._session() as session:
                 job = session.get(JobRow, job_id)
                 if job is not None:
                     job.step_failures = 0
@@ -304,7 +340,7 @@ class Reconciler:
 
     # --- validating_files → queued | failed
     def _validating_files(self, job_id: str) -> None:
-        with self.db.session() as session:
+        with self._session() as session:
             job = self._job(session, job_id, S.VALIDATING_FILES)
             if job is None:
                 return
@@ -339,7 +375,7 @@ class Reconciler:
 
     # --- queued → starting (the intent, committed) → running
     def _queued(self, job_id: str) -> None:
-        with self.db.session() as session:
+        with self._session() as session:
             job = self._job(session, job_id, S.QUEUED)
             if job is None or not self.model_ready(job.model):
                 return
@@ -383,6 +419,7 @@ class Reconciler:
         # object the same attempt, computed again, overwrites.
         spec.save(self.store)
         job.attempts = attempt.number
+        job.cluster_id = self.cluster_id
         job.ray_submission_id = attempt.submission_id
         job.output_dir = attempt.output_key
         job.progress_offset = 0
@@ -403,17 +440,20 @@ class Reconciler:
         return key
 
     def _starting(self, job_id: str) -> None:
-        with self.db.session() as session:
+        with self._session() as session:
             job = self._job(session, job_id, S.STARTING)
             if job is None:
                 return
             submission_id, output_dir = job.ray_submission_id, job.output_dir
+            foreign = self._foreign(job)
         assert submission_id and output_dir
         # Adopt what the launcher already has (a crash after the submission), else submit.
-        if self.launcher.info(submission_id).state == LaunchState.UNKNOWN:
+        # An intent another cluster's scheduler committed is never submitted here: that
+        # scheduler may have submitted it (`_running` follows it, or finds it lost).
+        if not foreign and self.launcher.info(submission_id).state == LaunchState.UNKNOWN:
             with contextlib.suppress(SubmissionExists):  # an earlier try reached Ray
                 self.launcher.submit(submission_id, self.store.url, spec_key(output_dir), env={})
-        with self.db.session() as session:
+        with self._session() as session:
             job = self._job(session, job_id, S.STARTING)
             if job is None:  # cancelled or paused meanwhile: that state's handler takes over
                 return
@@ -427,13 +467,17 @@ class Reconciler:
 
     # --- running → succeeded | failed | queued (the launcher lost it)
     def _running(self, job_id: str) -> ReadyModel | None:
-        with self.db.session() as session:
+        with self._session() as session:
             job = self._job(session, job_id, S.RUNNING)
             if job is None:
                 return None
+            offset = job.progress_offset
             info, outcome = self._observe(session, job)
             if outcome is not None:
                 return self._finish(session, job, outcome)
+            if info.state == LaunchState.UNKNOWN and self._foreign(job):
+                self._foreign_not_known(session, job, job.progress_offset != offset)
+                return None
             if info.state == LaunchState.UNKNOWN:
                 self._not_known(session, job)
                 return None
@@ -450,6 +494,29 @@ class Reconciler:
             return
         if self.clock() - job.lost_seen_at < LOST_AFTER_S:
             return
+        self._run_again(session, job)
+
+    def _foreign(self, job: JobRow) -> bool:
+        """Whether the job's attempt went to another Ray cluster than this scheduler's."""
+        return job.cluster_id is not None and job.cluster_id != self.cluster_id
+
+    def _foreign_not_known(self, session: Session, job: JobRow, progressed: bool) -> None:
+        """An attempt on another cluster, which this one's Ray cannot know: followed
+        through the store (its records are applied as any attempt's), and run again here
+        only once it has written nothing for FOREIGN_SILENT_S."""
+        if job.lost_seen_at is None:
+            logger.info(
+                "job %s runs on Ray cluster %s, not %s: following it through the store",
+                job.id, job.cluster_id, self.cluster_id,
+            )  # fmt: skip
+        if progressed or job.lost_seen_at is None:
+            job.lost_seen_at = self.clock()
+            return
+        if self.clock() - job.lost_seen_at >= FOREIGN_SILENT_S:
+            self._run_again(session, job)
+
+    def _run_again(self, session: Session, job: JobRow) -> None:
+        """The job's attempt is lost: queued for a new one, a bounded number of times."""
         job.lost_seen_at = None
         if job.lost_runs >= MAX_LOST_RUNS:
             fail(
@@ -467,7 +534,7 @@ class Reconciler:
 
     # --- pausing → paused, resuming → queued, once the trainer has stopped
     def _winding_down(self, job_id: str) -> ReadyModel | None:
-        with self.db.session() as session:
+        with self._session() as session:
             job = session.get(JobRow, job_id)
             if job is None or job.status not in (S.PAUSING, S.RESUMING):
                 return None
@@ -511,7 +578,7 @@ class Reconciler:
 
     # --- cancelling → cancelled, once the trainer has stopped
     def _cancelling(self, job_id: str) -> None:
-        with self.db.session() as session:
+        with self._session() as session:
             job = self._job(session, job_id, S.CANCELLING)
             if job is None:
                 return

@@ -153,9 +153,12 @@ def test_every_secret_and_config_reference_resolves():
                 kind = "ConfigMap" if kind == "configMapRef" else "Secret"
                 assert (kind, ref["name"]) in provided
             for item in container.get("env", []):
-                if "valueFrom" in item:
+                if "secretKeyRef" in item.get("valueFrom", {}):
                     ref = item["valueFrom"]["secretKeyRef"]
                     assert ref["key"] in provided[("Secret", ref["name"])], item
+                elif "valueFrom" in item:  # the downward API: a label KubeRay sets
+                    field = item["valueFrom"]["fieldRef"]["fieldPath"]
+                    assert field == "metadata.labels['ray.io/cluster']", item
             mounts = {mount["name"] for mount in container.get("volumeMounts", [])}
             assert mounts <= {volume["name"] for volume in spec.get("volumes", [])}
         for volume in spec.get("volumes", []):

@@ -12,6 +12,7 @@ from service.fine_tuning.channel import TrainerChannel
 from service.fine_tuning.launcher import LauncherUnavailable, LaunchState
 from service.fine_tuning.lease import Lease
 from service.fine_tuning.reconciler import (
+    FOREIGN_SILENT_S,
     LOST_AFTER_S,
     MAX_LOST_RUNS,
     MAX_STEP_FAILURES,
@@ -415,6 +416,72 @@ def test_a_slow_tick_keeps_renewing_its_lease_and_stops_once_it_is_lost(world: W
     report = world.reconciler.tick(keep_lease=keep)
     assert report.lease_lost and len(asked) == 2
     assert [world.status(j) for j in jobs].count("queued") == 1  # one job stepped, no more
+
+
+def test_a_stalled_holder_whose_lease_was_taken_over_writes_nothing(world: World, parts):
+    """Review M4's fence: a scheduler that stalled past its lease (and still believes it
+    holds it) steps no job once another holds the lease; the new holder's writes land."""
+    now = [100.0]
+    stalled = Lease(parts["db"], ttl_s=9, holder="a", clock=lambda: now[0])
+    other = Lease(parts["db"], ttl_s=9, holder="b", clock=lambda: now[0])
+    assert stalled.hold() and stalled.generation == 1
+    job_id = world.job()
+    now[0] += 10  # "a" stalls past its time; "b" takes over
+    assert other.hold() and other.generation == 2
+    report = world.reconciler.tick(keep_lease=lambda: True, fence=stalled.fence)
+    assert report.lease_lost and world.status(job_id) == "validating_files"
+    assert not report.errors and not report.conflicts
+    report = world.reconciler.tick(keep_lease=other.keep, fence=other.fence)
+    assert not report.lease_lost and world.status(job_id) == "queued"
+    assert other.hold() and other.generation == 2  # renewing keeps the generation
+
+
+def test_an_attempt_on_another_ray_cluster_is_followed_through_the_store(world: World):
+    """An upgrade: the new cluster's scheduler takes the lease while the old cluster still
+    trains. Its Ray does not know the attempt, which is not the job lost: the records the
+    old trainer writes are followed, and the job succeeds; nothing is submitted twice."""
+    job_id = world.running()
+    with world.parts["db"].session() as session:
+        session.get(JobRow, job_id).cluster_id = "old-cluster"  # type: ignore[union-attr]
+    del world.ray.states[job_id]  # this cluster's Ray never knew it
+    world.tick()
+    for _ in range(3):
+        world.clock += FOREIGN_SILENT_S // 2
+        world.train(job_id, steps=1)  # the old cluster's trainer goes on
+        world.tick()
+        assert world.status(job_id) == "running"
+    world.trainer(job_id).write(Succeeded(adapter_dir="/adapter"))
+    world.tick()
+    assert world.status(job_id) == "succeeded" and world.ray.submitted == [job_id]
+
+
+def test_an_attempt_on_a_cluster_gone_silent_runs_again_here(world: World):
+    job_id = world.running()
+    with world.parts["db"].session() as session:
+        session.get(JobRow, job_id).cluster_id = "old-cluster"  # type: ignore[union-attr]
+    del world.ray.states[job_id]
+    world.lose(job_id)  # this cluster's short wait: not lost yet
+    assert world.status(job_id) == "running"
+    world.clock += FOREIGN_SILENT_S
+    world.tick()
+    assert world.status(job_id) == "queued" and world.row(job_id).lost_runs == 1
+    world.tick()
+    row = world.row(job_id)
+    assert row.ray_submission_id == f"{job_id}-2" and row.cluster_id == "local"
+    assert world.ray.alive() == [f"{job_id}-2"]
+
+
+def test_an_intent_another_clusters_scheduler_committed_is_not_submitted_here(world: World):
+    job_id = world.job()
+    world.tick()  # validating_files → queued
+    world.ray.refuse_submit = RuntimeError("this cluster's Ray is unreachable mid-launch")
+    world.tick(errors=True)  # the intent is committed, the launch fails
+    assert world.status(job_id) == "starting"
+    world.ray.refuse_submit = None
+    with world.parts["db"].session() as session:
+        session.get(JobRow, job_id).cluster_id = "old-cluster"  # type: ignore[union-attr]
+    world.tick()
+    assert world.status(job_id) == "running" and world.ray.submitted == []
 
 
 def test_the_evaluation_is_a_message_and_the_result_file_has_one_row_per_step(world: World):
