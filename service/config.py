@@ -11,6 +11,7 @@ from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.engine import host_memory_adapters
+from serving.names import app_name
 from training.smollm2 import (
     SMOLLM2_ID,
     SMOLLM2_LEARNING_RATE,
@@ -336,7 +337,24 @@ class Settings(BaseSettings):
             first = {**models[0].model_dump(), **self.default_model}
             return [BaseModelConfig.model_validate(first), *models[1:]]
         raw = json.loads(self.base_models_file.read_text())
-        return [BaseModelConfig.model_validate(item) for item in raw]
+        return _distinct([BaseModelConfig.model_validate(item) for item in raw])
+
+
+def _distinct(models: list[BaseModelConfig]) -> list[BaseModelConfig]:
+    """Each base model must have its own id and its own Serve application: `org/m` and
+    `org-m` would otherwise share one engine, one model silently answering for the other
+    (review L11)."""
+    seen: dict[str, str] = {}
+    for model in models:
+        name = app_name(model.id)
+        if name in seen:
+            raise ValueError(
+                f"the base models {seen[name]!r} and {model.id!r} would share the serving "
+                f"application {name!r} (ids differing only in characters other than letters, "
+                "digits, '-', '_' and '.'): rename one"
+            )
+        seen[name] = model.id
+    return models
 
 
 def _key_pairs(text: str | None) -> dict[str, str]:

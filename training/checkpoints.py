@@ -82,7 +82,7 @@ def save_checkpoint(
             "position": asdict(position),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+            "rng": _rng_state(),
             "recipe": recipe_state or {},
         },
         local / STATE,
@@ -118,9 +118,28 @@ def load_checkpoint(
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise RuntimeError(f"checkpoint {key} does not fit this model: {unexpected[:3]}")
-    state = torch.load(folder / STATE, weights_only=False)
+    # Tensors, numbers and containers only: a checkpoint from the store runs no code.
+    state = torch.load(folder / STATE, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
+    _set_rng_state(state["rng"])
     return TrainingPosition(**state["position"]), state.get("recipe", {})
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator a step draws from: Python's, torch's CPU one and each GPU's
+    (dropout on a GPU draws from the CUDA generator)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))  # a tuple, as Python stored it
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        devices = torch.cuda.device_count()
+        if len(state["cuda"]) == devices:  # resumed on a node with as many GPUs
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -272,6 +272,7 @@ class LocalStore(ArtifactStore):
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, path)
+            _fsync_folder(path.parent)  # the rename itself survives a power cut (review L22)
         finally:
             partial.unlink(missing_ok=True)
 
@@ -428,3 +429,16 @@ def open_store(url: str | Path) -> ArtifactStore:
 
 def is_remote(location: str) -> bool:
     return location.startswith("s3://")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot
+    be opened (Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

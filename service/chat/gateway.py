@@ -165,8 +165,9 @@ class ServingGateway:
     def _deploy_one(self, base: BaseModelConfig, existing: dict[str, Any]) -> None:
         from ray import serve
 
-        from serving.deployment import app_fingerprint, app_name, build_llm_app
+        from serving.deployment import app_fingerprint, build_llm_app
         from serving.engine import EngineConfig
+        from serving.names import app_name
 
         name = app_name(base.id)
         config = EngineConfig(
@@ -228,7 +229,7 @@ class ServingGateway:
             return handle
         from ray import serve
 
-        from serving.deployment import app_name
+        from serving.names import app_name
 
         try:
             handle = await asyncio.to_thread(serve.get_app_handle, app_name(base_model))

@@ -176,6 +176,7 @@ class Reconciler:
         self.use_gpu = use_gpu
         self.clock = clock
         self._pruned: list[PrunedCheckpoint] = []  # by the job being stepped
+        self._trained_tokens: list[tuple[str, str, float]] = []  # (model, method, tokens)
         self._warned_waiting: set[str] = set()
         self._handlers: dict[JobStatus, Callable[[str], ReadyModel | None]] = {
             S.VALIDATING_FILES: self._validating_files,
@@ -256,7 +257,7 @@ class Reconciler:
                 full = full or self._slots_full()
                 if full:
                     break
-            self._pruned = []
+            self._pruned, self._trained_tokens = [], []
             try:
                 ready = handler(job_id)
             except LeaseLost:
@@ -276,6 +277,9 @@ class Reconciler:
                 self._count_failure(job_id, error)
                 continue
             report.pruned += self._pruned  # unlisted for good: the step has committed
+            for model, method, tokens in self._trained_tokens:
+                assert self.metrics is not None
+                self.metrics.trained_tokens.labels(model, method).inc(tokens)
             if failures:
                 self._reset_failures(job_id)
             if ready is not None:
@@ -684,7 +688,9 @@ class Reconciler:
             return
         method = str((job.method or {}).get("type", "supervised"))
         tokens = job.trained_tokens * min(steps, total_steps) / total_steps
-        self.metrics.trained_tokens.labels(job.model, method).inc(tokens)
+        # Counted once the step commits (`_tick`): a conflict rolls the step back and the
+        # next tick reads these records again (review L14).
+        self._trained_tokens.append((job.model, method, tokens))
 
     def _add_checkpoint(self, session: Session, job: JobRow, record: Checkpoint) -> None:
         job.resume_from = record.path

@@ -58,3 +58,29 @@ def test_a_server_with_keys_opens_metrics_only_to_the_metrics_key(settings: Sett
     assert client.get("/metrics").status_code == 401
     scraped = client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
     assert scraped.status_code == 200 and "ftaas_fine_tuning_jobs" in scraped.text
+
+
+def test_a_step_that_loses_at_commit_counts_its_trained_tokens_once(
+    client: TestClient, sdk: OpenAI, parts: dict, settings: Settings
+):
+    """Review L14: the transaction that read the steps fails at its commit (another writer
+    changed the job first), so it rolls back and the next tick reads the same steps."""
+    from sqlalchemy.orm.exc import StaleDataError
+
+    world = World(sdk, parts, settings)
+    job_id = world.running()
+    world.train(job_id, steps=4)
+    conflicts: list[bool] = []
+
+    def conflict_at_the_first_commit(session: object) -> None:
+        if not conflicts:
+            conflicts.append(True)
+            raise StaleDataError("the job changed under the step")
+
+    assert world.reconciler.tick(fence=conflict_at_the_first_commit).conflicts == [job_id]
+    world.tick()
+    trained = (
+        "ftaas_trained_tokens_total",
+        (("base_model", "ftaas-tiny"), ("method", "supervised")),
+    )
+    assert samples(client.get("/metrics").text)[trained] == 100

@@ -143,6 +143,22 @@ def test_a_cluster_without_token_fails_in_one_line_naming_the_variables(tmp_path
     assert list((tmp_path / "user-home").iterdir()) == []
 
 
+def test_two_base_models_one_engine_would_answer_for_are_refused_in_one_line(tmp_path: Path):
+    """Review L11: `acme/m` and `acme-m` map to one Serve application, so one model's
+    engine would silently answer for the other: the server refuses to start."""
+    models = tmp_path / "two.json"
+    weights = str(tmp_path / "weights")
+    models.write_text(
+        json.dumps([{"id": "acme/m", "path": weights}, {"id": "acme-m", "path": weights}])
+    )
+    done = _serve(tmp_path, FTAAS_BASE_MODELS_FILE=str(models), FTAAS_PORT="0")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ftaas could not start: reading the base models failed"), last
+    assert "'acme/m' and 'acme-m' would share the serving application 'llm-acme-m'" in last
+    assert "Traceback" not in done.stderr + done.stdout
+
+
 def test_ports_chosen_together_are_all_different():
     from service.ray_cluster import free_ports
 

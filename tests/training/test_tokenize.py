@@ -1,5 +1,6 @@
+from training.data.batching import next_token_labels
 from training.data.schema import ChatExample, PromptCompletionExample
-from training.data.tokenize import IGNORE_INDEX, tokenize_example
+from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 
 
 def learned_text(tokenizer, example) -> str:
@@ -92,3 +93,12 @@ def test_a_legacy_function_call_is_learned_as_the_call_it_is(tiny_tokenizer):
         tiny_tokenizer.chat_template = original
     assert '<call>weather({"city": "Paris"})</call>' in learned.replace(" ", " ")
     assert "Sunny." in learned and "sunny" not in learned
+
+
+def test_the_loss_normaliser_counts_exactly_the_labels_some_position_predicts():
+    """Review L15: the first label is shifted away (no position predicts it), so it is not
+    counted, even where it is a target (a text example with no prompt)."""
+    for labels in ([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8], [5, IGNORE_INDEX, 7]):
+        example = TokenizedExample(input_ids=[5, 6, 7, 8][: len(labels)], labels=labels)
+        predicted = [label for label in next_token_labels(example) if label != IGNORE_INDEX]
+        assert example.n_target_tokens == len(predicted)

@@ -35,7 +35,9 @@ class TokenizedExample:
 
     @property
     def n_target_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        """The tokens the loss is taken on: every label but the first, which no position
+        predicts (batching.next_token_labels shifts it away)."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
 def _template_messages(example: ChatExample) -> list[dict[str, Any]]:
