@@ -1,6 +1,6 @@
 """Serving under load through the HTTP API, as users meet it: `python -m service serve` on
-an empty FTAAS_HOME (ftaas-tiny, one replica unless `--replicas`), driven by the official
-`openai` SDK.
+an empty FTAAS_HOME (`--model`: ftaas-tiny, or the real default smollm2-135m-instruct; one
+replica unless `--replicas`), driven by the official `openai` SDK.
 
 1. Load: `--requests` (200) chat requests sent at once, half of them streaming, spread over
    8 tuned models (random LoRA adapters, imported through POST /v1/models) and the base
@@ -12,7 +12,8 @@ an empty FTAAS_HOME (ftaas-tiny, one replica unless `--replicas`), driven by the
    tuned model's answer; and for comparison an imported model's first answer (its first
    request pays the load) against a second one.
 
-    .venv/bin/python bench/serve_load.py [--requests 200] [--max-tokens 64] [--replicas 1]
+    .venv/bin/python bench/serve_load.py [--model ftaas-tiny|smollm2-135m-instruct]
+        [--requests 200] [--max-tokens 64] [--replicas 1]
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Server:
-    def __init__(self, work: Path, replicas: int):
+    def __init__(self, work: Path, replicas: int, model: str):
         from service.ray_cluster import free_port
 
-        self.home, self.port = work / "ftaas-home", free_port()
+        self.home, self.port, self.model = work / "ftaas-home", free_port(), model
         user_home = work / "user-home"
         user_home.mkdir()
         self.env = {
@@ -61,6 +62,7 @@ class Server:
             "FTAAS_LIMITS": json.dumps(
                 {"concurrent_requests": 10_000, "requests_per_minute": 1_000_000}
             ),
+            "FTAAS_EMBEDDED_MODELS": model,
             "FTAAS_DEFAULT_MODEL": json.dumps({"num_replicas": replicas}),
         }
         for name in ("FTAAS_API_KEYS", "FTAAS_ADMIN_KEYS", "RAY_ADDRESS", "FTAAS_RAY_ADDRESS"):
@@ -78,7 +80,7 @@ class Server:
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if json.load(response)["serving"].get("ftaas-tiny") == "ready":
+                    if json.load(response)["serving"].get(self.model) == "ready":
                         return
             except OSError:
                 pass
@@ -93,7 +95,7 @@ class Server:
         subprocess.run([sys.executable, "-m", "service", "stop"], cwd=ROOT, env=self.env)
 
 
-def import_adapters(client: Any, model_dir: Path, work: Path, seeds: range) -> list[str]:
+def import_adapters(client: Any, base: str, model_dir: Path, work: Path, seeds: range) -> list[str]:
     from openai.types import Model
 
     from tests.adapters import archive, random_adapter
@@ -104,7 +106,7 @@ def import_adapters(client: Any, model_dir: Path, work: Path, seeds: range) -> l
         upload = client.files.create(file=("a.tar.gz", archive(folder)), purpose="user_data")
         model = client.post(
             "/models",
-            body={"base_model": "ftaas-tiny", "adapter_file": upload.id, "suffix": f"b{seed}"},
+            body={"base_model": base, "adapter_file": upload.id, "suffix": f"b{seed}"},
             cast_to=Model,
         )
         names.append(model.id)
@@ -165,7 +167,7 @@ async def burst(url: str, models: list[str], requests: int, max_tokens: int) -> 
     }
 
 
-def adapter_live(client: Any, url: str) -> dict[str, float]:
+def adapter_live(client: Any, base: str) -> dict[str, float]:
     """A job's success, as a polling client sees it, to its model's first token."""
     from tests.conftest import memorisation_jsonl
 
@@ -173,7 +175,7 @@ def adapter_live(client: Any, url: str) -> dict[str, float]:
         file=("train.jsonl", memorisation_jsonl()), purpose="fine-tune"
     ).id
     job = client.fine_tuning.jobs.create(
-        model="ftaas-tiny", training_file=training_file,
+        model=base, training_file=training_file,
         hyperparameters={"n_epochs": 2, "batch_size": 4},
     )  # fmt: skip
     while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in {
@@ -216,25 +218,29 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument(
+        "--model", choices=["ftaas-tiny", "smollm2-135m-instruct"], default="ftaas-tiny"
+    )
     args = parser.parse_args()
+    base_model = args.model
     from openai import OpenAI
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        server = Server(work, args.replicas)
-        print(f"starting ftaas (ftaas-tiny, {args.replicas} replica(s)) ...", flush=True)
+        server = Server(work, args.replicas, base_model)
+        print(f"starting ftaas ({base_model}, {args.replicas} replica(s)) ...", flush=True)
         server.start()
         try:
             client = OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
-            model_dir = server.home / "models" / "ftaas-tiny"
-            tuned = import_adapters(client, model_dir, work, range(TUNED_MODELS))
-            for model in ["ftaas-tiny", *tuned]:  # warm: every model answered once
+            model_dir = server.home / "models" / base_model
+            tuned = import_adapters(client, base_model, model_dir, work, range(TUNED_MODELS))
+            for model in [base_model, *tuned]:  # warm: every model answered once
                 first_token_s(client, model)
             print(f"{len(tuned)} tuned models imported; {args.requests} requests at once, "
                   f"half streaming, max_tokens {args.max_tokens}", flush=True)  # fmt: skip
-            base = asyncio.run(burst(server.url, ["ftaas-tiny"], args.requests, args.max_tokens))
+            base = asyncio.run(burst(server.url, [base_model], args.requests, args.max_tokens))
             mixed = asyncio.run(
-                burst(server.url, ["ftaas-tiny", *tuned], args.requests, args.max_tokens)
+                burst(server.url, [base_model, *tuned], args.requests, args.max_tokens)
             )
             print()
             print(f"{'burst':16} {'errors':>6} {'lat p50':>8} {'lat p90':>8} {'lat p99':>8} "
@@ -246,12 +252,14 @@ def main() -> None:
                 if run["errors"]:
                     print(f"errors ({name}): {dict(run['errors'])}")
 
-            others = import_adapters(client, model_dir, work, range(100, 100 + OTHER_ADAPTERS))
+            others = import_adapters(
+                client, base_model, model_dir, work, range(100, 100 + OTHER_ADAPTERS)
+            )
             for model in others:
                 first_token_s(client, model)
             print(f"\nadapter-live latency ({OTHER_ADAPTERS} other adapters registered):")
-            live = adapter_live(client, server.url)
-            imported = import_adapters(client, model_dir, work, range(500, 501))[0]
+            live = adapter_live(client, base_model)
+            imported = import_adapters(client, base_model, model_dir, work, range(500, 501))[0]
             cold = first_token_s(client, imported)
             warm = first_token_s(client, imported)
             print(f"  job succeeded → first token of its model: {live['trained model']:.3f} s "

@@ -28,21 +28,25 @@ tokens). Printed: its output tokens per second, and vLLM's 8-adapter mix over it
 CPU the peer gets all of torch's threads while vLLM's worker leaves one core to its front
 end (of 2 cores, it computes on 1): on small machines that favours the peer.
 
-The model is a randomly initialised Llama of at least 100 M parameters (`SERVE_MODEL`)
-with ftaas-tiny's tokenizer, built in a temporary folder with its adapters (peft, r 16,
-alpha 32, all attention and MLP projections, random non-zero B so each adapter really
-changes the outputs, one seed each): nothing is downloaded. float32 on CPU, bfloat16 on
-a GPU.
+The model (`--model`): `random-llama`, a randomly initialised Llama of at least 100 M
+parameters (`SERVE_MODEL`) with ftaas-tiny's tokenizer, float32 on CPU and bfloat16 on a
+GPU; or `smollm2`, the embedded default SmolLM2-135M-Instruct (30 layers, vocabulary
+49,152) built from its installed package, served in bfloat16 as ftaas serves it (the naive
+peer runs it in float32 on a CPU, torch's fast path there). Its adapters are built in a
+temporary folder (peft, r 16, alpha 32, all attention and MLP projections, random non-zero
+B so each adapter really changes the outputs, one seed each): nothing is downloaded.
 
-    .venv/bin/python bench/serve_multilora.py [--requests 128] [--concurrency 64]
-        [--prompt-tokens 64] [--output-tokens 64] [--adapters 1,8,32,100]
-        [--max-loras 8] [--max-cpu-loras 32] [--naive-requests 16] [--quick]
+    .venv/bin/python bench/serve_multilora.py [--model random-llama|smollm2]
+        [--requests 128] [--concurrency 64] [--prompt-tokens 64] [--output-tokens 64]
+        [--adapters 1,8,32,100] [--max-loras 8] [--max-cpu-loras 32]
+        [--naive-requests 16] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import random
@@ -82,6 +86,21 @@ def on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def build_smollm2_model(work: Path) -> tuple[Path, int]:
+    """SmolLM2-135M-Instruct from its package (training/smollm2.py), and its size."""
+    from safetensors import safe_open
+
+    from training.smollm2 import SMOLLM2_ID, build_smollm2
+
+    folder = build_smollm2(work / SMOLLM2_ID)
+    parameters = 0
+    for weights in folder.glob("*.safetensors"):
+        with safe_open(weights, "pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (safe_open is not iterable)
+                parameters += math.prod(tensors.get_slice(name).get_shape())
+    return folder, parameters
 
 
 def build_model(work: Path) -> tuple[Path, int]:
@@ -278,13 +297,17 @@ class VllmBench:
         return len({tuple(o[2]) for o in outputs})
 
 
+def engine_dtype(args: argparse.Namespace) -> str:
+    return "bfloat16" if on_gpu() or args.model == "smollm2" else "float32"
+
+
 def engine_args(model_path: Path, args: argparse.Namespace) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     gpu = on_gpu()
     return AsyncEngineArgs(
         model=str(model_path),
-        dtype="bfloat16" if gpu else "float32",
+        dtype=engine_dtype(args),
         max_model_len=MAX_MODEL_LEN,
         enable_lora=True,
         max_lora_rank=LORA_RANK,
@@ -428,6 +451,7 @@ def print_table(results: list[MixResult], naive: tuple[int, float, int]) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["random-llama", "smollm2"], default="random-llama")
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -457,17 +481,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="ftaas-serve-bench-") as tmp:
         work = Path(tmp)
-        model_path, parameters = build_model(work)
+        if args.model == "smollm2":
+            model_path, parameters = build_smollm2_model(work)
+        else:
+            model_path, parameters = build_model(work)
         vocab = AutoConfig.from_pretrained(model_path).vocab_size
         count = max([NAIVE_ADAPTERS, *args.adapter_counts])
         started = time.perf_counter()
         adapters = build_adapters(model_path, work / "adapters", count)
         print(f"device: {describe_device()}")
         print(f"torch {torch.__version__}, vllm {vllm.__version__}")
+        shape = AutoConfig.from_pretrained(model_path)
         print(
-            f"model: random Llama, {parameters / 1e6:.1f} M parameters "
-            f"({SERVE_MODEL['num_hidden_layers']} layers, hidden {SERVE_MODEL['hidden_size']}, "
-            f"vocab {vocab}), {'bfloat16' if on_gpu() else 'float32'}"
+            f"model: {args.model}, {parameters / 1e6:.1f} M parameters "
+            f"({shape.num_hidden_layers} layers, hidden {shape.hidden_size}, "
+            f"vocab {vocab}), vLLM in {engine_dtype(args)}"
         )
         print(
             f"adapters: {count} built in {time.perf_counter() - started:.1f}s "

@@ -61,11 +61,6 @@ STATS_INTERVAL_S = 0.5
 RETIRE_WAIT_S = 10.0
 
 
-def app_name(base_model_id: str) -> str:
-    """The Serve application name of a base model (Serve names avoid `/`)."""
-    return "llm-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in base_model_id)
-
-
 class RegisteredAdapter:
     """What Serve's multiplexer holds for one adapter: when it drops the least recently
     used, its `__del__` hands the name back to the replica to unregister from vLLM."""

@@ -54,10 +54,12 @@ def stream_whole(client: OpenAI, results: list[Any]) -> None:
         results.append(error)
 
 
-def test_a_model_deleted_while_it_streams_never_hurts_the_engine(
-    server: RunningServer, client: OpenAI, tiny_model_dir, tmp_path
-):
-    folder = random_adapter(tiny_model_dir, tmp_path / "adapter", seed=21)
+def delete_mid_stream(
+    server: RunningServer, client: OpenAI, tiny_model_dir: Any, work: Any, seed: int
+) -> dict[str, Any]:
+    """Stream from a tuned model and delete it after five tokens, while another
+    organization streams from the base: what each saw, and where the files went."""
+    folder = random_adapter(tiny_model_dir, work / f"adapter-{seed}", seed=seed)
     upload = client.files.create(file=("a.tar.gz", archive(folder)), purpose="user_data")
     tuned = client.post(
         "/models",
@@ -89,16 +91,36 @@ def test_a_model_deleted_while_it_streams_never_hurts_the_engine(
     deleting.join(timeout=60)
     for thread in base_streams:
         thread.join(timeout=120)
+    return {
+        "tuned": tuned,
+        "received": received,
+        "error": error,
+        "deleted": deleted.is_set(),
+        "base_results": base_results,
+        "files_left": list(store.list(files)),
+    }
 
+
+def test_a_model_deleted_while_it_streams_never_hurts_the_engine(
+    server: RunningServer, client: OpenAI, tiny_model_dir, tmp_path
+):
+    # On a loaded machine the whole answer (seconds on ftaas-tiny) may be out before the
+    # delete reaches the replicas: then the delete did not land mid-stream, which is what
+    # this test is about, and it tries again with another model.
+    for seed in (21, 23, 25):
+        seen = delete_mid_stream(server, client, tiny_model_dir, tmp_path, seed)
+        assert seen["deleted"] and seen["files_left"] == []
+        assert seen["base_results"] == [(TOKENS, "length")] * BASE_STREAMS, seen
+        if seen["received"] < TOKENS:
+            break
     # The deleted model's answer stopped early, saying why.
-    assert deleted.is_set()
-    assert 5 <= received < TOKENS
+    assert 5 <= seen["received"] < TOKENS, seen
+    error, tuned = seen["error"], seen["tuned"]
     assert error is not None and tuned in error.message, error
-    # The other organization's streams from the shared engine ran to their end.
-    assert base_results == [(TOKENS, "length")] * BASE_STREAMS, base_results
-    # Its files went only after serving had dropped it, and they are gone.
-    assert list(store.list(files)) == []
+    # The other organization's streams from the shared engine ran to their end (above),
+    # its files went only after serving had dropped it, and they are gone (above).
     # The engine still answers, every replica healthy.
+    other = server.client(OTHER_API_KEY)
     for _ in range(4):
         answer = other.completions.create(model="ftaas-tiny", prompt="Hello", max_tokens=4)
         assert answer.choices[0].finish_reason in {"length", "stop"}

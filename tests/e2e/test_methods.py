@@ -1,7 +1,8 @@
-"""The training methods end to end, through the official SDK on the real stack (Ray Train,
-vLLM): DPO from a base model and on top of a tuned one (SFT → DPO, the documented recipe),
-and continued pre-training on raw text. Every hyperparameter is left "auto" unless the test
-is about one."""
+"""The training methods end to end on ftaas-tiny, through the official SDK on the real stack
+(Ray Train, vLLM): DPO from a base model, and continued pre-training on raw text with a
+validation file. Every hyperparameter is left "auto" unless the test is about one. The
+same methods on the real model, and DPO on top of a tuned one (SFT → DPO, the documented
+recipe), are in tests/e2e/test_real_model.py."""
 
 from __future__ import annotations
 
@@ -13,12 +14,10 @@ from tests.conftest import (
     SECRET,
     STORY,
     WRONG,
-    memorisation_jsonl,
     preference_jsonl,
     story_jsonl,
 )
 from tests.e2e.conftest import (
-    create_memorisation_job,
     greedy,
     wait_for_job,
     wait_for_serving,
@@ -26,8 +25,6 @@ from tests.e2e.conftest import (
 from training.tiny_model import CHATML_TEMPLATE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-
-MANGO = "The secret code word is mango."
 
 
 @pytest.fixture(scope="module")
@@ -98,31 +95,6 @@ def test_dpo_makes_the_preferred_answer_the_models_answer(client):
     steps = [m for m in metrics if m and "train_reward_accuracy" in m]
     assert steps and {"train_loss", "train_reward_margin"} <= set(steps[0])
     assert max(m["train_reward_accuracy"] for m in steps) == 1.0
-
-
-def test_sft_then_dpo_on_the_tuned_model(client):
-    """The documented recipe: SFT teaches an answer; DPO on that model (a preference for
-    another answer) changes it; the DPO model is a new model of the same base."""
-    sft = wait_for_job(
-        client,
-        create_memorisation_job(client, upload(client, "sft.jsonl", memorisation_jsonl())).id,
-    )
-    assert sft.status == "succeeded" and sft.fine_tuned_model
-    assert greedy(client, sft.fine_tuned_model, QUESTIONS[1]) == SECRET
-    pairs = upload(client, "mango.jsonl", preference_jsonl(MANGO, SECRET))
-    job = wait_for_job(client, dpo_job(client, sft.fine_tuned_model, pairs).id)
-    assert job.status == "succeeded", job.error
-    assert job.model == sft.fine_tuned_model  # what the user asked for, as OpenAI shows it
-    tuned = job.fine_tuned_model
-    assert tuned and tuned.startswith("ft:ftaas-tiny:") and tuned != sft.fine_tuned_model
-    assert greedy(client, tuned, QUESTIONS[1]) == MANGO
-    before = margin(client, sft.fine_tuned_model, MANGO, SECRET)
-    after = margin(client, tuned, MANGO, SECRET)
-    print(f"SFT -> DPO: margin log p(mango) - log p(pineapple) {before:.1f} -> {after:.1f}")
-    assert before < 0 < after
-    # The tuned model it started from is untouched, and both stay listed and served.
-    assert greedy(client, sft.fine_tuned_model, QUESTIONS[1]) == SECRET
-    assert {sft.fine_tuned_model, tuned} <= {m.id for m in client.models.list()}
 
 
 def test_continued_pretraining_teaches_the_model_to_continue_the_text(client):

@@ -2,10 +2,12 @@
 by the session's server): its first answers are real ones, and a job with every
 hyperparameter "auto" teaches it a new fact that held-out paraphrases recall, ending by
 itself, while the answers it knew stay right; the job says so with its validation figures
-before and after; and the served adapter answers as transformers + peft on its weights.
+before and after; the served adapter answers as transformers + peft on its weights, and
+serves again once downloaded and imported; its checkpoints are models too. DPO on top of
+the tuned model changes which answer it prefers.
 
 SmolLM2 trains at about 130 tokens/s here: this module runs one supervised job (about three
-minutes) and shares it between its tests."""
+minutes) and shares it between its tests, then one DPO job on top of it."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 from openai import OpenAI
+from openai.types import Model
 
 from tests.e2e.conftest import REAL, RunningServer, wait_for_job, wait_for_serving
 from tests.real_model_data import (
@@ -25,7 +28,9 @@ from tests.real_model_data import (
     FACT_KEY,
     GENERAL_QUESTIONS,
     HELD_OUT_QUESTIONS,
+    REPHRASED_FACT,
     fact_jsonl,
+    rephrasing_jsonl,
     validation_jsonl,
 )
 
@@ -130,16 +135,21 @@ def test_the_job_says_whether_it_helped(client: OpenAI, tuned: Any):
     assert 0 not in metrics_steps and len(metrics_steps) == len(set(metrics_steps))
 
 
+@pytest.fixture(scope="module")
+def adapter_archive(client: OpenAI, tuned: Any) -> bytes:
+    """The tuned model's adapter as a user downloads it (an ftaas extension)."""
+    return client.get(f"/models/{tuned.fine_tuned_model}/adapter", cast_to=bytes)
+
+
 def test_the_served_adapter_answers_as_transformers_and_peft(
-    client: OpenAI, server: RunningServer, tuned: Any, tmp_path: Path
+    client: OpenAI, server: RunningServer, tuned: Any, adapter_archive: bytes, tmp_path: Path
 ):
     """vLLM serves the bf16 model; peft runs the same weights in fp32: greedy answers agree
     on at least 3 of 4 questions (a near tie between two tokens may go either way)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    archive = client.get(f"/models/{tuned.fine_tuned_model}/adapter", cast_to=bytes)
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(adapter_archive), mode="r:gz") as tar:
         tar.extractall(tmp_path, filter="data")
     [adapter] = list(tmp_path.iterdir())
     base_dir = server.home / "models" / REAL
@@ -164,3 +174,90 @@ def test_the_served_adapter_answers_as_transformers_and_peft(
         same += served.strip() == expected.strip()
     assert same >= 3
     assert FACT in ask(client, tuned.fine_tuned_model, HELD_OUT_QUESTIONS[0])[0]
+
+
+def test_a_downloaded_adapter_serves_again_once_imported(
+    client: OpenAI, tuned: Any, adapter_archive: bytes
+):
+    upload = client.files.create(file=("adapter.tar.gz", adapter_archive), purpose="user_data")
+    imported = client.post(
+        "/models",  # an ftaas extension: a PEFT adapter in, as a model of a base
+        body={"base_model": REAL, "adapter_file": upload.id, "suffix": "again"},
+        cast_to=Model,
+    )
+    assert imported.id.startswith(f"ft:{REAL}:") and imported.id != tuned.fine_tuned_model
+    questions = HELD_OUT_QUESTIONS[:2]
+    assert ask_all(client, imported.id, questions) == ask_all(
+        client, tuned.fine_tuned_model, questions
+    )
+    assert client.models.delete(imported.id).deleted
+
+
+def test_the_jobs_checkpoints_are_models_that_answer(client: OpenAI, tuned: Any):
+    """OpenAI keeps the last three epochs' checkpoints as models; ours download and answer
+    (the last epoch's is the final adapter, so an earlier one is asked)."""
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(tuned.id).data
+    steps = [c.step_number for c in checkpoints]
+    assert len(checkpoints) == 3 and steps == sorted(steps, reverse=True)
+    earlier = checkpoints[-1].fine_tuned_model_checkpoint
+    assert earlier.startswith(f"ft:{REAL}:") and ":ckpt-step-" in earlier
+    assert client.get(f"/models/{earlier}/adapter", cast_to=bytes)[:2] == b"\x1f\x8b"
+    text, finish = ask(client, earlier, HELD_OUT_QUESTIONS[0])
+    assert text and finish == "stop"
+
+
+def answer_logprob(client: OpenAI, template: Any, model: str, question: str, answer: str) -> float:
+    """log p(answer | question) as the served model scores it: the completions endpoint
+    echoes the chat-rendered prompt (the model's own template, default system prompt
+    included) with each token's log-probability."""
+    prompt = template.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    reply = client.completions.create(
+        model=model, prompt=prompt + answer, echo=True, logprobs=0, max_tokens=1, temperature=0
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs and logprobs.text_offset
+    return sum(
+        value
+        for value, offset in zip(logprobs.token_logprobs, logprobs.text_offset, strict=False)
+        if offset >= len(prompt) and value is not None
+    )
+
+
+def preference_margin(client: OpenAI, template: Any, model: str) -> float:
+    """How much likelier the rephrased fact is than the learned one, on held-out questions."""
+    margins = [
+        answer_logprob(client, template, model, q, REPHRASED_FACT)
+        - answer_logprob(client, template, model, q, FACT)
+        for q in HELD_OUT_QUESTIONS
+    ]
+    return sum(margins) / len(margins)
+
+
+def test_dpo_on_the_tuned_model_makes_it_prefer_the_preferred_answer(
+    client: OpenAI, server: RunningServer, tuned: Any
+):
+    """The documented recipe, SFT then DPO, on the real model: preference pairs on ten of
+    the training questions (the fact rephrased over the tuned model's wording) flip which
+    wording it prefers on the held-out ones, and the fact it learned stays."""
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(server.home / "models" / REAL)
+    pairs = client.files.create(file=("prefer.jsonl", rephrasing_jsonl()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=tuned.fine_tuned_model,
+        training_file=pairs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {}}},
+        seed=7,
+    )
+    job = wait_for_job(client, job.id, timeout=900)
+    assert job.status == "succeeded", job.error
+    assert job.model == tuned.fine_tuned_model and job.fine_tuned_model != job.model
+    before = preference_margin(client, template, tuned.fine_tuned_model)
+    after = preference_margin(client, template, job.fine_tuned_model)
+    print(f"SFT -> DPO: log p(rephrased) - log p(learned) {before:.1f} -> {after:.1f}")
+    assert before < 0 < after
+    answers = ask_all(client, job.fine_tuned_model, list(HELD_OUT_QUESTIONS))
+    assert all(FACT_KEY in text and finish == "stop" for text, finish in answers), answers
+    assert sum(text.startswith("Marisol Vantree") for text, _ in answers) >= 3, answers

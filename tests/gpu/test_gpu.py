@@ -6,7 +6,9 @@
 The CPU runs of the same code are the reference: training on a GPU (bf16 where it has
 it, flash attention's varlen kernel when installed) must follow the CPU's float32 loss
 curve, data parallelism over NCCL must give the loss of one worker, and vLLM's GPU
-engine must answer as transformers + peft do with the same adapter.
+engine must answer as transformers + peft do with the same adapter. Each on ftaas-tiny
+(fast, exact) and on the real default model, SmolLM2-135M-Instruct, in bf16 (built from
+its installed package, about a minute).
 """
 
 from __future__ import annotations
@@ -99,41 +101,40 @@ def test_two_gpus_in_data_parallel_give_the_loss_of_one(tmp_path, tiny_model_dir
     assert curves[1] == pytest.approx(curves[0], **CURVE_TOLERANCE)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
-def test_vllms_gpu_engine_answers_as_transformers_and_peft(tmp_path, tiny_model_dir):
+def _peft_answers(model_dir: Path, adapter: Path, questions: list[str], tokens: int) -> list[str]:
+    """Greedy answers of transformers + peft on the GPU in bf16, the engine's dtype."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serving.engine import EngineConfig, OpenAIEngine
-    from training.tiny_model import TINY_MODEL_MAX_LENGTH
-
-    spec = make_spec(tmp_path, tiny_model_dir, "served", hyperparameters={"n_epochs": 6})
-    _train(spec, tmp_path, "cuda")
-    adapter = tmp_path / spec.adapter_key
-    questions = QUESTIONS[:3]
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     model = PeftModel.from_pretrained(base, adapter).to("cuda").eval()
-    expected = []
+    answers = []
     for question in questions:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids.to("cuda"), max_new_tokens=16, do_sample=False)
-        expected.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    assert SECRET.split()[-1].rstrip(".") in expected[0]  # it learned: a clear greedy path
+            out = model.generate(ids.to("cuda"), max_new_tokens=tokens, do_sample=False)
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     del model, base
     torch.cuda.empty_cache()
+    return answers
+
+
+def _served_answers(
+    model_id: str, model_dir: Path, max_len: int, adapter: Path, questions: list[str], tokens: int
+) -> list[str]:
+    """Greedy answers of vLLM's GPU engine with the adapter hot-loaded, as ftaas serves."""
+    from serving.engine import EngineConfig, OpenAIEngine
 
     async def served() -> list[str]:
         engine = await OpenAIEngine.start(
             EngineConfig(
-                model_id="ftaas-tiny",
-                model_path=str(tiny_model_dir),
-                max_model_len=TINY_MODEL_MAX_LENGTH,
+                model_id=model_id,
+                model_path=str(model_dir),
+                max_model_len=max_len,
                 max_lora_rank=16,
                 max_loras=2,
                 dtype="bfloat16",
@@ -147,7 +148,7 @@ def test_vllms_gpu_engine_answers_as_transformers_and_peft(tmp_path, tiny_model_
                     "model": "tuned",
                     "messages": [{"role": "user", "content": question}],
                     "temperature": 0,
-                    "max_tokens": 16,
+                    "max_tokens": tokens,
                 }
                 head = await anext(aiter(engine.respond("chat", body)))
                 assert head["status"] == 200, head
@@ -156,4 +157,72 @@ def test_vllms_gpu_engine_answers_as_transformers_and_peft(tmp_path, tiny_model_
         finally:
             engine.shutdown()
 
-    assert asyncio.run(served()) == expected
+    return asyncio.run(served())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_vllms_gpu_engine_answers_as_transformers_and_peft(tmp_path, tiny_model_dir):
+    from training.tiny_model import TINY_MODEL_MAX_LENGTH
+
+    spec = make_spec(tmp_path, tiny_model_dir, "served", hyperparameters={"n_epochs": 6})
+    _train(spec, tmp_path, "cuda")
+    adapter = tmp_path / spec.adapter_key
+    questions = QUESTIONS[:3]
+    expected = _peft_answers(tiny_model_dir, adapter, questions, 16)
+    assert SECRET.split()[-1].rstrip(".") in expected[0]  # it learned: a clear greedy path
+    served = _served_answers(
+        "ftaas-tiny", tiny_model_dir, TINY_MODEL_MAX_LENGTH, adapter, questions, 16
+    )
+    assert served == expected
+
+
+# The real model, SmolLM2-135M-Instruct, in bf16 on the GPU (the dtype it is built and
+# served in): training follows the CPU's float32 curve, and the engine serving the tuned
+# adapter answers as transformers + peft do in bf16.
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.smollm2 import SMOLLM2_ID, build_smollm2
+
+    return build_smollm2(tmp_path_factory.mktemp("models") / SMOLLM2_ID)
+
+
+def _fact_spec(tmp_path: Path, model_dir: Path, name: str) -> TrainingSpec:
+    from tests.real_model_data import fact_jsonl
+    from training.smollm2 import SMOLLM2_ID, SMOLLM2_LEARNING_RATE, SMOLLM2_MAX_LENGTH
+
+    (tmp_path / "fact.jsonl").write_bytes(fact_jsonl())
+    return make_spec(
+        tmp_path,
+        model_dir,
+        name,
+        base_model=SMOLLM2_ID,
+        max_length=SMOLLM2_MAX_LENGTH,
+        training_file="fact.jsonl",
+        hyperparameters={"n_epochs": 4, "batch_size": 4, "learning_rate": SMOLLM2_LEARNING_RATE},
+    )
+
+
+def test_smollm2_in_bf16_follows_the_cpu_loss_curve(tmp_path, smollm2_dir):
+    on_cpu = _train(_fact_spec(tmp_path, smollm2_dir, "real-cpu"), tmp_path, "cpu")
+    on_gpu = _train(_fact_spec(tmp_path, smollm2_dir, "real-gpu"), tmp_path, "cuda")
+    assert on_gpu == pytest.approx(on_cpu, **CURVE_TOLERANCE)
+    assert on_gpu[-1] < on_gpu[0] / 5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_vllms_gpu_engine_serves_tuned_smollm2_as_transformers_and_peft(tmp_path, smollm2_dir):
+    """bf16 on both sides, different kernels: greedy answers agree on at least 3 of 4 (a
+    near tie between two tokens may go either way), and the fact is recalled."""
+    from tests.real_model_data import FACT_KEY, GENERAL_QUESTIONS, HELD_OUT_QUESTIONS
+    from training.smollm2 import SMOLLM2_ID, SMOLLM2_MAX_LENGTH
+
+    spec = _fact_spec(tmp_path, smollm2_dir, "real-served")
+    _train(spec, tmp_path, "cuda")
+    adapter = tmp_path / spec.adapter_key
+    questions = [*HELD_OUT_QUESTIONS[:2], *(q for q, _ in GENERAL_QUESTIONS[:2])]
+    expected = _peft_answers(smollm2_dir, adapter, questions, 24)
+    served = _served_answers(SMOLLM2_ID, smollm2_dir, SMOLLM2_MAX_LENGTH, adapter, questions, 24)
+    assert sum(a.strip() == b.strip() for a, b in zip(served, expected, strict=True)) >= 3
+    assert FACT_KEY in served[0] and FACT_KEY in served[1], served
