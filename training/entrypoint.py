@@ -90,6 +90,10 @@ def was_paused(spec: TrainingSpec, store: ArtifactStore) -> bool:
     return any(isinstance(record, Paused) for record in records)
 
 
+# Records a lost worker may still write after the driver's failure record is numbered.
+OUTCOME_GAP = 1_000_000
+
+
 class Stopped(BaseException):
     """The run was told to stop (SIGTERM: a cancel, a pause past its grace, the cluster
     shutting down). Not the training's failure: the service decides what comes next."""
@@ -113,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGTERM  # no outcome recorded: stopping is not failing
     except BaseException as error:
         traceback.print_exc()
-        # A new writer after the workers': it continues their numbering.
+        # A new writer after the workers'. A worker the driver lost touch of (its head
+        # going away) may still be writing: numbers well past theirs, so that neither
+        # record overwrites the other (the reader takes them in order, gaps and all).
         outcome = ProgressLog(store, spec.output_key)
-        outcome.write(Failed(code="training_error", message=_user_message(error)))
+        failed = Failed(code="training_error", message=_user_message(error))
+        outcome.write(failed, skip=OUTCOME_GAP)
         return 1
     finally:
         if spec.wandb_secret is not None:  # the next attempt gets its own copy

@@ -206,10 +206,14 @@ class ProgressLog:
     def _key(self, number: int) -> str:
         return join(self.folder, f"{number:010d}{RECORD_SUFFIX}")
 
-    def write(self, record: ProgressRecord) -> None:
+    def write(self, record: ProgressRecord, skip: int = 0) -> None:
+        """`skip`: numbers left free after the last record, for a writer that may run
+        while another still writes (the driver recording a failure while a worker it lost
+        touch of goes on): the two must never take the same number, or one record
+        overwrites the other."""
         if self._next is None:  # continue after whatever an earlier writer left
             numbers = [self._number(item.key) for item in self.store.list(self.folder)]
-            self._next = max((n for n in numbers if n is not None), default=-1) + 1
+            self._next = max((n for n in numbers if n is not None), default=-1) + 1 + skip
         self.store.put_bytes(self._key(self._next), record.model_dump_json().encode())
         self._next += 1
 

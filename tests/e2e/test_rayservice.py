@@ -83,6 +83,9 @@ def _head_environment(home: Path, s3: S3Server, bucket: str, database_url: str) 
     for item in container["env"]:
         if "value" in item:
             env[item["name"]] = str(local_paths.get(item["name"], item["value"]))
+        elif "fieldRef" in item["valueFrom"]:  # the label KubeRay gives its cluster's pods
+            assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['ray.io/cluster']"
+            env[item["name"]] = "ftaas-raycluster-local"
         else:
             ref = item["valueFrom"]["secretKeyRef"]
             env[item["name"]] = secret_values[(ref["name"], ref["key"])]

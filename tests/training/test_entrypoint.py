@@ -23,3 +23,24 @@ def test_ray_trains_wrappers_are_unwrapped_to_the_workers_error():
         "Training failed due to worker errors:", {1: RuntimeError("x"), 0: cause}
     )
     assert "no_such_layer" in _user_message(wrapped)
+
+
+def test_a_failure_recorded_while_a_lost_worker_still_writes_overwrites_nothing(tmp_path):
+    """The head going away: the driver records the failure while a worker it lost touch
+    of writes its next steps. Both writers' records are all read, none overwritten (a
+    metrics event went missing this way)."""
+    from training.entrypoint import OUTCOME_GAP
+    from training.progress import Failed, Metrics, ProgressLog
+    from training.storage import LocalStore
+
+    store = LocalStore(tmp_path)
+    worker = ProgressLog(store, "attempt-1")
+    for step in (1, 2):
+        worker.write(Metrics(step=step, total_steps=4, train_loss=1.0))
+    ProgressLog(store, "attempt-1").write(
+        Failed(code="training_error", message="lost"), OUTCOME_GAP
+    )
+    for step in (3, 4):  # the lost worker goes on
+        worker.write(Metrics(step=step, total_steps=4, train_loss=1.0))
+    records = ProgressLog(store, "attempt-1").read_from(0).records
+    assert [getattr(r, "step", r.type) for r in records] == [1, 2, 3, 4, "failed"]
