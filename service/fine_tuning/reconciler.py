@@ -204,6 +204,41 @@ class Reconciler:
         finally:
             self._fence = None
 
+    def _step(
+        self,
+        job_id: str,
+        status: str,
+        failures: int,
+        handler: Callable[[str], ReadyModel | None],
+        report: TickReport,
+    ) -> None:
+        """One job's step, and what it learned added to `report`."""
+        self._pruned, self._trained_tokens = [], []
+        try:
+            ready = handler(job_id)
+        except LeaseLost:
+            raise
+        except LauncherUnavailable as error:  # Ray's fault, not the job's: it waits
+            report.launcher_unavailable = str(error)
+            self._warn_waiting(job_id)
+            return
+        except StaleDataError:  # another writer changed the job first: look again
+            report.conflicts.append(job_id)
+            return
+        except Exception as error:
+            logger.exception("could not step job %s (%s)", job_id, status)
+            report.errors[job_id] = f"{type(error).__name__}: {error}"
+            self._count_failure(job_id, error)
+            return
+        report.pruned += self._pruned  # unlisted for good: the step has committed
+        for model, method, tokens in self._trained_tokens:
+            assert self.metrics is not None
+            self.metrics.trained_tokens.labels(model, method).inc(tokens)
+        if failures:
+            self._reset_failures(job_id)
+        if ready is not None:
+            report.ready.append(ready)
+
     @contextlib.contextmanager
     def _session(self) -> Iterator[Session]:
         """A transaction of the scheduler: fenced by the lease when the tick is."""
@@ -257,33 +292,12 @@ class Reconciler:
                 full = full or self._slots_full()
                 if full:
                     break
-            self._pruned, self._trained_tokens = [], []
-            try:
-                ready = handler(job_id)
+            try:  # every write of the step is fenced: its warnings and counts too
+                self._step(job_id, status, failures, handler, report)
             except LeaseLost:
                 report.lease_lost = True
                 logger.warning("the scheduler lease was taken over: stopping the tick")
                 break
-            except LauncherUnavailable as error:  # Ray's fault, not the job's: it waits
-                report.launcher_unavailable = str(error)
-                self._warn_waiting(job_id)
-                continue
-            except StaleDataError:  # another writer changed the job first: look again
-                report.conflicts.append(job_id)
-                continue
-            except Exception as error:
-                logger.exception("could not step job %s (%s)", job_id, status)
-                report.errors[job_id] = f"{type(error).__name__}: {error}"
-                self._count_failure(job_id, error)
-                continue
-            report.pruned += self._pruned  # unlisted for good: the step has committed
-            for model, method, tokens in self._trained_tokens:
-                assert self.metrics is not None
-                self.metrics.trained_tokens.labels(model, method).inc(tokens)
-            if failures:
-                self._reset_failures(job_id)
-            if ready is not None:
-                report.ready.append(ready)
         if report.launcher_unavailable:
             logger.warning("Ray's job API is not answering: %s", report.launcher_unavailable)
         else:
@@ -479,11 +493,11 @@ class Reconciler:
             info, outcome = self._observe(session, job)
             if outcome is not None:
                 return self._finish(session, job, outcome)
-            if info.state == LaunchState.UNKNOWN and self._foreign(job):
-                self._foreign_not_known(session, job, job.progress_offset != offset)
-                return None
             if info.state == LaunchState.UNKNOWN:
-                self._not_known(session, job)
+                if self._foreign(job):
+                    self._foreign_not_known(session, job, job.progress_offset != offset)
+                else:
+                    self._not_known(session, job)
                 return None
             job.lost_seen_at = None
             if not info.state.active:

@@ -10,7 +10,7 @@ from openai import OpenAI
 from service.db import EventRow, JobRow, ModelRow
 from service.fine_tuning.channel import TrainerChannel
 from service.fine_tuning.launcher import LauncherUnavailable, LaunchState
-from service.fine_tuning.lease import Lease
+from service.fine_tuning.lease import Lease, LeaseLost
 from service.fine_tuning.reconciler import (
     FOREIGN_SILENT_S,
     LOST_AFTER_S,
@@ -434,6 +434,24 @@ def test_a_stalled_holder_whose_lease_was_taken_over_writes_nothing(world: World
     report = world.reconciler.tick(keep_lease=other.keep, fence=other.fence)
     assert not report.lease_lost and world.status(job_id) == "queued"
     assert other.hold() and other.generation == 2  # renewing keeps the generation
+
+
+def test_a_lease_lost_while_counting_a_failed_step_stops_the_tick_cleanly(world: World):
+    """The fence also guards what a step writes after its handler raised (the failure
+    count, its warning): the tick stops and reports it, and nothing is written."""
+    job_id = world.job()
+    world.tick()  # validating_files → queued
+    world.ray.refuse_submit = RuntimeError("Ray refused the job")
+    fenced: list[bool] = []
+
+    def lost_at_the_third_write(session: object) -> None:
+        fenced.append(True)  # the intent, the launch's read, then the failure count
+        if len(fenced) == 3:
+            raise LeaseLost("taken over")
+
+    report = world.reconciler.tick(fence=lost_at_the_third_write)
+    assert report.lease_lost and len(fenced) == 3
+    assert world.row(job_id).step_failures == 0 and world.events(job_id)[-1].level != "warn"
 
 
 def test_an_attempt_on_another_ray_cluster_is_followed_through_the_store(world: World):
