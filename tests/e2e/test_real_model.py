@@ -4,10 +4,12 @@ hyperparameter "auto" teaches it a new fact that held-out paraphrases recall, en
 itself, while the answers it knew stay right; the job says so with its validation figures
 before and after; the served adapter answers as transformers + peft on its weights, and
 serves again once downloaded and imported; its checkpoints are models too. DPO on top of
-the tuned model changes which answer it prefers.
+the tuned model changes which answer it prefers. Continued pre-training on "auto" teaches
+it to continue a text.
 
 SmolLM2 trains at about 130 tokens/s here: this module runs one supervised job (about three
-minutes) and shares it between its tests, then one DPO job on top of it."""
+minutes) and shares it between its tests, then one DPO job on top of it and one continued
+pre-training job (about a minute and a half)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pytest
 from openai import OpenAI
 from openai.types import Model
 
+from tests.conftest import STORY, story_jsonl
 from tests.e2e.conftest import REAL, RunningServer, wait_for_job, wait_for_serving
 from tests.real_model_data import (
     FACT,
@@ -261,3 +264,31 @@ def test_dpo_on_the_tuned_model_makes_it_prefer_the_preferred_answer(
     answers = ask_all(client, job.fine_tuned_model, list(HELD_OUT_QUESTIONS))
     assert all(FACT_KEY in text and finish == "stop" for text, finish in answers), answers
     assert sum(text.startswith("Marisol Vantree") for text, _ in answers) >= 3, answers
+
+
+def test_continued_pretraining_on_auto_continues_the_text_and_keeps_its_answers(
+    client: OpenAI,
+):
+    """Twelve short documents (three sentences, four times each), every hyperparameter
+    "auto": the model continues each sentence from its first four words, word for word,
+    and still answers general questions (measured: 6 of 7; the base answers all 7)."""
+    corpus = client.files.create(file=("story.jsonl", story_jsonl()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=REAL,
+        training_file=corpus.id,
+        method={  # an ftaas method: the SDK sends it unchanged
+            "type": "continued_pretraining",  # type: ignore[typeddict-item]
+            "continued_pretraining": {"hyperparameters": {}},
+        },
+        seed=7,
+    )
+    job = wait_for_job(client, job.id, timeout=900)
+    assert job.status == "succeeded", job.error
+    assert job.hyperparameters.n_epochs == 20  # 250 block passes over 12 blocks
+    for sentence in STORY:
+        opening = " ".join(sentence.split()[:4])
+        reply = client.completions.create(
+            model=job.fine_tuned_model, prompt=opening, max_tokens=40, temperature=0
+        )
+        assert (opening + reply.choices[0].text).startswith(sentence), reply.choices[0].text
+    assert general_answers_right(client, job.fine_tuned_model) >= 5

@@ -1,7 +1,12 @@
 import pytest
 from pydantic import ValidationError
 
-from training.hyperparameters import SupervisedHyperparameters, auto_n_epochs, resolve
+from training.hyperparameters import (
+    MIN_TARGET_BLOCKS,
+    SupervisedHyperparameters,
+    auto_n_epochs,
+    resolve,
+)
 
 
 @pytest.mark.parametrize(
@@ -10,6 +15,11 @@ from training.hyperparameters import SupervisedHyperparameters, auto_n_epochs, r
 )
 def test_auto_epochs_follow_openais_rule(n_examples, epochs):
     assert auto_n_epochs(n_examples) == epochs
+
+
+@pytest.mark.parametrize(("n_blocks", "epochs"), [(12, 20), (50, 5), (84, 3), (5, 25)])
+def test_auto_epochs_of_raw_text_aim_at_more_passes(n_blocks, epochs):
+    assert auto_n_epochs(n_blocks, MIN_TARGET_BLOCKS) == epochs
 
 
 def test_resolve_scales_the_base_models_rate_and_keeps_explicit_values():
