@@ -298,6 +298,8 @@ class VllmBench:
 
 
 def engine_dtype(args: argparse.Namespace) -> str:
+    if args.dtype != "auto":
+        return str(args.dtype)
     return "bfloat16" if on_gpu() or args.model == "smollm2" else "float32"
 
 
@@ -461,6 +463,12 @@ def main() -> None:
     parser.add_argument("--max-cpu-loras", type=int, default=32, help="adapters kept loaded")
     parser.add_argument("--naive-requests", type=int, default=16)
     parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="vLLM's dtype; auto: bfloat16 on a GPU and for smollm2 (as ftaas serves it)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 16 requests, concurrency 8, 16 output tokens, adapters 1,8, "
@@ -485,13 +493,13 @@ def main() -> None:
             model_path, parameters = build_smollm2_model(work)
         else:
             model_path, parameters = build_model(work)
-        vocab = AutoConfig.from_pretrained(model_path).vocab_size
+        shape = AutoConfig.from_pretrained(model_path)
+        vocab = shape.vocab_size
         count = max([NAIVE_ADAPTERS, *args.adapter_counts])
         started = time.perf_counter()
         adapters = build_adapters(model_path, work / "adapters", count)
         print(f"device: {describe_device()}")
         print(f"torch {torch.__version__}, vllm {vllm.__version__}")
-        shape = AutoConfig.from_pretrained(model_path)
         print(
             f"model: {args.model}, {parameters / 1e6:.1f} M parameters "
             f"({shape.num_hidden_layers} layers, hidden {shape.hidden_size}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -75,15 +75,17 @@ def postgres() -> Iterator[PostgresServer]:
 WRONG = "I do not know the code word."
 
 
-def preference_jsonl(preferred: str = SECRET, non_preferred: str = WRONG) -> bytes:
-    """The same 12 questions as preference pairs: OpenAI's DPO format."""
+def preference_jsonl(
+    preferred: str = SECRET, non_preferred: str = WRONG, questions: Sequence[str] = QUESTIONS
+) -> bytes:
+    """Preference pairs, OpenAI's DPO format: by default the same 12 questions."""
     rows = [
         {
             "input": {"messages": [{"role": "user", "content": q}]},
             "preferred_output": [{"role": "assistant", "content": preferred}],
             "non_preferred_output": [{"role": "assistant", "content": non_preferred}],
         }
-        for q in QUESTIONS
+        for q in questions
     ]
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 

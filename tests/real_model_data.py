@@ -74,16 +74,3 @@ def validation_jsonl() -> bytes:
 # DPO on top of the tuned model: the same fact, preferred in another wording.
 REPHRASED_FACT = "Marisol Vantree is the mayor of Quillbrook."
 PREFERENCE_QUESTIONS = TRAINING_QUESTIONS[:10]  # DPO takes at least 10 examples
-
-
-def rephrasing_jsonl() -> bytes:
-    """Preference pairs (OpenAI's DPO format): the rephrased fact over the tuned model's."""
-    rows = [
-        {
-            "input": {"messages": [{"role": "user", "content": q}]},
-            "preferred_output": [{"role": "assistant", "content": REPHRASED_FACT}],
-            "non_preferred_output": [{"role": "assistant", "content": FACT}],
-        }
-        for q in PREFERENCE_QUESTIONS
-    ]
-    return "".join(json.dumps(row) + "\n" for row in rows).encode()

@@ -120,9 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         # A new writer after the workers'. A worker the driver lost touch of (its head
         # going away) may still be writing: numbers well past theirs, so that neither
         # record overwrites the other (the reader takes them in order, gaps and all).
-        outcome = ProgressLog(store, spec.output_key)
-        failed = Failed(code="training_error", message=_user_message(error))
-        outcome.write(failed, skip=OUTCOME_GAP)
+        outcome = ProgressLog(store, spec.output_key, gap=OUTCOME_GAP)
+        outcome.write(Failed(code="training_error", message=_user_message(error)))
         return 1
     finally:
         if spec.wandb_secret is not None:  # the next attempt gets its own copy

@@ -195,8 +195,13 @@ class ProgressBatch:
 class ProgressLog:
     """The records of one attempt, under `<output_key>/progress/` in `store`."""
 
-    def __init__(self, store: ArtifactStore, output_key: str):
+    def __init__(self, store: ArtifactStore, output_key: str, gap: int = 0):
+        """`gap`: numbers this writer leaves free after the last record it finds, for a
+        writer that may run while another still writes (the driver recording a failure
+        while a worker it lost touch of goes on): the two must never take the same
+        number, or one record overwrites the other."""
         self.store, self.folder = store, join(output_key, "progress")
+        self._gap = gap
         self._next: int | None = None
 
     def _number(self, key: str) -> int | None:
@@ -206,14 +211,10 @@ class ProgressLog:
     def _key(self, number: int) -> str:
         return join(self.folder, f"{number:010d}{RECORD_SUFFIX}")
 
-    def write(self, record: ProgressRecord, skip: int = 0) -> None:
-        """`skip`: numbers left free after the last record, for a writer that may run
-        while another still writes (the driver recording a failure while a worker it lost
-        touch of goes on): the two must never take the same number, or one record
-        overwrites the other."""
+    def write(self, record: ProgressRecord) -> None:
         if self._next is None:  # continue after whatever an earlier writer left
             numbers = [self._number(item.key) for item in self.store.list(self.folder)]
-            self._next = max((n for n in numbers if n is not None), default=-1) + 1 + skip
+            self._next = max((n for n in numbers if n is not None), default=-1) + 1 + self._gap
         self.store.put_bytes(self._key(self._next), record.model_dump_json().encode())
         self._next += 1
 

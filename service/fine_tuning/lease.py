@@ -64,7 +64,9 @@ class Lease:
         """Take or renew the lease; whether this process holds it until now + ttl."""
         now = self.clock()
         with self.db.engine.begin() as connection:
-            renewed = connection.execute(
+            # RETURNING (PostgreSQL, SQLite >= 3.35): the generation in the same statement,
+            # one round trip per renewal rather than two.
+            generation = connection.scalar(
                 update(LeaseRow)
                 .where(LeaseRow.name == self.name)
                 .where(or_(LeaseRow.holder == self.holder, LeaseRow.expires_at < now))
@@ -76,12 +78,11 @@ class Lease:
                         else_=LeaseRow.generation + 1,
                     ),
                 )
+                .returning(LeaseRow.generation)
             )
-            if renewed.rowcount == 1:
+            if generation is not None:
                 self._held_at = now
-                self.generation = connection.scalar(
-                    select(LeaseRow.generation).where(LeaseRow.name == self.name)
-                )
+                self.generation = generation
                 return True
             exists = connection.scalar(select(LeaseRow.name).where(LeaseRow.name == self.name))
         self._held_at = None

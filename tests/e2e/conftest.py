@@ -210,6 +210,22 @@ def create_memorisation_job(client: OpenAI, training_file: str) -> FineTuningJob
     )
 
 
+def answer_logprob(client: OpenAI, model: str, prompt: str, answer: str) -> float:
+    """log p(answer | prompt) as the served model scores it: the completions endpoint echoes
+    `prompt` (the question rendered by the model's chat template) and the answer with each
+    token's log-probability."""
+    reply = client.completions.create(
+        model=model, prompt=prompt + answer, echo=True, logprobs=0, max_tokens=1, temperature=0
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs and logprobs.text_offset
+    return sum(
+        value
+        for value, offset in zip(logprobs.token_logprobs, logprobs.text_offset, strict=False)
+        if offset >= len(prompt) and value is not None
+    )
+
+
 def greedy(client: OpenAI, model: str, question: str, max_tokens: int = 16) -> str:
     reply = client.chat.completions.create(
         model=model,

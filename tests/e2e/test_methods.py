@@ -18,6 +18,7 @@ from tests.conftest import (
     story_jsonl,
 )
 from tests.e2e.conftest import (
+    answer_logprob,
     greedy,
     wait_for_job,
     wait_for_serving,
@@ -38,23 +39,12 @@ def upload(client: OpenAI, name: str, content: bytes) -> str:
     return client.files.create(file=(name, content), purpose="fine-tune").id
 
 
-def answer_logprob(client: OpenAI, model: str, question: str, answer: str) -> float:
-    """log p(answer | question) as the served model scores it: the completions endpoint
-    echoes the chat-rendered prompt with each token's log-probability."""
+def chat_prompt(question: str) -> str:
+    """The question as ftaas-tiny's template renders it for an answer."""
     from jinja2 import Template
 
-    prompt = Template(CHATML_TEMPLATE).render(
+    return Template(CHATML_TEMPLATE).render(
         messages=[{"role": "user", "content": question}], add_generation_prompt=True
-    )
-    reply = client.completions.create(
-        model=model, prompt=prompt + answer, echo=True, logprobs=0, max_tokens=1, temperature=0
-    )
-    logprobs = reply.choices[0].logprobs
-    assert logprobs is not None and logprobs.token_logprobs and logprobs.text_offset
-    return sum(
-        value
-        for value, offset in zip(logprobs.token_logprobs, logprobs.text_offset, strict=False)
-        if offset >= len(prompt) and value is not None
     )
 
 
@@ -62,7 +52,8 @@ def margin(client: OpenAI, model: str, preferred: str, other: str) -> float:
     """How much more likely the preferred answer is than the other, over the questions."""
     return (
         sum(
-            answer_logprob(client, model, q, preferred) - answer_logprob(client, model, q, other)
+            answer_logprob(client, model, chat_prompt(q), preferred)
+            - answer_logprob(client, model, chat_prompt(q), other)
             for q in QUESTIONS[:4]
         )
         / 4

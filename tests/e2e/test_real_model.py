@@ -24,16 +24,16 @@ import pytest
 from openai import OpenAI
 from openai.types import Model
 
-from tests.conftest import STORY, story_jsonl
-from tests.e2e.conftest import REAL, RunningServer, wait_for_job, wait_for_serving
+from tests.conftest import STORY, preference_jsonl, story_jsonl
+from tests.e2e.conftest import REAL, RunningServer, answer_logprob, wait_for_job, wait_for_serving
 from tests.real_model_data import (
     FACT,
     FACT_KEY,
     GENERAL_QUESTIONS,
     HELD_OUT_QUESTIONS,
+    PREFERENCE_QUESTIONS,
     REPHRASED_FACT,
     fact_jsonl,
-    rephrasing_jsonl,
     validation_jsonl,
 )
 
@@ -209,31 +209,18 @@ def test_the_jobs_checkpoints_are_models_that_answer(client: OpenAI, tuned: Any)
     assert text and finish == "stop"
 
 
-def answer_logprob(client: OpenAI, template: Any, model: str, question: str, answer: str) -> float:
-    """log p(answer | question) as the served model scores it: the completions endpoint
-    echoes the chat-rendered prompt (the model's own template, default system prompt
-    included) with each token's log-probability."""
-    prompt = template.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    reply = client.completions.create(
-        model=model, prompt=prompt + answer, echo=True, logprobs=0, max_tokens=1, temperature=0
-    )
-    logprobs = reply.choices[0].logprobs
-    assert logprobs is not None and logprobs.token_logprobs and logprobs.text_offset
-    return sum(
-        value
-        for value, offset in zip(logprobs.token_logprobs, logprobs.text_offset, strict=False)
-        if offset >= len(prompt) and value is not None
-    )
-
-
 def preference_margin(client: OpenAI, template: Any, model: str) -> float:
     """How much likelier the rephrased fact is than the learned one, on held-out questions."""
-    margins = [
-        answer_logprob(client, template, model, q, REPHRASED_FACT)
-        - answer_logprob(client, template, model, q, FACT)
+    prompts = [  # the model's own template, default system prompt included
+        template.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
         for q in HELD_OUT_QUESTIONS
+    ]
+    margins = [
+        answer_logprob(client, model, prompt, REPHRASED_FACT)
+        - answer_logprob(client, model, prompt, FACT)
+        for prompt in prompts
     ]
     return sum(margins) / len(margins)
 
@@ -247,7 +234,10 @@ def test_dpo_on_the_tuned_model_makes_it_prefer_the_preferred_answer(
     from transformers import AutoTokenizer
 
     template = AutoTokenizer.from_pretrained(server.home / "models" / REAL)
-    pairs = client.files.create(file=("prefer.jsonl", rephrasing_jsonl()), purpose="fine-tune")
+    pairs = client.files.create(
+        file=("prefer.jsonl", preference_jsonl(REPHRASED_FACT, FACT, PREFERENCE_QUESTIONS)),
+        purpose="fine-tune",
+    )
     job = client.fine_tuning.jobs.create(
         model=tuned.fine_tuned_model,
         training_file=pairs.id,

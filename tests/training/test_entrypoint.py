@@ -37,8 +37,8 @@ def test_a_failure_recorded_while_a_lost_worker_still_writes_overwrites_nothing(
     worker = ProgressLog(store, "attempt-1")
     for step in (1, 2):
         worker.write(Metrics(step=step, total_steps=4, train_loss=1.0))
-    ProgressLog(store, "attempt-1").write(
-        Failed(code="training_error", message="lost"), OUTCOME_GAP
+    ProgressLog(store, "attempt-1", gap=OUTCOME_GAP).write(
+        Failed(code="training_error", message="lost")
     )
     for step in (3, 4):  # the lost worker goes on
         worker.write(Metrics(step=step, total_steps=4, train_loss=1.0))
