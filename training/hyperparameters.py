@@ -36,6 +36,13 @@ MAX_AUTO_BATCH_SIZE = 16
 TARGET_MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*$"
 UNSERVABLE_TARGETS = frozenset({"lm_head", "embed_tokens", "wte", "wpe"})
 DEFAULT_LORA_R = 16
+DEFAULT_WARMUP_RATIO = 0.05
+DEFAULT_MAX_GRAD_NORM = 1.0
+
+
+def default_lora_alpha(lora_r: int) -> int:
+    """alpha = 2 × r when unset (the scaling the LoRA guides we learn from use)."""
+    return 2 * lora_r
 
 
 class SupervisedHyperparameters(BaseModel):
@@ -71,9 +78,9 @@ class SupervisedHyperparameters(BaseModel):
     use_rslora: bool = Field(default=False, description="scale by alpha/sqrt(r) (rsLoRA)")
     use_dora: bool = Field(default=False, description="weight-decomposed LoRA (DoRA)")
     lr_scheduler: Literal["linear", "cosine"] = "linear"
-    warmup_ratio: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    warmup_ratio: Annotated[float, Field(ge=0, le=0.5)] = DEFAULT_WARMUP_RATIO
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = DEFAULT_MAX_GRAD_NORM
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations: less memory, ~30% more compute"
     )
@@ -127,22 +134,23 @@ HYPERPARAMETER_MODELS: dict[str, type[SupervisedHyperparameters]] = {
 
 
 class ResolvedHyperparameters(BaseModel):
-    """Concrete values a run uses; stored with the job and echoed in its object."""
+    """Concrete values a run uses; stored with the job and echoed in its object. The
+    defaults, the request's own, let a job stored before a field existed still load."""
 
     n_epochs: int
     batch_size: int
     learning_rate_multiplier: float
     learning_rate: float
     lora_r: int = DEFAULT_LORA_R
-    lora_alpha: int = 2 * DEFAULT_LORA_R
+    lora_alpha: int = default_lora_alpha(DEFAULT_LORA_R)
     lora_dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
     lr_scheduler: Literal["linear", "cosine"] = "linear"
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = DEFAULT_WARMUP_RATIO
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = DEFAULT_MAX_GRAD_NORM
     gradient_checkpointing: bool = False
     early_stopping_patience: int | None = None
     # DPO only
@@ -212,7 +220,7 @@ def resolve(
         batch_size=batch_size,
         learning_rate_multiplier=multiplier,
         learning_rate=base_learning_rate * multiplier,
-        lora_alpha=requested.lora_alpha or 2 * requested.lora_r,
+        lora_alpha=requested.lora_alpha or default_lora_alpha(requested.lora_r),
         **extensions,
     )
 
@@ -223,7 +231,9 @@ def start_adapter_shape(adapter_config: dict[str, Any]) -> dict[str, Any]:
     target = adapter_config.get("target_modules") or "all-linear"
     return {
         "lora_r": int(adapter_config["r"]),
-        "lora_alpha": int(adapter_config.get("lora_alpha") or 2 * int(adapter_config["r"])),
+        "lora_alpha": int(
+            adapter_config.get("lora_alpha") or default_lora_alpha(int(adapter_config["r"]))
+        ),
         "lora_dropout": float(adapter_config.get("lora_dropout") or 0.0),
         "target_modules": sorted(target) if isinstance(target, list | set) else target,
         "use_rslora": bool(adapter_config.get("use_rslora", False)),
