@@ -93,6 +93,10 @@ MAX_STEP_FAILURES = 10
 # gone); past this the job fails, since a job that takes its cluster down with it would
 # otherwise take it down forever. A user's resumes are not counted.
 MAX_LOST_RUNS = 3
+# An attempt Ray runs (or holds pending) that has written nothing this long, not even its
+# first record, is almost always waiting for resources the cluster does not have free (a
+# GPU, or `training_worker_resources`): the user is told once, since nothing else moves.
+NOT_STARTED_WARN_S = 600
 # Ray must still not know a running job this long after it was first seen not to (one
 # answer from a head that is restarting is not the job lost).
 LOST_AFTER_S = 10
@@ -178,6 +182,9 @@ class Reconciler:
         self._pruned: list[PrunedCheckpoint] = []  # by the job being stepped
         self._trained_tokens: list[tuple[str, str, float]] = []  # (model, method, tokens)
         self._warned_waiting: set[str] = set()
+        # job → (attempt, when first seen running with no record of it, warned yet); in
+        # memory: a restarted scheduler only starts counting again.
+        self._silent_since: dict[str, tuple[int, int, bool]] = {}
         self._handlers: dict[JobStatus, Callable[[str], ReadyModel | None]] = {
             S.VALIDATING_FILES: self._validating_files,
             S.QUEUED: self._queued,
@@ -488,10 +495,12 @@ class Reconciler:
         with self._session() as session:
             job = self._job(session, job_id, S.RUNNING)
             if job is None:
+                self._silent_since.pop(job_id, None)
                 return None
             offset = job.progress_offset
             info, outcome = self._observe(session, job)
             if outcome is not None:
+                self._silent_since.pop(job_id, None)
                 return self._finish(session, job, outcome)
             if info.state == LaunchState.UNKNOWN:
                 if self._foreign(job):
@@ -502,7 +511,30 @@ class Reconciler:
             job.lost_seen_at = None
             if not info.state.active:
                 self._ended_without_outcome(session, job, info)
+            else:
+                self._warn_if_not_started(session, job)
             return None
+
+    def _warn_if_not_started(self, session: Session, job: JobRow) -> None:
+        """One warn event when an attempt has written nothing for NOT_STARTED_WARN_S."""
+        if job.progress_offset > 0:  # its trainer writes: it started
+            self._silent_since.pop(job.id, None)
+            return
+        attempt, since, warned = self._silent_since.get(job.id, (job.attempts, self.clock(), False))
+        if attempt != job.attempts:  # a new attempt counts from now
+            attempt, since, warned = job.attempts, self.clock(), False
+        waited = self.clock() - since
+        self._silent_since[job.id] = (attempt, since, warned or waited >= NOT_STARTED_WARN_S)
+        if warned or waited < NOT_STARTED_WARN_S:
+            return
+        add_event(
+            session,
+            job,
+            f"Training has not started {waited // 60} minutes after Ray was given the job: "
+            "the cluster may not have the resources it asks for free (a GPU, or the "
+            "configured training_worker_resources); it starts once they are",
+            level="warn",
+        )
 
     def _not_known(self, session: Session, job: JobRow) -> None:
         """Ray does not know the running job: lost once that lasts, run again a bounded

@@ -16,6 +16,7 @@ from service.fine_tuning.reconciler import (
     LOST_AFTER_S,
     MAX_LOST_RUNS,
     MAX_STEP_FAILURES,
+    NOT_STARTED_WARN_S,
     Reconciler,
     TickReport,
 )
@@ -840,3 +841,36 @@ def test_a_finished_jobs_outputs_count_against_the_storage_quota_until_deleted(
     assert refused.value.body["code"] == "storage_quota_exceeded"  # type: ignore[index]
     world.sdk.models.delete(world.row(job_id).fine_tuned_model or "")
     world.sdk.files.create(file=("t.jsonl", small * 3), purpose="fine-tune")  # room again
+
+
+def warnings(world: World, job_id: str) -> list[str]:
+    return [e.message for e in world.events(job_id) if e.level == "warn"]
+
+
+def test_a_job_whose_training_never_starts_says_once_that_it_waits_for_resources(
+    world: World,
+):
+    """Ray holds the job (as it does while no node has the GPU it asks for) and the trainer
+    writes nothing: after ten minutes one warning says why, and the job still waits."""
+    job_id = world.running()
+    world.clock += NOT_STARTED_WARN_S - 1
+    world.tick()
+    assert warnings(world, job_id) == []
+    world.clock += 1
+    world.tick()
+    world.clock += NOT_STARTED_WARN_S
+    world.tick()
+    (warning,) = warnings(world, job_id)
+    assert "has not started 10 minutes after" in warning and "resources" in warning
+    assert world.status(job_id) == "running"
+
+
+def test_a_job_that_started_training_is_not_warned_about_however_long_a_step_takes(
+    world: World,
+):
+    job_id = world.running()
+    world.train(job_id, steps=1)
+    world.tick()
+    world.clock += 2 * NOT_STARTED_WARN_S
+    world.tick()
+    assert warnings(world, job_id) == [] and world.status(job_id) == "running"
