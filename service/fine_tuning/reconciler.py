@@ -185,6 +185,8 @@ class Reconciler:
         # job → (attempt, when first seen running with no record of it, warned yet); in
         # memory: a restarted scheduler only starts counting again.
         self._silent_since: dict[str, tuple[int, int, bool]] = {}
+        # Whether the records the step being taken applied hold a Paused one.
+        self._paused_seen = False
         self._handlers: dict[JobStatus, Callable[[str], ReadyModel | None]] = {
             S.VALIDATING_FILES: self._validating_files,
             S.QUEUED: self._queued,
@@ -559,11 +561,16 @@ class Reconciler:
                 "job %s runs on Ray cluster %s, not %s: following it through the store",
                 job.id, job.cluster_id, self.cluster_id,
             )  # fmt: skip
+        if self._foreign_silent(job, progressed):
+            self._run_again(session, job)
+
+    def _foreign_silent(self, job: JobRow, progressed: bool) -> bool:
+        """Whether another cluster's attempt has written nothing for FOREIGN_SILENT_S (its
+        cluster is gone, or its trainer ended without a word)."""
         if progressed or job.lost_seen_at is None:
             job.lost_seen_at = self.clock()
-            return
-        if self.clock() - job.lost_seen_at >= FOREIGN_SILENT_S:
-            self._run_again(session, job)
+            return False
+        return self.clock() - job.lost_seen_at >= FOREIGN_SILENT_S
 
     def _run_again(self, session: Session, job: JobRow) -> None:
         """The job's attempt is lost: queued for a new one, a bounded number of times."""
@@ -592,13 +599,25 @@ class Reconciler:
             if job.pause_requested_at is None:  # the grace period counts from here
                 self.channel.request_pause(job.output_dir)
                 job.pause_requested_at = self.clock()
+            offset, self._paused_seen = job.progress_offset, False
             info, outcome = self._observe(session, job)
             if outcome is not None:  # it ended before it saw the pause request
                 return self._finish(session, job, outcome)
-            if info.state.active:
+            if info.state == LaunchState.UNKNOWN and self._foreign(job):
+                # Another cluster's trainer: this Ray can neither see nor stop it, but it
+                # hears the pause through the store, and its Paused record is its last.
+                progressed = job.progress_offset != offset
+                if not self._paused_seen and not self._foreign_silent(job, progressed):
+                    return None
+                job.lost_seen_at = None
+                paused_cleanly = self._paused_seen
+            elif info.state.active:
                 self._stop_after_grace(session, job)
                 return None
-            paused_cleanly = info.state == LaunchState.SUCCEEDED and job.stop_requested_at is None
+            else:
+                paused_cleanly = (
+                    info.state == LaunchState.SUCCEEDED and job.stop_requested_at is None
+                )
             if not paused_cleanly and job.stop_requested_at is None:
                 add_event(
                     session,
@@ -632,8 +651,22 @@ class Reconciler:
             job = self._job(session, job_id, S.CANCELLING)
             if job is None:
                 return
-            assert job.ray_submission_id
-            if self.launcher.info(job.ray_submission_id).state.active:
+            assert job.ray_submission_id and job.output_dir
+            info = self.launcher.info(job.ray_submission_id)
+            if info.state == LaunchState.UNKNOWN and self._foreign(job):
+                # Another cluster's trainer: the pause request in the store is the only
+                # stop it hears; cancelled once it has paused, ended or gone silent.
+                if job.stop_requested_at is None:
+                    self.channel.request_pause(job.output_dir)
+                    job.stop_requested_at = self.clock()
+                offset, self._paused_seen = job.progress_offset, False
+                _, outcome = self._observe(session, job)
+                progressed = job.progress_offset != offset
+                ended = outcome is not None or self._paused_seen
+                if not ended and not self._foreign_silent(job, progressed):
+                    return
+                job.lost_seen_at = None
+            elif info.state.active:
                 self.launcher.stop(job.ray_submission_id)  # again each tick until it ends
                 if job.stop_requested_at is None:
                     job.stop_requested_at = self.clock()
@@ -711,6 +744,7 @@ class Reconciler:
                 add_event(session, job, record.message(), data=data)
             elif isinstance(record, Paused):
                 job.resume_from = record.path
+                self._paused_seen = True
                 message = f"Checkpoint saved at step {record.step}; ready to resume"
                 add_event(session, job, message)
             elif isinstance(record, Notice):

@@ -474,6 +474,59 @@ def test_an_attempt_on_another_ray_cluster_is_followed_through_the_store(world: 
     assert world.status(job_id) == "succeeded" and world.ray.submitted == [job_id]
 
 
+def foreign_running(world: World) -> str:
+    """A job whose attempt another Ray cluster runs (an upgrade's old one)."""
+    job_id = world.running()
+    with world.parts["db"].session() as session:
+        session.get(JobRow, job_id).cluster_id = "old-cluster"  # type: ignore[union-attr]
+    del world.ray.states[job_id]  # this cluster's Ray never knew it
+    world.train(job_id, steps=1)
+    world.tick()
+    return job_id
+
+
+def test_pausing_another_clusters_attempt_waits_for_its_pause_record(world: World):
+    """This cluster's Ray cannot see the old trainer: its unknown is not "stopped". The
+    trainer hears the pause through the store, and the job is paused once it has said so,
+    with its checkpoint to resume from."""
+    job_id = foreign_running(world)
+    world.sdk.fine_tuning.jobs.pause(job_id)
+    for _ in range(3):
+        world.clock += 60
+        world.tick()
+        assert world.status(job_id) == "pausing"
+    assert pause_requested(world.parts["blobs"], world.row(job_id).output_dir or "")
+    world.trainer(job_id).write(Paused(step=1, path="ckpt/step-1"))
+    world.tick()
+    row = world.row(job_id)
+    assert (row.status, row.resume_from) == ("paused", "ckpt/step-1")
+    assert [e for e in world.events(job_id) if e.level == "warn"] == []
+    assert world.ray.stopped == [] and world.ray.submitted == [job_id]
+
+
+def test_pausing_another_clusters_attempt_that_went_silent_pauses_and_says_so(world: World):
+    job_id = foreign_running(world)
+    world.sdk.fine_tuning.jobs.pause(job_id)
+    world.tick()
+    world.clock += FOREIGN_SILENT_S
+    world.tick()
+    assert world.status(job_id) == "paused"
+    assert any("stopped before saving" in e.message for e in world.events(job_id))
+
+
+def test_cancelling_another_clusters_attempt_stops_its_trainer_through_the_store(world: World):
+    job_id = foreign_running(world)
+    world.sdk.fine_tuning.jobs.cancel(job_id)
+    world.tick()
+    world.clock += 60
+    world.tick()
+    assert world.status(job_id) == "cancelling"
+    assert pause_requested(world.parts["blobs"], world.row(job_id).output_dir or "")
+    world.trainer(job_id).write(Paused(step=1, path="ckpt/step-1"))
+    world.tick()
+    assert world.status(job_id) == "cancelled" and world.ray.submitted == [job_id]
+
+
 def test_an_attempt_on_a_cluster_gone_silent_runs_again_here(world: World):
     job_id = world.running()
     with world.parts["db"].session() as session:
