@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import shutil
@@ -71,15 +72,45 @@ def use_gpu(settings: Settings) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+# Ray's workers listen on 10002-19999 (its defaults), and every outgoing connection and
+# every bind to port 0 takes a port of the kernel's ephemeral range: a port chosen in
+# either may be taken before the Ray component it was chosen for binds it (seen here: the
+# dashboard agent lost its port to another process, and no job could be submitted until
+# the head was restarted). Ports are chosen between the two.
+FIRST_CHOSEN_PORT = 20000
+LINUX_EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        return int(LINUX_EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default (macOS and Windows start at 49152)
+
+
 def free_ports(count: int) -> list[int]:
-    """`count` different free ports. Every socket stays bound until all are chosen: one
-    call at a time, the system may hand out a port it just handed out (seen here: Ray
-    refused to start with one port given to two of its components)."""
+    """`count` different ports free on every interface, below the ephemeral range. Every
+    socket stays bound until all are chosen: one call at a time, the system may hand out
+    a port it just handed out (seen here: Ray refused to start with one port given to two
+    of its components)."""
+    candidates = list(range(FIRST_CHOSEN_PORT, min(_first_ephemeral_port(), 32768)))
+    random.shuffle(candidates)  # two processes choosing at once rarely try the same
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        chosen: list[int] = []
+        for port in candidates:
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+        # A machine whose ephemeral range leaves no room: whatever the system hands out.
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count - len(chosen))]
         for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+            sock.bind(("", 0))
+        return chosen + [sock.getsockname()[1] for sock in sockets]
 
 
 def free_port() -> int:

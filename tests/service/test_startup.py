@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -159,9 +160,25 @@ def test_two_base_models_one_engine_would_answer_for_are_refused_in_one_line(tmp
     assert "Traceback" not in done.stderr + done.stdout
 
 
-def test_ports_chosen_together_are_all_different():
+def test_ports_chosen_together_are_all_different_and_free_of_the_systems_own():
+    """Never one the kernel may give an outgoing connection (its ephemeral range) or a Ray
+    worker (10002-19999) in the seconds before the component it was chosen for binds it;
+    free on every interface, not only on loopback."""
     from service.ray_cluster import free_ports
 
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(20):  # one call at a time, the system may repeat a port; together, never
         ports = free_ports(7)
         assert len(set(ports)) == 7
+        assert all(20000 <= port < low for port in ports), ports
+    # Ports taken on another address than 127.0.0.1 (Ray's agent binds the node's).
+    with contextlib.ExitStack() as stack:
+        taken = set()
+        for port in range(20000, 20000 + 300):
+            sock = stack.enter_context(socket.socket())
+            with contextlib.suppress(OSError):
+                sock.bind(("127.0.0.2", port))
+                taken.add(port)
+        with socket.socket() as loopback:  # what checking 127.0.0.1 alone would see: free
+            loopback.bind(("127.0.0.1", min(taken)))
+        assert len(taken) > 250 and not taken & set(free_ports(300))
