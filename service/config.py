@@ -116,8 +116,10 @@ class BaseModelConfig(BaseModel):
     def host_memory_adapters(self) -> int:
         return host_memory_adapters(self.max_loras, self.max_cpu_loras)
 
-    def learning_rate_for(self, method: str) -> float:
-        if method == "dpo":
+    def learning_rate_for(self, preference: bool) -> float:
+        """The learning rate at multiplier 1: a preference method's (DPO's), or the one
+        the rest learn at (training/methods.py says which a method takes)."""
+        if preference:
             return self.dpo_learning_rate or self.learning_rate / 10
         return self.learning_rate
 

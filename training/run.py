@@ -38,8 +38,9 @@ from training.checkpoints import (
 from training.control import PauseWatch
 from training.data.batching import PackedBatch, as_one_row, collate
 from training.data.tokenize import TokenizedExample
-from training.hyperparameters import MIN_TARGET_EXAMPLES, resolve_sizes
+from training.hyperparameters import resolve_sizes
 from training.lora import build_lora_model
+from training.methods import METHODS
 from training.node_cache import fetch_model, scratch_folder
 from training.progress import Checkpoint, Evaluation, Notice, Paused, ProgressLog, Started
 from training.reporting import MetricsReporter
@@ -152,8 +153,6 @@ class TrainingRun(ABC, Generic[Unit]):
 
     # What the recipe calls one unit in messages ("example", "pair", "block").
     unit_name: ClassVar[str] = "example"
-    # The fewest unit passes "auto" raises a small file to (training/hyperparameters.py).
-    min_auto_passes: ClassVar[int] = MIN_TARGET_EXAMPLES
 
     def __init__(
         self,
@@ -192,7 +191,7 @@ class TrainingRun(ABC, Generic[Unit]):
                 spec.requested_sizes.get("batch_size", "auto"),
                 len(self.train_units),
                 spec.min_auto_batch_size,
-                self.min_auto_passes,
+                METHODS[spec.method].min_auto_passes,
             )
             self.hp = self.hp.model_copy(update=sizes)
         if not self.train_units:

@@ -13,7 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from training.data.schema import DataFormat
-from training.hyperparameters import ResolvedHyperparameters, TrainingMethod
+from training.hyperparameters import ResolvedHyperparameters
+from training.methods import TrainingMethod
 from training.storage import ArtifactStore, join
 
 # A PEFT adapter folder, as peft writes it and vLLM reads it.

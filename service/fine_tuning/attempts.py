@@ -12,13 +12,8 @@ from typing import Any
 
 from service.config import BaseModelConfig, Settings
 from service.db import JobRow
-from training.hyperparameters import (
-    HYPERPARAMETER_MODELS,
-    ResolvedHyperparameters,
-    TrainingMethod,
-    resolve,
-    start_adapter_shape,
-)
+from training.hyperparameters import ResolvedHyperparameters, resolve, start_adapter_shape
+from training.methods import METHODS, TrainingMethod
 from training.spec import TrainingSpec, job_folder
 from training.storage import join
 
@@ -58,10 +53,11 @@ def resolve_hyperparameters(
 ) -> ResolvedHyperparameters:
     """`start_adapter_config`: the adapter_config.json of the adapter a job trains on top
     of, whose LoRA shape the new adapter keeps."""
-    method = method_of(job)
-    requested = HYPERPARAMETER_MODELS[method].model_validate(job.method[method]["hyperparameters"])
+    method = METHODS[method_of(job)]
+    requested = method.hyperparameters.model_validate(job.method[method.name]["hyperparameters"])
+    learning_rate = base.learning_rate_for(preference=method.preference_learning_rate)
     resolved = resolve(
-        requested, n_examples, base.learning_rate_for(method), base.min_auto_batch_size
+        requested, n_examples, learning_rate, base.min_auto_batch_size, method.min_auto_passes
     )
     if start_adapter_config is not None:
         resolved = resolved.model_copy(update=start_adapter_shape(start_adapter_config))

@@ -57,7 +57,7 @@ from service.fine_tuning.service import add_event
 from service.ids import checkpoint_id
 from service.metrics import ServerMetrics
 from service.organization.secrets import WANDB, OrganizationSecrets
-from training.data.validation import MIN_EXAMPLES
+from training.methods import METHODS
 from training.progress import (
     Checkpoint,
     Evaluation,
@@ -82,12 +82,6 @@ from training.storage import ArtifactStore, join
 
 logger = logging.getLogger(__name__)
 
-# The file formats each method trains on, and how a user would say it.
-METHOD_FORMATS = {
-    "supervised": ({"chat", "prompt_completion"}, "chat (`messages`) or prompt/completion"),
-    "dpo": ({"preference"}, "preference (`input`, `preferred_output`, `non_preferred_output`)"),
-    "continued_pretraining": ({"text"}, "text (`text`)"),
-}
 MAX_STEP_FAILURES = 10
 # Runs of one job the scheduler starts again by itself because Ray lost it (a cluster
 # gone); past this the job fails, since a job that takes its cluster down with it would
@@ -380,16 +374,14 @@ class Reconciler:
                 if row.status == "error":
                     message = f"Invalid {param} {file_id}: {row.status_details}"
                     return fail(session, job, f"invalid_{param}", message, param)
-                method = method_of(job)
-                formats, described = METHOD_FORMATS[method]
-                if row.data_format not in formats:
+                method = METHODS[method_of(job)]
+                if row.data_format not in method.formats:
                     message = (
-                        f"{param} {file_id} holds {row.data_format} examples; the {method} "
-                        f"method needs {described} examples"
+                        f"{param} {file_id} holds {row.data_format} examples; the "
+                        f"{method.name} method needs {method.formats_described} examples"
                     )
                     return fail(session, job, f"invalid_{param}", message, param)
-                # OpenAI's minimum; a text corpus may be one long document (cut in blocks).
-                least = 1 if method == "continued_pretraining" else MIN_EXAMPLES
+                least = method.min_examples
                 if param == "training_file" and (row.n_examples or 0) < least:
                     message = (
                         f"Training file has {row.n_examples} example(s), "

@@ -16,8 +16,8 @@ from service.fine_tuning.naming import SUFFIX_PATTERN
 from training.hyperparameters import (
     DpoHyperparameters,
     SupervisedHyperparameters,
-    TrainingMethod,
 )
+from training.methods import METHODS, TrainingMethod
 
 MAX_METADATA_PAIRS = 16
 # OpenAI's bounds on integrations: at most 5, W&B tags at most 50 of 64 characters.
@@ -64,7 +64,7 @@ class Method(BaseModel):
 
     @model_validator(mode="after")
     def _only_its_own_settings(self) -> Method:
-        for other in ("supervised", "dpo", "continued_pretraining", "reinforcement"):
+        for other in set(type(self).model_fields) - {"type"}:
             if other != self.type and getattr(self, other) is not None:
                 raise ValueError(f"`{other}` settings were given for a `{self.type}` method")
         return self
@@ -73,9 +73,8 @@ class Method(BaseModel):
         settings = getattr(self, self.type)
         if settings is not None:
             return settings.hyperparameters  # type: ignore[no-any-return]
-        if self.type == "dpo":
-            return DpoHyperparameters()
-        return SupervisedHyperparameters()
+        method = METHODS.get(self.type)  # type: ignore[arg-type]
+        return method.hyperparameters() if method else SupervisedHyperparameters()
 
 
 class CreateFineTuningJobRequest(BaseModel):

@@ -32,6 +32,7 @@ from service.fine_tuning.schemas import CreateFineTuningJobRequest, FineTuningJo
 from service.ids import event_id, job_id, model_short_id
 from service.models.service import tuned_adapter
 from training.hyperparameters import SupervisedHyperparameters
+from training.methods import METHODS
 
 if TYPE_CHECKING:
     from service.organization.limits import Limits
@@ -198,8 +199,8 @@ class FineTuningService:
     def create(self, tenant: Tenant, request: CreateFineTuningJobRequest) -> FineTuningJobObject:
         if request.method and request.method.type == "reinforcement":
             raise InvalidRequest(
-                "method.type 'reinforcement' is not supported yet; use 'supervised', "
-                "'dpo' or 'continued_pretraining'",
+                "method.type 'reinforcement' is not supported yet; use "
+                + ", ".join(f"'{name}'" for name in METHODS),
                 param="method.type",
                 code="unsupported_method",
             )

@@ -250,9 +250,11 @@ def test_dpo_on_the_tuned_model_makes_it_prefer_the_preferred_answer(
     before = preference_margin(client, template, tuned.fine_tuned_model)
     after = preference_margin(client, template, job.fine_tuned_model)
     print(f"SFT -> DPO: log p(rephrased) - log p(learned) {before:.1f} -> {after:.1f}")
-    assert before < 0 < after
+    assert before < 0 and after > 2
     answers = ask_all(client, job.fine_tuned_model, list(HELD_OUT_QUESTIONS))
     assert all(FACT_KEY in text and finish == "stop" for text, finish in answers), answers
+    # Measured: the margin moved to 8.7 and 4 of 4 took the preferred wording ("auto" at
+    # OpenAI's 100 pair passes, 10 epochs: 0.1 and 2 of 4).
     assert sum(text.startswith("Marisol Vantree") for text, _ in answers) >= 3, answers
 
 

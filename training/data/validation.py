@@ -16,7 +16,6 @@ from pydantic import BaseModel, ValidationError
 
 from training.data.schema import EXAMPLE_MODELS, DataFormat, detect_format
 
-MIN_EXAMPLES = 10
 MAX_REPORTED_PROBLEMS = 20
 
 

@@ -6,7 +6,7 @@ whole (with the tokenizer's begin- and end-of-text tokens) and cut into blocks o
 examples, each attending only to itself, so no document leaks into another. Everything
 else (loss normalisation, validation, checkpoints, pause and resume) is the supervised
 recipe's, but for "auto" epochs: raw text takes more passes to learn than answers do
-(MIN_TARGET_BLOCKS).
+(MIN_TARGET_BLOCKS, in the method table).
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from pathlib import Path
 from training.data.schema import TextExample
 from training.data.tokenize import TokenizedExample, tokenize_text
 from training.data.validation import read_examples
-from training.hyperparameters import MIN_TARGET_BLOCKS
 from training.recipes.supervised import SupervisedRun, keep_learnable
 
 
 class ContinuedPretrainingRun(SupervisedRun):
     unit_name = "block"
-    min_auto_passes = MIN_TARGET_BLOCKS
 
     def load_units(self, path: Path, data_format: str) -> tuple[list[TokenizedExample], int]:
         documents = read_examples(str(path), data_format)  # type: ignore[arg-type]
