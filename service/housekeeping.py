@@ -150,7 +150,9 @@ class Housekeeping:
                 isinstance(i, dict) and i.get("type") == "wandb" for i in integrations or []
             ):
                 continue
-            for number in range(1, attempts + 1):
+            # attempt + 1: its key is handed over before the intent commits, and the commit
+            # may lose to a cancel, leaving `attempts` where it was (review L2).
+            for number in range(1, attempts + 2):
                 key = wandb_secret_key(join(job_folder(job_id), f"attempt-{number}"))
                 if self.blobs.exists(key):
                     self.blobs.delete(key)

@@ -253,6 +253,12 @@ def test_a_wandb_key_is_the_organizations_own_and_reaches_only_its_trainer(
     assert store.exists(wandb_secret_key(f"jobs/{jobs['org-a']}/attempt-1"))
     assert Housekeeping(parts["db"], parts["blobs"]).sweep().removed_secrets == 1
     assert not store.exists(wandb_secret_key(f"jobs/{jobs['org-a']}/attempt-1"))
+    # A next attempt's copy, handed over before its intent lost to a cancel (the job's
+    # attempts still 1), goes too.
+    lost = wandb_secret_key(f"jobs/{jobs['org-a']}/attempt-2")
+    store.put_bytes(lost, json.dumps({"api_key": secret}).encode())
+    assert Housekeeping(parts["db"], parts["blobs"]).sweep().removed_secrets == 1
+    assert not store.exists(lost)
 
     plain = client.put(
         "/v1/organization/integrations/wandb",
