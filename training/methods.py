@@ -41,6 +41,9 @@ class Method:
     # The fewest unit passes "auto" epochs raise a small file to (OpenAI's rule, with
     # measured floors for the units a real model learns more slowly from).
     min_auto_passes: int = MIN_TARGET_EXAMPLES
+    # Whether only the trainer can count its units (blocks cut from documents), so that it
+    # resolves "auto" epochs and batch size itself rather than from the file's rows.
+    trainer_counts_units: bool = False
     # Whether its "auto" learning rate is the base model's `dpo_learning_rate`.
     preference_learning_rate: bool = False
 
@@ -79,6 +82,7 @@ METHODS: dict[TrainingMethod, Method] = {
             hyperparameters=SupervisedHyperparameters,
             recipe="training.recipes.continued_pretraining:ContinuedPretrainingRun",
             min_auto_passes=MIN_TARGET_BLOCKS,
+            trainer_counts_units=True,
         ),
     )
 }

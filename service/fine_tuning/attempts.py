@@ -107,9 +107,10 @@ def training_spec(
 def _requested_sizes(job: JobRow) -> dict[str, Any] | None:
     """Continued pre-training trains on blocks of text that only the trainer counts: it
     resolves the run's size itself (the file's rows are documents, not blocks)."""
-    if method_of(job) != "continued_pretraining":
+    method = METHODS[method_of(job)]
+    if not method.trainer_counts_units:
         return None
-    requested = job.method["continued_pretraining"]["hyperparameters"]
+    requested = job.method[method.name]["hyperparameters"]
     return {key: requested.get(key, "auto") for key in ("n_epochs", "batch_size")}
 
 

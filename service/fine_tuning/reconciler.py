@@ -367,6 +367,7 @@ class Reconciler:
                 return
             if job.model not in self.base_models:
                 return fail(session, job, *self._model_gone(job))
+            method = METHODS[method_of(job)]
             for param, file_id, row in _job_files(session, job):
                 if row is None:
                     message = f"File {file_id} was deleted"
@@ -374,7 +375,6 @@ class Reconciler:
                 if row.status == "error":
                     message = f"Invalid {param} {file_id}: {row.status_details}"
                     return fail(session, job, f"invalid_{param}", message, param)
-                method = METHODS[method_of(job)]
                 if row.data_format not in method.formats:
                     message = (
                         f"{param} {file_id} holds {row.data_format} examples; the "
@@ -758,7 +758,7 @@ class Reconciler:
         """/metrics' trained tokens: the run's tokens spread evenly over its steps."""
         if self.metrics is None or not job.trained_tokens or total_steps <= 0:
             return
-        method = str((job.method or {}).get("type", "supervised"))
+        method = method_of(job)
         tokens = job.trained_tokens * min(steps, total_steps) / total_steps
         # Counted once the step commits (`_tick`): a conflict rolls the step back and the
         # next tick reads these records again (review L14).
