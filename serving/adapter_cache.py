@@ -11,6 +11,12 @@ Each replica has a folder of its own on the node: its budget, its order and its 
 cover what it alone holds, so no replica can delete a folder another's engine may
 reload (which would kill that engine). A replica holds a lock on its folder while it
 lives; a new one deletes the folders whose replica is gone.
+
+Within a replica, fetches of different adapters run at once (review L13: a large cold
+adapter must not hold up the others): `download` takes only its adapter's lock and makes no
+room; `fetch` also makes room, and the replica calls it one registration at a time. Making
+room skips a copy whose lock is held (it is being fetched, or deleted), so it never
+deletes a folder under a download nor waits for one.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import contextlib
 import fcntl
 import os
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +65,18 @@ class AdapterCache:
         self._owner_lock.close()
 
     def fetch(self, key: str, pinned: Collection[str] = ()) -> Fetched:
-        """The adapter's local folder; making room never evicts the `pinned` keys."""
+        """The adapter's local folder (as `download`), then room made within the budget:
+        the least recently used copies go, never this one nor the `pinned` keys."""
+        fetched = self.download(key)
+        if fetched.path.parent == self.root:
+            keep = {fetched.path} | {self._folder(k) for k in pinned}
+            fetched.evicted = self._evict(keep)
+        return fetched
+
+    def download(self, key: str) -> Fetched:
+        """The adapter's local folder, fetched from the store (whole, checked) unless this
+        replica's disk has it; makes no room. Under the adapter's own lock only: other
+        adapters' downloads go on at the same time."""
         local = self.store.local_folder(key)
         if local is not None:
             if not self.store.folder_complete(key):
@@ -72,8 +89,7 @@ class AdapterCache:
                 return Fetched(target, from_store=False)
             self.store.get_folder(key, target)
             (target / KEY_FILE).write_text(key)
-        keep = {target} | {self._folder(k) for k in pinned}
-        return Fetched(target, from_store=True, evicted=self._evict(keep))
+        return Fetched(target, from_store=True)
 
     def forget(self, key: str) -> None:
         """Delete this node's copy (the model was deleted)."""
@@ -86,18 +102,46 @@ class AdapterCache:
         return self.root / cached_name(self.store.location(key))
 
     def _evict(self, keep: set[Path]) -> list[str]:
-        folders = [p for p in self.root.iterdir() if p.is_dir() and (p / KEY_FILE).exists()]
-        sizes = {p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in folders}
-        total, evicted = sum(sizes.values()), []
-        for folder in sorted(folders, key=lambda p: p.stat().st_mtime):
+        copies = {}  # folder → (last used, bytes); a copy deleted meanwhile is left out
+        for folder in self.root.iterdir():
+            with contextlib.suppress(OSError):
+                if folder.is_dir() and (folder / KEY_FILE).exists():
+                    copies[folder] = (folder.stat().st_mtime, _bytes(folder))
+        total, evicted = sum(size for _, size in copies.values()), []
+        for folder in sorted(copies, key=lambda p: copies[p][0]):
             if total <= self.max_bytes:
                 break
             if folder in keep:
                 continue
-            evicted.append((folder / KEY_FILE).read_text())
-            shutil.rmtree(folder, ignore_errors=True)
-            total -= sizes[folder]
+            with _locked_now(folder) as held:
+                # Held: a download (or a deletion) is under way; gone: deleted meanwhile.
+                if not held or not (folder / KEY_FILE).exists():
+                    continue
+                key = (folder / KEY_FILE).read_text()
+                shutil.rmtree(folder, ignore_errors=True)
+            evicted.append(key)
+            total -= copies[folder][1]
         return evicted
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+@contextlib.contextmanager
+def _locked_now(path: Path) -> Iterator[bool]:
+    """The lock `training.node_cache.locked` takes on `path`, if it is free now: whether
+    it was (and is held until the block ends)."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _delete_abandoned(shared: Path) -> None:

@@ -19,6 +19,12 @@ An adapter moves through five tiers, each bounded per base model:
   pinned) → the artifact store.
 The replica counts hits, loads and evictions of the two tiers it runs (serving/stats.py).
 
+Serve's multiplexer registers one adapter at a time per replica (its loader runs under
+one lock), so an adapter is fetched onto the node's disk before it asks (`_on_disk`, one
+fetch per adapter however many requests wait for it, several adapters at once): a large
+cold adapter delays only its own requests (review L13). Under that lock, registering is
+a look at the disk copy, making room there, and vLLM's load.
+
 A deleted model's adapter is retired on every replica before its files go ("serving
 first, files last", `LLMServer.retire`): vLLM reloads an adapter it dropped from host
 memory from the replica's disk in the middle of an engine step, and a folder missing there
@@ -30,18 +36,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
 from serving import stats
-from serving.adapter_cache import AdapterCache
+from serving.adapter_cache import AdapterCache, Fetched
 from serving.engine import (
     EngineConfig,
     OpenAIEngine,
@@ -59,6 +67,9 @@ STATS_INTERVAL_S = 0.5
 # A retired adapter's aborted requests end within a step or two; one stuck longer (still on
 # its way to the engine) keeps its adapter registered until it ends.
 RETIRE_WAIT_S = 10.0
+# Adapters a replica fetches from the store at once (threads of their own: a registration's
+# look at the disk never waits behind downloads).
+ADAPTER_DOWNLOADS = 8
 
 
 class RegisteredAdapter:
@@ -79,18 +90,29 @@ class LLMServer:
     async def __init__(self, config: EngineConfig, fingerprint: str = ""):  # type: ignore[misc]  # Serve awaits it
         self.fingerprint = fingerprint  # of what it was deployed with (app_fingerprint)
         model_path = await asyncio.to_thread(fetch_model, config.model_path)
-        self.config = dataclasses.replace(config, model_path=model_path)
+        config = dataclasses.replace(config, model_path=model_path)
+        replica = serve.get_replica_context().replica_id.unique_id
+        disk = await asyncio.to_thread(
+            AdapterCache, open_store(config.storage_url), config.adapter_cache_bytes, replica
+        )
+        self._serve(config, await OpenAIEngine.start(config), disk, replica)
+        self._poster = asyncio.create_task(self._post_stats())
+
+    def _serve(
+        self, config: EngineConfig, engine: OpenAIEngine, disk: AdapterCache, replica: str
+    ) -> None:
+        """The replica's adapter bookkeeping around its started engine."""
+        self.config, self.engine, self.disk, self.replica = config, engine, disk, replica
         self.adapter_keys: dict[str, str] = {}  # adapter name → its key in the store
         self.in_use: Counter[str] = Counter()  # adapter name → requests using it now
         self.evicted: list[str] = []  # dropped by the multiplexer, to unregister
         self.retired: set[str] = set()  # deleted models' adapters: never served here again
         self.retired_through: tuple[str, int] | None = None  # the board's stamp applied
         self.events = stats.AdapterEvents()
-        self.replica = serve.get_replica_context().replica_id.unique_id
-        self.disk = await asyncio.to_thread(
-            AdapterCache, open_store(config.storage_url), config.adapter_cache_bytes, self.replica
-        )
-        self.engine = await OpenAIEngine.start(self.config)
+        self._downloads = ThreadPoolExecutor(ADAPTER_DOWNLOADS, "adapter-download")
+        self._fetches: dict[str, asyncio.Future[Fetched]] = {}  # key → its download now
+        # Keys on the disk from the store, not yet counted by a registration.
+        self._from_store: set[str] = set()
 
         async def register(name: str) -> RegisteredAdapter:
             return await self._register(name)
@@ -100,42 +122,76 @@ class LLMServer:
         self.registry = serve.multiplexed(
             max_num_models_per_replica=config.max_adapters_per_replica
         )(register)
-        self._poster = asyncio.create_task(self._post_stats())
 
     async def _register(self, name: str) -> RegisteredAdapter:
-        """Serve's multiplexer missed: bring the adapter onto this node's disk and register
-        it with the engine (which loads it into host memory)."""
+        """Serve's multiplexer missed (under its lock: one registration at a time): register
+        the adapter with the engine (which loads it into host memory) from this node's
+        disk, where `_acquire` brought it, making room there."""
+        if name in self.retired:  # deleted while it waited for the lock
+            raise AdapterRetired(name)
         self.events.add("registry_loads")
         if name in self.evicted:  # dropped, and wanted again before it was unregistered
             self.evicted.remove(name)
         key = self.adapter_keys[name]
-        pinned = [self.adapter_keys.get(n, "") for n in self.engine.loaded_adapters()]
+        # Never deleted to make room: what the engine registered (vLLM may reload it from
+        # the disk at any time) and what requests are registering (fetched, or fetching).
+        held = {*self.engine.loaded_adapters(), *self.in_use}
+        pinned = [self.adapter_keys[n] for n in held if n in self.adapter_keys]
         fetched = await asyncio.to_thread(self.disk.fetch, key, pinned)
-        self.events.add("store_fetches" if fetched.from_store else "disk_hits")
+        from_store = fetched.from_store or key in self._from_store
+        self._from_store.difference_update([key, *fetched.evicted])
+        self.events.add("store_fetches" if from_store else "disk_hits")
         self.events.add("disk_evictions", len(fetched.evicted))
         error = await self.engine.load_adapter(name, str(fetched.path))
         if error is not None:
             raise AdapterLoadFailed(*error)
         return RegisteredAdapter(name, self.evicted)
 
+    async def _on_disk(self, key: str) -> None:
+        """Bring the adapter onto this node's disk, beside other adapters' downloads: one
+        download per key, whichever of its requests started it going away meanwhile."""
+        download = self._fetches.get(key)
+        if download is None:
+            loop = asyncio.get_running_loop()
+            download = loop.run_in_executor(self._downloads, self.disk.download, key)
+            self._fetches[key] = download
+            download.add_done_callback(functools.partial(self._downloaded, key))
+        await asyncio.shield(download)
+
+    def _downloaded(self, key: str, download: asyncio.Future[Fetched]) -> None:
+        if self._fetches.get(key) is download:
+            del self._fetches[key]
+        done = not download.cancelled() and download.exception() is None
+        if done and download.result().from_store:
+            self._from_store.add(key)
+
     async def _acquire(self, name: str, key: str) -> tuple[int, dict[str, Any]] | None:
         """Make `name` servable here and mark it in use; None, or an error reply."""
         if name in self.retired:
             return _deleted(name)
         self.adapter_keys[name] = key
-        # In use from now, while it registers: nothing unregisters or retires it meanwhile.
+        # In use from now, while it is fetched and registers: nothing unregisters, retires
+        # or deletes it from the disk meanwhile.
         self.in_use[name] += 1
         self.events.add("registry_lookups")
         try:
-            await self.registry(name)
+            if name not in self.engine.loaded_adapters():
+                await self._on_disk(key)  # outside the multiplexer's lock
+            if name not in self.retired:
+                await self.registry(name)
         except AdapterLoadFailed as failed:
             self._release(name)
             return failed.status, failed.body
         except Exception as fetch_error:
             self._release(name)
+            if name in self.retired:  # deleted meanwhile: its files may be gone already
+                return _deleted(name)
             message = f"The model's adapter could not be fetched: {fetch_error}"
             return 500, openai_error(500, message)
-        if name in self.retired:  # deleted while it registered
+        except BaseException:  # cancelled: the caller went away
+            self._release(name)
+            raise
+        if name in self.retired:  # deleted while it was fetched or registered
             self._release(name)
             return _deleted(name)
         await self._unregister_evicted()
@@ -149,6 +205,8 @@ class LLMServer:
     async def _unregister_evicted(self) -> None:
         """Unregister what the multiplexer dropped, once no request still generates with it."""
         for name in [n for n in self.evicted if not self.in_use[n]]:
+            if self.in_use[name] or name not in self.evicted:
+                continue  # asked for again while another was being unregistered
             self.evicted.remove(name)
             self.adapter_keys.pop(name, None)  # a request naming it again gives it back
             if await self.engine.unload_adapter(name):
@@ -189,6 +247,7 @@ class LLMServer:
             key = self.adapter_keys.pop(name, None)
             await self.engine.unload_adapter(name)
             if key is not None:
+                self._from_store.discard(key)
                 await asyncio.to_thread(self.disk.forget, key)
         return done
 
@@ -275,6 +334,9 @@ class LLMServer:
         poster = getattr(self, "_poster", None)
         if poster is not None:
             poster.cancel()
+        downloads = getattr(self, "_downloads", None)
+        if downloads is not None:
+            downloads.shutdown(wait=False, cancel_futures=True)
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
@@ -284,6 +346,10 @@ def _deleted(name: str) -> tuple[int, dict[str, Any]]:
     body = openai_error(404, f"The model `{name}` has been deleted.", "model")
     body["error"]["code"] = "model_not_found"
     return 404, body
+
+
+class AdapterRetired(Exception):
+    """The adapter's model was deleted before it was registered: it is not registered."""
 
 
 class AdapterLoadFailed(Exception):

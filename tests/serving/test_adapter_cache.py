@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from serving.adapter_cache import AdapterCache
+from training.node_cache import locked
 from training.storage import IncompleteFolder, LocalStore, open_store
 
 
@@ -85,3 +86,23 @@ def test_replicas_on_one_node_never_evict_each_others_adapters(s3_env, tmp_path)
     first.close()
     AdapterCache(store, max_bytes=1500, owner="r3", root=node)
     assert not held.exists() and second.fetch("jobs/c/adapter").path.exists()
+
+
+def test_downloads_make_no_room_and_room_is_made_around_copies_downloading(s3_env, tmp_path):
+    """Several adapters download at once (review L13), each under its own lock: room is made
+    apart (one registration at a time), and never by deleting, or waiting for, a copy
+    whose lock a download holds."""
+    store = open_store(f"s3://{s3_env.new_bucket()}/ftaas")
+    for name in ("a", "b", "c"):
+        _adapter(store, tmp_path, f"jobs/{name}/adapter", 1000)
+    cache = AdapterCache(store, max_bytes=1500, owner="r1", root=tmp_path / "cache")
+    a = cache.download("jobs/a/adapter")
+    time.sleep(0.01)
+    b = cache.download("jobs/b/adapter")
+    assert a.from_store and b.from_store and a.evicted == b.evicted == []
+    assert a.path.exists() and b.path.exists()  # over the budget until room is made
+    time.sleep(0.01)
+    with locked(a.path):  # as a download of a holds it
+        c = cache.fetch("jobs/c/adapter")
+    assert c.evicted == ["jobs/b/adapter"] and a.path.exists()  # the least recent, a, kept
+    assert cache.fetch("jobs/c/adapter").evicted == ["jobs/a/adapter"]
