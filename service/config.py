@@ -262,6 +262,13 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='JSON: limits of named organizations, e.g. {"acme": {"files": 50000}}',
     )
+    api_processes: int = Field(
+        default=1,
+        ge=1,
+        description="API processes answering for the same organizations (uvicorn --workers "
+        "times `serve` processes): requests per minute and concurrent requests are counted "
+        "in each process's memory, so each admits its share, the limit divided by this",
+    )
     serving_enabled: bool = Field(default=True, description="deploy vLLM engines with Ray Serve")
     serving_kv_cache_gb: int = Field(default=1, description="vLLM CPU KV cache per engine")
     scheduler_interval_s: float = Field(default=1.0, description="seconds between ticks")

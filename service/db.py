@@ -30,7 +30,9 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    select,
     text,
+    update,
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -230,6 +232,48 @@ class OrganizationSecretRow(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
+class QuotaLockRow(Base):
+    """One row per organization that ever added something a quota counts: every quota
+    check writes it first (`lock_quotas`), so the check and the insert it allows happen
+    under this row's lock, one request of the organization at a time."""
+
+    __tablename__ = "quota_locks"
+
+    organization: Mapped[str] = mapped_column(String(128), primary_key=True)
+    checks: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+def lock_quotas(session: Session, organization: str) -> None:
+    """Hold the organization's quota row until `session`'s transaction ends.
+
+    A check that counts rows and then inserts one is atomic only if no other check of the
+    same organization runs between the two. The row is written (an upsert), not just
+    selected: on PostgreSQL that takes its row lock (a second request waits for the first
+    to commit, then counts what it added); on SQLite (pysqlite begins a transaction at the
+    first write, not at a SELECT) it takes the database's write lock before the counts."""
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        upsert = (pg_insert if dialect == "postgresql" else sqlite_insert)(QuotaLockRow)
+        session.execute(
+            upsert.values(organization=organization, checks=1).on_conflict_do_update(
+                index_elements=[QuotaLockRow.organization],
+                set_={"checks": QuotaLockRow.checks + 1},
+            )
+        )
+        return
+    bump = (
+        update(QuotaLockRow)
+        .where(QuotaLockRow.organization == organization)
+        .values(checks=QuotaLockRow.checks + 1)
+    )
+    if changed_rows(session.execute(bump)) == 0:
+        session.add(QuotaLockRow(organization=organization, checks=1))
+        session.flush()
+
+
 class LeaseRow(Base):
     """Who runs the scheduler: one holder at a time, taken over once it expires."""
 
@@ -291,10 +335,35 @@ def _lock_for_migration(connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
 
 
+def lock_jobs_of_new_events(session: Session, _context: Any, _instances: Any) -> None:
+    """Before a flush inserts events, lock their jobs' rows (FOR NO KEY UPDATE, held until
+    commit; in job-id order, so two flushes never wait on each other crosswise).
+
+    An event's `seq` comes from one sequence for all jobs, drawn at INSERT, while the
+    transaction commits later: on PostgreSQL a transaction that drew seq 7 can commit after
+    one that drew 8, and a client that read 8 and 6 before 7 committed never sees 7: it is
+    older than the newest the client polled, newer than the `after` it pages on from.
+    Under the job's row lock a job's events are drawn one writing transaction at a time,
+    each drawing only after the previous one committed: within a job, `seq` order is
+    commit order, and an event that is visible has every event of its job with a smaller
+    `seq` visible too. A writer that also changes the job (most do) waited on that row at
+    its UPDATE anyway; now it takes it before its events, not after. SQLite has one writer
+    at a time: its rowids are in commit order already (FOR UPDATE is not emitted there)."""
+    jobs = sorted({row.job_id for row in session.new if isinstance(row, EventRow)})
+    if jobs:
+        session.execute(
+            select(JobRow.id)
+            .where(JobRow.id.in_(jobs))
+            .order_by(JobRow.id)
+            .with_for_update(key_share=True)
+        )
+
+
 class Database:
     def __init__(self, url: str):
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "before_flush", lock_jobs_of_new_events)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -8,7 +8,14 @@
 - Stored bytes, files, and jobs not yet finished: counted in the database when something
   new would be added; over one, a 429 the SDK is told not to retry (`x-should-retry`).
 
-Rates and concurrency are counted per API process: the cluster runs one API replica.
+Rates and concurrency are counted in each API process's memory, not in the job store: a
+shared count would cost a database write (an fsync on SQLite, a contended row of the
+organization on PostgreSQL) on every request, and two for every chat request, and a
+process that dies holding slots would leak them. Several processes (uvicorn `--workers`,
+several `serve` processes) each admit their share, the limit divided by `api_processes`
+(`FTAAS_API_PROCESSES`, at least one request each), so together they admit the limit.
+Quotas, which change rarely, are counted in the job store, one check of an organization at
+a time (its row in `quota_locks`), and hold across every process.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.config import OrganizationLimits, Settings
-from service.db import FileRow, JobRow, ModelRow, UploadRow, now
+from service.db import FileRow, JobRow, ModelRow, UploadRow, lock_quotas, now
 from service.errors import QuotaExceeded, RateLimited
 from service.fine_tuning.lifecycle import TERMINAL, JobStatus
 
@@ -83,11 +90,22 @@ class Limits:
     def of(self, organization: str) -> OrganizationLimits:
         return self.settings.limits_of(organization)
 
+    def share(self, limit: int) -> int:
+        """This process's part of a rate or concurrency limit (module docstring)."""
+        return max(1, limit // self.settings.api_processes)
+
+    def _of_which(self, limit: int) -> str:
+        """How a refusal names a share: `limit 1500 (this API process's share of 3000)`."""
+        if self.settings.api_processes == 1:
+            return ""
+        return f" (this API process's share of {limit})"
+
     # --- rates
     def admit_request(self, request: Any, organization: str) -> None:
         """Take one request from the organization's bucket, or refuse with a 429; the
         headers ride on the answer either way (service/organization/limits.py)."""
-        capacity = self.of(organization).requests_per_minute
+        per_minute = self.of(organization).requests_per_minute
+        capacity = self.share(per_minute)
         with self._lock:
             moment = self.clock()
             bucket = self._buckets.get(organization)
@@ -99,7 +117,8 @@ class Limits:
         setattr(request.state, RATE_HEADERS_STATE, headers)
         if not admitted:
             raise RateLimited(
-                f"Rate limit reached for requests per minute (RPM): limit {capacity}. "
+                f"Rate limit reached for requests per minute (RPM): limit {capacity}"
+                f"{self._of_which(per_minute)}. "
                 f"Please try again in {duration(wait)}.",
                 code="rate_limit_exceeded",
                 headers={
@@ -113,13 +132,15 @@ class Limits:
     def inference_slot(self, organization: str) -> Callable[[], None]:
         """Hold one of the organization's concurrent inference slots; the returned function
         gives it back (calling it again does nothing)."""
-        limit = self.of(organization).concurrent_requests
+        at_once = self.of(organization).concurrent_requests
+        limit = self.share(at_once)
         with self._lock:
             held = self._in_flight.get(organization, 0)
             if held >= limit:
                 raise RateLimited(
                     f"Too many requests in flight: your organization may have {limit} chat "
-                    "or completion requests answered at once. Please try again shortly.",
+                    f"or completion requests answered at once{self._of_which(at_once)}. "
+                    "Please try again shortly.",
                     code="concurrency_limit_exceeded",
                     headers={"retry-after": "1", "retry-after-ms": "1000"},
                 )
@@ -139,10 +160,13 @@ class Limits:
         with self._lock:
             return self._in_flight.get(organization, 0)
 
-    # --- quotas (counted in the caller's transaction)
+    # --- quotas (counted in the caller's transaction, under the organization's quota
+    # row: the caller adds what was checked before it commits, and a concurrent check
+    # of the same organization waits for that commit, then counts it)
     def check_storage(
         self, session: Session, organization: str, adding_bytes: int, param: str
     ) -> None:
+        lock_quotas(session, organization)
         limits = self.of(organization)
         files, stored = session.execute(
             select(func.count(), func.coalesce(func.sum(FileRow.bytes), 0)).where(
@@ -192,6 +216,7 @@ class Limits:
 
     def check_jobs(self, session: Session, organization: str) -> None:
         limit = self.of(organization).active_jobs
+        lock_quotas(session, organization)
         active = session.scalar(
             select(func.count()).where(
                 JobRow.organization == organization, JobRow.status.not_in(_NOT_ACTIVE)

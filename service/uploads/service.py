@@ -61,7 +61,6 @@ class UploadService:
             raise InvalidRequest(
                 f"bytes must be between 1 and {self.files.max_upload_bytes}", param="bytes"
             )
-        self.files.check_quota(tenant, size, param="bytes")
         created = now()
         row = UploadRow(
             id=upload_id(),
@@ -75,6 +74,8 @@ class UploadService:
             expires_at=created + UPLOAD_LIFETIME_S,
         )
         with self.db.session() as session:
+            # Counted and added in one transaction, under the organization's quota row.
+            self.files.check_quota(tenant, size, "bytes", session)
             session.add(row)
         return upload_object(row)
 
@@ -84,11 +85,33 @@ class UploadService:
         if row is None or row.organization != tenant.organization:
             raise NotFound(f"No such upload: {id_}", param="upload_id")
         if _status(row) != "pending":
-            raise InvalidRequest(
-                f"Upload {id_} is {_status(row)}; only a pending upload takes this action",
-                param="upload_id",
-            )
+            raise self._not_pending(id_, row)
         return row
+
+    @staticmethod
+    def _not_pending(id_: str, row: UploadRow | None) -> Exception:
+        """What a request for a pending upload answers once it is not (or no longer)."""
+        if row is None:  # swept since
+            return NotFound(f"No such upload: {id_}", param="upload_id")
+        return InvalidRequest(
+            f"Upload {id_} is {_status(row)}; only a pending upload takes this action",
+            param="upload_id",
+        )
+
+    @staticmethod
+    def _hold_pending(session: Session, id_: str) -> bool:
+        """Lock the upload's row until the transaction ends, if it is still pending: a
+        no-op write (PostgreSQL's row lock, SQLite's write lock), so two parts, or a part
+        and a completion or cancel, take their turns."""
+        return bool(
+            changed_rows(
+                session.execute(
+                    update(UploadRow)
+                    .where(UploadRow.id == id_, UploadRow.status == "pending")
+                    .values(status=UploadRow.status)
+                )
+            )
+        )
 
     def add_part(self, tenant: Tenant, id_: str, stream: BinaryIO) -> UploadPart:
         """Blocking (the copy): the route runs it in a worker thread. The parts together
@@ -105,15 +128,23 @@ class UploadService:
                 f"most the {upload.bytes} bytes the upload was created for ({room} left)",
                 param="data",
             ) from None
+        refusal: Exception | None = None
         with self.db.session() as session:
-            if self._stored_bytes(upload.id, session) + part.bytes > upload.bytes:
-                self.blobs.delete(part.blob_key)  # another part won the race for the room
-                raise InvalidRequest(
+            # Under the upload's lock: the room counted is the room left when this part
+            # is added (two parts racing for the last room: one gets it).
+            if not self._hold_pending(session, upload.id):  # completed or cancelled since
+                refusal = self._not_pending(id_, session.get(UploadRow, upload.id))
+            elif self._stored_bytes(upload.id, session) + part.bytes > upload.bytes:
+                refusal = InvalidRequest(
                     f"The parts would hold more than the {upload.bytes} bytes the upload "
                     "was created for",
                     param="data",
                 )
-            session.add(part)
+            else:
+                session.add(part)
+        if refusal is not None:
+            self.blobs.delete(part.blob_key)
+            raise refusal
         return UploadPart(
             id=part.id, object="upload.part", created_at=part.created_at, upload_id=upload.id
         )
@@ -192,15 +223,24 @@ class UploadService:
         )
 
     def cancel(self, tenant: Tenant, id_: str) -> Upload:
+        """A compare-and-set, as completion is: a cancel that loses to a completion (or
+        another cancel) answers as one that came after it, and changes nothing."""
         upload = self._pending(tenant, id_)
         with self.db.session() as session:
-            row = session.get(UploadRow, upload.id)
-            assert row is not None
-            row.status = "cancelled"
-            for part in session.scalars(
-                select(UploadPartRow).where(UploadPartRow.upload_id == upload.id)
-            ):
-                session.delete(part)
+            won = changed_rows(
+                session.execute(
+                    update(UploadRow)
+                    .where(UploadRow.id == upload.id, UploadRow.status == "pending")
+                    .values(status="cancelled")
+                )
+            )
+            if not won:
+                refusal = self._not_pending(id_, session.get(UploadRow, upload.id))
+            else:
+                refusal = None
+                session.execute(delete(UploadPartRow).where(UploadPartRow.upload_id == upload.id))
+        if refusal is not None:
+            raise refusal
         self.blobs.delete(f"uploads/{upload.id}")
         upload.status = "cancelled"
         return upload_object(upload)

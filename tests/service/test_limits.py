@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -174,3 +175,33 @@ def test_per_organization_limits_override_the_defaults():
 def test_a_mistyped_organization_limit_is_refused_at_start():
     with pytest.raises(ValueError):
         Settings(organization_limits={"big": {"filez": 1}})
+
+
+def test_several_api_processes_together_admit_the_limit():
+    """Rates and concurrency live in each process's memory: with FTAAS_API_PROCESSES=2
+    each admits half, so two processes together admit what one would alone."""
+
+    settings = Settings(
+        api_processes=2, limits=OrganizationLimits(requests_per_minute=10, concurrent_requests=3)
+    )
+    processes = [Limits(settings, clock=lambda: 1_000.0) for _ in range(2)]
+    admitted = 0
+    for process in processes:
+        for _ in range(10):
+            try:
+                process.admit_request(SimpleNamespace(state=SimpleNamespace()), "org-a")
+                admitted += 1
+            except Exception as refused:
+                assert getattr(refused, "status_code", None) == 429
+                assert "this API process's share of 10" in str(refused)
+    assert admitted == 10
+    slots = [process.inference_slot("org-a") for process in processes]  # 1 each (3 // 2)
+    for process in processes:
+        with pytest.raises(Exception, match="share of 3"):
+            process.inference_slot("org-a")
+    for release in slots:
+        release()
+    # A limit below the process count still lets each process answer one at a time.
+    tiny = Limits(Settings(api_processes=4, limits=OrganizationLimits(concurrent_requests=2)))
+    assert tiny.share(2) == 1
+    tiny.inference_slot("org-a")
