@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 Auto = Literal["auto"]
 # OpenAI's published rule (cookbook "Chat_finetuning_data_prep"): 3 epochs, adjusted so
@@ -33,10 +33,9 @@ MIN_TARGET_PAIRS = 200
 MAX_AUTO_BATCH_SIZE = 16
 
 
-# Names peft may target; vLLM serves LoRA on these linear layers, never on embeddings or
-# the output head (those would need `modules_to_save`, which vLLM refuses).
+# Names peft may target (module names, not regular expressions). Which of them the engine
+# serves depends on the base model: the API checks that (serving/servable.py).
 TARGET_MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*$"
-UNSERVABLE_TARGETS = frozenset({"lm_head", "embed_tokens", "wte", "wpe"})
 DEFAULT_LORA_R = 16
 DEFAULT_WARMUP_RATIO = 0.05
 DEFAULT_MAX_GRAD_NORM = 1.0
@@ -90,17 +89,6 @@ class SupervisedHyperparameters(BaseModel):
         default=None,
         description="stop after this many epochs without a better full validation loss",
     )
-
-    @field_validator("target_modules")
-    @classmethod
-    def _servable_targets(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list):
-            refused = sorted(set(value) & UNSERVABLE_TARGETS)
-            if refused:
-                raise ValueError(
-                    f"{', '.join(refused)} cannot carry a LoRA adapter the engine can serve"
-                )
-        return value
 
 
 # OpenAI: "auto" is "a value configured by the platform"; TRL's default.

@@ -8,10 +8,10 @@ In: a tar (any compression) or zip archive holding those two files, anywhere in 
 those two names are read, each as a regular file within its size bound; nothing in the
 archive names a path on this machine. The weights' safetensors header is checked against
 the base model before the rest of them is read, so an archive's work is bounded by what
-a servable adapter of that base can hold. The adapter must be LoRA of a rank the base model's
-engine accepts, with no `modules_to_save`, no DoRA and no weights for embeddings or the
-output layer (vLLM serves none of those), on linear layers the base model has, with their
-shapes.
+a servable adapter of that base can hold. What the engine can load is decided by
+serving/servable.py, as for a job before it trains (`check_job`): LoRA of a rank the base
+model's engine accepts, with no `modules_to_save`, no DoRA and no biases, on linear layers
+the base model has, with their shapes, that vLLM applies LoRA to for its architecture.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from service.models.weights_header import (
     file_header,
     read_header,
 )
+from serving.servable import DORA, RANK, TARGETS, EngineBase, Unservable, servable
+from serving.servable import check_weights as check_servable_weights
+from training.hyperparameters import SupervisedHyperparameters, default_lora_alpha
 from training.spec import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS
 from training.storage import CHUNK_BYTES, ArtifactStore, S3Store, is_remote, join, parse_s3_url
 
 CONFIG, WEIGHTS = ADAPTER_CONFIG, ADAPTER_WEIGHTS
 MAX_CONFIG_BYTES = 1024 * 1024
-# peft's names for a LoRA weight: <module>.lora_A.weight / <module>.lora_B.weight.
-LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
-UNSERVABLE = ("embed_tokens", "lm_head", "wte", "wpe", "modules_to_save")
 
 
 def archive_folder_name(model: str) -> str:
@@ -195,6 +195,64 @@ def _unpack_zip(
                     )
 
 
+def base_architecture(base_path: str) -> str | None:
+    """The base model's architecture (its config.json's first `architectures`), or None
+    while it cannot be read (an embedded model still being built). Remembered once read."""
+    if base_path in _architectures:
+        return _architectures[base_path]
+    try:
+        if is_remote(base_path):
+            bucket, prefix = parse_s3_url(base_path)
+            with S3Store(bucket, "").open(join(prefix, "config.json")) as stream:
+                config = json.loads(stream.read(MAX_CONFIG_BYTES))
+        else:
+            config = json.loads((Path(base_path) / "config.json").read_text())
+        architecture = str((config.get("architectures") or [None])[0] or "") or None
+    except Exception:  # not there (yet), unreadable: the check uses its fallback list
+        return None
+    _architectures[base_path] = architecture
+    return architecture
+
+
+_architectures: dict[str, str | None] = {}
+
+
+def engine_base(base: BaseModelConfig, layers: bool = True) -> EngineBase:
+    """What serving/servable.py knows of `base`'s engine; its linear layers when `layers`
+    and its weights can be read now (else the check goes by names alone)."""
+    found: dict[str, tuple[int, int]] | None = None
+    if layers:
+        try:
+            found = linear_layers(base.path)
+        except (InvalidRequest, OSError):  # not built yet, or no safetensors
+            found = None
+    return EngineBase(base.id, base.max_lora_rank, base_architecture(base.path), found)
+
+
+JOB_PARAMS = {RANK: "lora_r", DORA: "use_dora", TARGETS: "target_modules"}
+
+
+def check_job(
+    base: BaseModelConfig, hyperparameters: SupervisedHyperparameters, prefix: str
+) -> None:
+    """Refuse now, with a 400 naming the hyperparameter, the adapter a job would train
+    that the engine for `base` could not load when the job is done."""
+    lora_alpha = hyperparameters.lora_alpha or default_lora_alpha(hyperparameters.lora_r)
+    config = {
+        "peft_type": "LORA",
+        "r": hyperparameters.lora_r,
+        "lora_alpha": lora_alpha,
+        "target_modules": hyperparameters.target_modules,
+        "use_dora": hyperparameters.use_dora,
+        "bias": "none",
+    }
+    try:
+        servable(engine_base(base), config)
+    except Unservable as error:
+        name = JOB_PARAMS.get(error.field, error.field)
+        raise InvalidRequest(f"{name}: {error.message}", param=f"{prefix}.{name}") from None
+
+
 @functools.lru_cache(maxsize=16)
 def linear_layers(base_path: str) -> dict[str, tuple[int, int]]:
     """The base model's linear layers (name → (in, out features)): its weights' matrices,
@@ -230,44 +288,14 @@ def weights_bound(layers: dict[str, tuple[int, int]], max_rank: int) -> int:
     return LENGTH_BYTES + MAX_HEADER_BYTES + 4 * matrices
 
 
-SERVABLE_DTYPES = ("F32", "F16", "BF16")
-
-
-def check_weights(
-    tensors: dict[str, Tensor],
-    layers: dict[str, tuple[int, int]],
-    base: BaseModelConfig,
-    rank: int | None = None,
-) -> None:
-    """Refuse weights the engine for `base` cannot serve: LoRA matrices of its linear
-    layers with their shapes, at `rank` (any the engine accepts, when None: the header is
-    checked before the config may have been read)."""
-    if not tensors:
-        raise _bad(f"{WEIGHTS} holds no weights")
-    for key, tensor in tensors.items():
-        if any(part in key for part in UNSERVABLE):
-            raise _bad(f"The adapter has weights for {key}, which vLLM cannot serve")
-        match = LORA_KEY.match(key)
-        if match is None:
-            raise _bad(f"{key} is not a LoRA weight (lora_A or lora_B)")
-        if tensor.dtype not in SERVABLE_DTYPES:
-            raise _bad(f"{key} is {tensor.dtype}; the engine serves {', '.join(SERVABLE_DTYPES)}")
-        module = match["module"]
-        if module not in layers:
-            raise _bad(f"The adapter targets {module}, which {base.id} does not have")
-        in_features, out_features = layers[module]
-        shape = list(tensor.shape)
-        side = match["side"]
-        found = (shape[0] if side == "A" else shape[-1]) if len(shape) == 2 else 0
-        r = rank if rank is not None else found
-        if not 1 <= r <= base.max_lora_rank:
-            raise _bad(
-                f"{key} has shape {shape}: rank {r} is outside 1..{base.max_lora_rank}, the "
-                f"ranks the engine serving {base.id} accepts"
-            )
-        expected = [r, in_features] if side == "A" else [out_features, r]
-        if shape != expected:
-            raise _bad(f"{key} has shape {shape}; {base.id} needs {expected}")
+def check_weights(tensors: dict[str, Tensor], engine: EngineBase, rank: int | None = None) -> None:
+    """Refuse weights the engine cannot serve (serving/servable.py), from their header."""
+    try:
+        check_servable_weights(
+            engine, {key: (list(t.shape), t.dtype) for key, t in tensors.items()}, rank
+        )
+    except Unservable as error:
+        raise _bad(error.message) from None
 
 
 def check_adapter(folder: Path, base: BaseModelConfig) -> dict[str, Any]:
@@ -279,28 +307,18 @@ def check_adapter(folder: Path, base: BaseModelConfig) -> dict[str, Any]:
         raise _bad(f"{CONFIG} is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise _bad(f"{CONFIG} must be a JSON object")
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") != "LORA":  # none at all is no peft adapter either
         raise _bad(f"Only LoRA adapters can be served (peft_type is {config.get('peft_type')!r})")
-    rank = config.get("r")
-    if not isinstance(rank, int) or not 1 <= rank <= base.max_lora_rank:
-        raise _bad(
-            f"The adapter's rank r={rank!r} is outside 1..{base.max_lora_rank}, the ranks "
-            f"the engine serving {base.id} accepts"
-        )
-    if config.get("modules_to_save"):
-        raise _bad(
-            "The adapter has modules_to_save (fully trained layers), which vLLM cannot serve"
-        )
-    if config.get("use_dora"):
-        raise _bad("DoRA adapters cannot be served by the vLLM engine")
-    if config.get("bias", "none") != "none":
-        raise _bad(f"The adapter trains biases (bias={config['bias']!r}), which vLLM refuses")
-    alpha = config.get("lora_alpha", rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
-        raise _bad(f"lora_alpha must be a positive number, not {alpha!r}")
     try:
         tensors = file_header(folder / WEIGHTS)
     except NotSafetensors as error:
         raise _bad(f"{WEIGHTS} is not a safetensors file ({error})") from None
-    check_weights(tensors, linear_layers(base.path), base, rank)
+    try:
+        servable(
+            engine_base(base),
+            config,
+            {key: (list(t.shape), t.dtype) for key, t in tensors.items()},
+        )
+    except Unservable as error:
+        raise _bad(error.message) from None
     return config

@@ -31,6 +31,7 @@ from service.models.adapters import (
     archive_folder_name,
     check_adapter,
     check_weights,
+    engine_base,
     linear_layers,
     unpack_adapter,
     weights_bound,
@@ -281,13 +282,14 @@ class ModelService:
         short_id = model_short_id()
         key = join("imported", short_id, "adapter")
         layers = linear_layers(base.path)
+        engine = engine_base(base)
         bound = min(self.max_adapter_bytes, weights_bound(layers, base.max_lora_rank))
         with tempfile.TemporaryDirectory(prefix="ftaas-import-") as scratch:
             archive = self.store.local_file(file.blob_key, Path(scratch))
             folder = unpack_adapter(
                 archive,
                 Path(scratch) / "adapter",
-                lambda tensors: check_weights(tensors, layers, base),
+                lambda tensors: check_weights(tensors, engine),
                 bound,
             )
             check_adapter(folder, base)

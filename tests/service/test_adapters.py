@@ -242,3 +242,101 @@ def test_the_base_models_linear_layers_come_from_its_weights_headers(
     bucket = s3_env.new_bucket()
     open_store(f"s3://{bucket}").put_folder(tiny_model_dir, "models/tiny")
     assert linear_layers(f"s3://{bucket}/models/tiny") == local
+
+
+def router_base(tmp_path: Path) -> Path:
+    """A Llama base whose layer has one more Linear layer, a MoE-style router, which
+    peft's all-linear adapts and vLLM's Llama applies no LoRA to."""
+    folder = tmp_path / "router-base"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    shapes = {
+        "model.embed_tokens": (512, 128),
+        "model.layers.0.self_attn.q_proj": (128, 128),
+        "model.layers.0.self_attn.v_proj": (128, 128),
+        "model.layers.0.mlp.router": (4, 128),
+        "lm_head": (512, 128),
+    }
+    save_file(
+        {f"{name}.weight": torch.zeros(shape) for name, shape in shapes.items()},
+        str(folder / "model.safetensors"),
+    )
+    return folder
+
+
+def _use_base(parts, path: Path) -> None:  # type: ignore[no-untyped-def]
+    base = parts["base_models"]["ftaas-tiny"]
+    parts["base_models"]["ftaas-tiny"] = base.model_copy(update={"path": str(path)})
+
+
+def _create_job(api, **hyperparameters):  # type: ignore[no-untyped-def]
+    from tests.conftest import memorisation_jsonl
+    from tests.service.test_api import supervised
+    from tests.service.test_api import upload as upload_file
+
+    file_id = upload_file(api, memorisation_jsonl()).json()["id"]
+    body = {"model": "ftaas-tiny", "training_file": file_id, **supervised(**hyperparameters)}
+    return api.post("/v1/fine_tuning/jobs", json=body)
+
+
+def test_a_job_that_would_adapt_a_layer_vllm_does_not_serve_is_refused_before_training(
+    api, parts, tmp_path, tiny_model_dir
+):
+    # The real tiny model: all-linear adapts its projections (never embed_tokens, lm_head).
+    assert _create_job(api).status_code == 200
+    error = assert_envelope(
+        _create_job(api, target_modules=["q_proj", "lm_head"]),
+        400,
+        "method.supervised.hyperparameters.target_modules",
+    )
+    assert error["message"] == (
+        "target_modules: lm_head is not a layer the engine serving ftaas-tiny applies LoRA "
+        "to; it serves LoRA on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+    )
+    error = assert_envelope(
+        _create_job(api, target_modules=["qkv"]),
+        400,
+        "method.supervised.hyperparameters.target_modules",
+    )
+    assert error["message"] == "target_modules: qkv matches no linear layer of ftaas-tiny"
+    # A base with a router: all-linear would train it, and no engine could load the result.
+    _use_base(parts, router_base(tmp_path))
+    error = assert_envelope(
+        _create_job(api), 400, "method.supervised.hyperparameters.target_modules"
+    )
+    assert error["message"] == (
+        "target_modules: all-linear includes model.layers.0.mlp.router, which is not a layer "
+        "the engine serving ftaas-tiny applies LoRA to; it serves LoRA on down_proj, "
+        "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj: name the layers to adapt in "
+        "target_modules instead"
+    )
+    assert _create_job(api, target_modules=["q_proj", "v_proj"]).status_code == 200
+    error = assert_envelope(
+        _create_job(api, lora_r=32), 400, "method.supervised.hyperparameters.lora_r"
+    )
+    assert error["message"] == (
+        "lora_r: rank 32 is outside 1..16, the adapter ranks the engine serving ftaas-tiny accepts"
+    )
+
+
+def test_an_adapter_of_a_layer_vllm_does_not_serve_is_refused_at_import(api, parts, tmp_path):
+    _use_base(parts, router_base(tmp_path))
+    folder = tmp_path / "router-adapter"
+    folder.mkdir()
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["router"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.model.layers.0.mlp.router"
+    save_file(
+        {
+            f"{prefix}.lora_A.weight": torch.zeros(8, 128),
+            f"{prefix}.lora_B.weight": torch.zeros(4, 8),
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
+    error = assert_envelope(register(api, tar_gz(folder)), 400, "adapter_file")
+    assert error["message"] == (
+        "The adapter has weights for model.layers.0.mlp.router, which is not a layer the "
+        "engine serving ftaas-tiny applies LoRA to; it serves LoRA on down_proj, gate_proj, "
+        "k_proj, o_proj, q_proj, up_proj, v_proj"
+    )
+    assert error["code"] == "invalid_adapter"
