@@ -28,7 +28,8 @@ from service.files.service import FileService
 from service.files.validator import ProcessValidator
 from service.fine_tuning.launcher import RayLauncher
 from service.fine_tuning.lease import Lease
-from service.fine_tuning.reconciler import PrunedCheckpoint, ReadyModel, Reconciler
+from service.fine_tuning.reconciler import Reconciler
+from service.fine_tuning.registry import PrunedCheckpoint, ReadyModel
 from service.fine_tuning.router import router as jobs_router
 from service.fine_tuning.service import FineTuningService
 from service.housekeeping import ExpiredOutputs, Housekeeping
@@ -175,7 +176,7 @@ async def _expire(
 async def _prune(gateway: ServingGateway, reconciler: Reconciler, pruned: PrunedCheckpoint) -> None:
     """Serving first, files last, as for a deleted model (service/models/router.py)."""
     await gateway.retire_adapters(pruned.base_model, [pruned.name])
-    await asyncio.to_thread(reconciler.delete_checkpoint, pruned.path)
+    await asyncio.to_thread(reconciler.attempt_store.delete_checkpoint, pruned.path)
 
 
 def wire_organization(app: FastAPI, settings: Settings, db: Database) -> None:

@@ -29,9 +29,9 @@ from sqlalchemy import delete, literal, select
 from sqlalchemy.orm import aliased
 
 from service.db import CheckpointRow, Database, FileRow, JobRow, ModelRow, UploadPartRow, UploadRow
+from service.fine_tuning.attempt_store import AttemptStore
 from service.fine_tuning.lifecycle import TERMINAL, TRAINER_MAY_BE_ALIVE, JobStatus
-from training.spec import job_folder, wandb_secret_key
-from training.storage import ArtifactStore, join
+from training.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ class ExpiredOutputs:
     job_id: str
     base_model: str
     names: list[str]
-    folder: str
 
 
 @dataclass
@@ -75,6 +74,7 @@ class Housekeeping:
         unfinished_outputs_days: float = 7.0,
     ):
         self.db, self.blobs, self.clock, self.grace_s = db, blobs, clock, grace_s
+        self.attempts = AttemptStore(blobs)
         self.outputs_ttl_s = unfinished_outputs_days * DAY_S
         self._last = 0.0
 
@@ -128,7 +128,7 @@ class Housekeeping:
                 )
             )
         for job_id in jobs:
-            size = sum(item.size for item in self.blobs.list(job_folder(job_id)))
+            size = self.attempts.job_bytes(job_id)
             with self.db.session() as session:
                 job = session.get(JobRow, job_id)
                 if job is not None and job.output_bytes is None:
@@ -153,10 +153,7 @@ class Housekeeping:
             # attempt + 1: its key is handed over before the intent commits, and the commit
             # may lose to a cancel, leaving `attempts` where it was (review L2).
             for number in range(1, attempts + 2):
-                key = wandb_secret_key(join(job_folder(job_id), f"attempt-{number}"))
-                if self.blobs.exists(key):
-                    self.blobs.delete(key)
-                    removed += 1
+                removed += self.attempts.forget_secret(job_id, number)
         return removed
 
     def _expire_uploads(self) -> int:
@@ -210,7 +207,7 @@ class Housekeeping:
                         select(CheckpointRow.model_name).where(CheckpointRow.job_id == job.id)
                     )
                 )
-                expired.append(ExpiredOutputs(job.id, job.model, names, job_folder(job.id)))
+                expired.append(ExpiredOutputs(job.id, job.model, names))
         return expired
 
     def delete_outputs(self, expired: ExpiredOutputs) -> None:
@@ -218,7 +215,7 @@ class Housekeeping:
         on): their rows, its folder, and the mark that it is done."""
         with self.db.session() as session:
             session.execute(delete(CheckpointRow).where(CheckpointRow.job_id == expired.job_id))
-        self.blobs.delete(expired.folder)
+        self.attempts.delete_job(expired.job_id)
         with self.db.session() as session:
             job = session.get(JobRow, expired.job_id)
             if job is not None:

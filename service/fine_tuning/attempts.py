@@ -12,10 +12,10 @@ from typing import Any
 
 from service.config import BaseModelConfig, Settings
 from service.db import JobRow
+from service.fine_tuning.attempt_store import attempt_folder
 from training.hyperparameters import ResolvedHyperparameters, resolve, start_adapter_shape
 from training.methods import METHODS, TrainingMethod
-from training.spec import TrainingSpec, job_folder
-from training.storage import join
+from training.spec import TrainingSpec
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def next_attempt(job: JobRow) -> Attempt:
     # Ray keeps every submission id forever: a resumed or re-run job needs a new one, and
     # its own folder so that an earlier attempt's progress log is never read again.
     submission_id = job.id if number == 1 else f"{job.id}-{number}"
-    return Attempt(number, submission_id, join(job_folder(job.id), f"attempt-{number}"))
+    return Attempt(number, submission_id, attempt_folder(job.id, number))
 
 
 def method_of(job: JobRow) -> TrainingMethod:

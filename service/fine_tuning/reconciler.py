@@ -15,7 +15,6 @@ the tick reports it and the jobs wait.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -27,7 +26,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from service.config import BaseModelConfig, Settings
-from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, ModelRow, now
+from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, now
+from service.fine_tuning.admission import Admission
+from service.fine_tuning.attempt_store import AttemptStore
 from service.fine_tuning.attempts import (
     Attempt,
     JobCannotStart,
@@ -36,7 +37,7 @@ from service.fine_tuning.attempts import (
     resolve_hyperparameters,
     training_spec,
 )
-from service.fine_tuning.channel import TrainerChannel
+from service.fine_tuning.events import add_event, metrics_message
 from service.fine_tuning.launcher import (
     Launcher,
     LauncherUnavailable,
@@ -51,10 +52,7 @@ from service.fine_tuning.lifecycle import (
     JobStatus,
     transition,
 )
-from service.fine_tuning.naming import checkpoint_model_name, fine_tuned_model_name
-from service.fine_tuning.results import write_result_file
-from service.fine_tuning.service import add_event
-from service.ids import checkpoint_id
+from service.fine_tuning.registry import ModelRegistry, PrunedCheckpoint, ReadyModel
 from service.metrics import ServerMetrics
 from service.organization.secrets import WANDB, OrganizationSecrets
 from training.methods import METHODS
@@ -71,14 +69,8 @@ from training.progress import (
     Succeeded,
     without_server_paths,
 )
-from training.spec import (
-    ADAPTER_CONFIG,
-    KEEP_CHECKPOINTS,
-    checkpoint_adapter_key,
-    spec_key,
-    wandb_secret_key,
-)
-from training.storage import ArtifactStore, join
+from training.spec import checkpoint_adapter_key, spec_key
+from training.storage import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
@@ -99,25 +91,6 @@ LOST_AFTER_S = 10
 # for lost only once it has written nothing for this long (its cluster is gone).
 FOREIGN_SILENT_S = 600
 S = JobStatus
-
-
-@dataclass(frozen=True)
-class ReadyModel:
-    """A model that just became available: serving is told to load it."""
-
-    name: str
-    base_model: str
-    adapter_dir: str
-
-
-@dataclass(frozen=True)
-class PrunedCheckpoint:
-    """A checkpoint past the newest KEEP_CHECKPOINTS, unlisted: serving drops it, then its
-    files go (`Reconciler.delete_checkpoint`)."""
-
-    name: str
-    base_model: str
-    path: str
 
 
 @dataclass
@@ -148,7 +121,7 @@ class Reconciler:
         base_models: dict[str, BaseModelConfig],
         store: ArtifactStore,
         launcher: Launcher,
-        channel: TrainerChannel | None = None,
+        attempt_store: AttemptStore | None = None,
         use_gpu: Callable[[], bool] = lambda: False,
         clock: Callable[[], int] = now,
         metrics: ServerMetrics | None = None,
@@ -168,12 +141,20 @@ class Reconciler:
         self.base_models = base_models
         self.store = store
         self.launcher = launcher
-        self.channel = channel or TrainerChannel(store)
+        # What the state machine hands off: the attempts' folders (the trainer channel),
+        # the models a job makes, and which jobs may start.
+        self.attempt_store = attempt_store or AttemptStore(store)
+        self.registry = ModelRegistry(store)
+        self.admission = Admission(settings)
         # Asked for each attempt as it starts: an autoscaling cluster may gain (or lose)
         # its GPU nodes while the service runs.
         self.use_gpu = use_gpu
         self.clock = clock
         self._pruned: list[PrunedCheckpoint] = []  # by the job being stepped
+        # Calls to Ray the step being taken decided on, made once its transaction has
+        # committed: never while a write transaction (SQLite's only writer lock, a job
+        # row's lock on PostgreSQL) waits on Ray (review L3).
+        self._after_commit: list[Callable[[], None]] = []
         self._trained_tokens: list[tuple[str, str, float]] = []  # (model, method, tokens)
         self._warned_waiting: set[str] = set()
         # job → (attempt, when first seen running with no record of it, warned yet); in
@@ -216,7 +197,7 @@ class Reconciler:
         report: TickReport,
     ) -> None:
         """One job's step, and what it learned added to `report`."""
-        self._pruned, self._trained_tokens = [], []
+        self._pruned, self._trained_tokens, self._after_commit = [], [], []
         try:
             ready = handler(job_id)
         except LeaseLost:
@@ -234,6 +215,11 @@ class Reconciler:
             self._count_failure(job_id, error)
             return
         report.pruned += self._pruned  # unlisted for good: the step has committed
+        for call in self._after_commit:
+            try:
+                call()
+            except Exception:  # Ray is asked again next tick where it still matters
+                logger.warning("job %s: a call to Ray after the step failed", job_id, exc_info=True)
         for model, method, tokens in self._trained_tokens:
             assert self.metrics is not None
             self.metrics.trained_tokens.labels(model, method).inc(tokens)
@@ -253,33 +239,7 @@ class Reconciler:
     def _tick(self, keep_lease: Callable[[], bool] | None) -> TickReport:
         report = TickReport()
         with self.db.session() as session:
-            open_jobs = session.execute(
-                select(JobRow.id, JobRow.status, JobRow.step_failures, JobRow.organization)
-                .where(JobRow.status.not_in([s.value for s in TERMINAL]))
-                .order_by(JobRow.arrival)
-            ).all()
-            alive = dict(
-                session.execute(
-                    select(JobRow.organization, func.count())
-                    .where(JobRow.status.in_([s.value for s in TRAINER_MAY_BE_ALIVE]))
-                    .group_by(JobRow.organization)
-                ).all()
-            )
-        # Fair share: queued jobs are taken round-robin across organizations, counting
-        # the trainers each already runs (its n-th queued job waits behind every other
-        # organization's first n), so one tenant's long queue cannot starve the others;
-        # then by arrival.
-        queued_before: dict[str, int] = {}
-
-        def turn(row: Any) -> tuple[bool, int]:
-            if row.status != S.QUEUED:
-                return (False, 0)
-            rank = queued_before.get(row.organization, 0)
-            queued_before[row.organization] = rank + 1
-            return (True, alive.get(row.organization, 0) + rank)
-
-        turns = {row.id: turn(row) for row in open_jobs}  # in arrival order
-        open_jobs = sorted(open_jobs, key=lambda row: turns[row.id])
+            open_jobs = self.admission.in_turn(session)
         full = False
         for job_id, status, failures, _ in open_jobs:
             handler = self._handlers.get(JobStatus(status))
@@ -325,6 +285,7 @@ class Reconciler:
         # A tenant reads it: Ray's answers name the entrypoint and the store's URL.
         first_line = str(error).splitlines()[0] if str(error) else ""
         reason = without_server_paths(f"{type(error).__name__}: {first_line}")
+        stop: str | None = None
         with self._session() as session:
             job = session.get(JobRow, job_id)
             if job is None or JobStatus(job.status) in TERMINAL:
@@ -336,11 +297,8 @@ class Reconciler:
                 )
             if job.step_failures < MAX_STEP_FAILURES:
                 return
-            if JobStatus(job.status) in TRAINER_MAY_BE_ALIVE and job.ray_submission_id:
-                try:
-                    self.launcher.stop(job.ray_submission_id)
-                except Exception:
-                    logger.warning("could not stop %s", job.ray_submission_id, exc_info=True)
+            if JobStatus(job.status) in TRAINER_MAY_BE_ALIVE:
+                stop = job.ray_submission_id
             if job.status == S.CANCELLING:
                 transition(job, S.CANCELLED)
             else:
@@ -349,6 +307,8 @@ class Reconciler:
                     f"failed ({reason[:300]})"
                 )
                 fail(session, job, "internal_error", message, None)
+        if stop:
+            self.stop(stop)
 
     def _reset_failures(self, job_id: str) -> None:
         try:
@@ -398,7 +358,7 @@ class Reconciler:
             job = self._job(session, job_id, S.QUEUED)
             if job is None or not self.model_ready(job.model):
                 return
-            if self._trainers_alive(session) >= self.settings.max_running_jobs:
+            if self.admission.slots_full(session):
                 return
             try:
                 self._commit_intent(session, job)
@@ -436,7 +396,7 @@ class Reconciler:
             spec = spec.model_copy(update={"wandb_secret": self._hand_over_wandb_key(job, attempt)})
         # The spec is written before the intent commits: a crash in between leaves an
         # object the same attempt, computed again, overwrites.
-        spec.save(self.store)
+        self.attempt_store.save_spec(spec)
         job.attempts = attempt.number
         job.cluster_id = self.cluster_id
         job.ray_submission_id = attempt.submission_id
@@ -453,10 +413,8 @@ class Reconciler:
         registered = OrganizationSecrets(self.db).get(job.organization, WANDB)
         if registered is None:
             return None
-        key = wandb_secret_key(attempt.output_key)
         secret = {"api_key": registered.value, **(registered.settings or {})}
-        self.store.put_bytes(key, json.dumps(secret).encode())
-        return key
+        return self.attempt_store.hand_over_secret(attempt.output_key, secret)
 
     def _starting(self, job_id: str) -> None:
         with self._session() as session:
@@ -589,7 +547,7 @@ class Reconciler:
                 return None
             assert job.output_dir and job.ray_submission_id
             if job.pause_requested_at is None:  # the grace period counts from here
-                self.channel.request_pause(job.output_dir)
+                self.attempt_store.request_pause(job.output_dir)
                 job.pause_requested_at = self.clock()
             offset, self._paused_seen = job.progress_offset, False
             info, outcome = self._observe(session, job)
@@ -623,11 +581,15 @@ class Reconciler:
             return None
 
     def _stop_after_grace(self, session: Session, job: JobRow) -> None:
-        assert job.ray_submission_id
-        asked = job.pause_requested_at if job.pause_requested_at is not None else self.clock()
-        if job.stop_requested_at is not None or self.clock() - asked < self.settings.pause_grace_s:
+        submission_id = job.ray_submission_id
+        assert submission_id
+        if job.stop_requested_at is not None:  # asked already; again until it has stopped
+            self._after_commit.append(lambda: self.stop(submission_id))
             return
-        self.launcher.stop(job.ray_submission_id)
+        asked = job.pause_requested_at if job.pause_requested_at is not None else self.clock()
+        if self.clock() - asked < self.settings.pause_grace_s:
+            return
+        self._after_commit.append(lambda: self.launcher.stop(submission_id))
         job.stop_requested_at = self.clock()
         add_event(
             session,
@@ -649,7 +611,7 @@ class Reconciler:
                 # Another cluster's trainer: the pause request in the store is the only
                 # stop it hears; cancelled once it has paused, ended or gone silent.
                 if job.stop_requested_at is None:
-                    self.channel.request_pause(job.output_dir)
+                    self.attempt_store.request_pause(job.output_dir)
                     job.stop_requested_at = self.clock()
                 offset, self._paused_seen = job.progress_offset, False
                 _, outcome = self._observe(session, job)
@@ -659,7 +621,8 @@ class Reconciler:
                     return
                 job.lost_seen_at = None
             elif info.state.active:
-                self.launcher.stop(job.ray_submission_id)  # again each tick until it ends
+                submission_id = job.ray_submission_id  # stopped again each tick until it ends
+                self._after_commit.append(lambda: self.launcher.stop(submission_id))
                 if job.stop_requested_at is None:
                     job.stop_requested_at = self.clock()
                 return
@@ -677,7 +640,7 @@ class Reconciler:
         to the cluster since."""
         assert job.ray_submission_id and job.output_dir
         info = self.launcher.info(job.ray_submission_id)
-        batch = self.channel.read(job.output_dir, job.progress_offset)
+        batch = self.attempt_store.read(job.output_dir, job.progress_offset)
         outcome = self._apply(session, job, batch)
         lost = info.state == LaunchState.UNKNOWN
         if lost and isinstance(outcome, Failed) and job.lost_runs < MAX_LOST_RUNS:
@@ -727,7 +690,7 @@ class Reconciler:
                     self._count_trained_tokens(job, record.step - reported, record.total_steps)
                     reported = record.step
             elif isinstance(record, Checkpoint):
-                self._add_checkpoint(session, job, record)
+                self._pruned += self.registry.add_checkpoint(session, job, record)
             elif isinstance(record, Evaluation):
                 # A message event with the figures as data, not a metrics event: those
                 # are one per step from 1, as OpenAI's (the result file merges the end's
@@ -748,7 +711,7 @@ class Reconciler:
     def _add_metrics(self, session: Session, job: JobRow, record: Metrics) -> None:
         data: dict[str, Any] = {"step": record.step, "total_steps": record.total_steps}
         data.update(record.values)
-        add_event(session, job, _metrics_message(data), event_type="metrics", data=data)
+        add_event(session, job, metrics_message(data), event_type="metrics", data=data)
         done = record.steps_this_run if record.steps_this_run is not None else record.step
         if job.status == S.RUNNING and done > 0 and record.step < record.total_steps:
             remaining = record.total_steps - record.step
@@ -764,58 +727,29 @@ class Reconciler:
         # next tick reads these records again (review L14).
         self._trained_tokens.append((job.model, method, tokens))
 
-    def _add_checkpoint(self, session: Session, job: JobRow, record: Checkpoint) -> None:
-        job.resume_from = record.path
-        session.add(
-            CheckpointRow(
-                id=checkpoint_id(),
-                job_id=job.id,
-                organization=job.organization,
-                created_at=record.time,
-                step_number=record.step,
-                model_name=checkpoint_model_name(self._model_name(job), record.step),
-                path=record.path,
-                metrics=dict(record.metrics) or {"step": record.step},
-            )
-        )
-        session.flush()
-        rows = session.scalars(
-            select(CheckpointRow)
-            .where(CheckpointRow.job_id == job.id)
-            .order_by(CheckpointRow.step_number.desc())
-        ).all()
-        for old in rows[KEEP_CHECKPOINTS:]:  # across attempts: a resumed job keeps three too
-            session.delete(old)
-            self._pruned.append(PrunedCheckpoint(old.model_name, job.model, old.path))
-
     def _ended_without_outcome(self, session: Session, job: JobRow, info: LaunchInfo) -> None:
-        assert job.ray_submission_id
-        tail = self.launcher.logs_tail(job.ray_submission_id)
-        logger.warning("training job %s ended %s without an outcome:\n%s", job.id, info, tail)
+        job_id, submission_id = job.id, job.ray_submission_id
+        assert submission_id
+        self._after_commit.append(lambda: self._log_tail(job_id, submission_id, info))
         message = f"The training process ended unexpectedly ({info.state.value})"
         fail(session, job, "training_error", f"{message}: {info.message}".rstrip(": "), None)
+
+    def _log_tail(self, job_id: str, submission_id: str, info: LaunchInfo) -> None:
+        """For the operator: what the trainer printed last (Ray's logs, up to 10 s)."""
+        try:
+            tail = self.launcher.logs_tail(submission_id)
+        except Exception as error:
+            tail = f"(its log could not be read: {error})"
+        logger.warning("training job %s ended %s without an outcome:\n%s", job_id, info, tail)
 
     def _finish(self, session: Session, job: JobRow, outcome: Outcome) -> ReadyModel | None:
         if isinstance(outcome, Failed):
             fail(session, job, outcome.code, outcome.message, None)
             return None
-        name = self._model_name(job)
-        session.add(
-            ModelRow(
-                id=name,
-                organization=job.organization,
-                base_model=job.model,
-                job_id=job.id,
-                adapter_dir=outcome.adapter_dir,
-                created_at=now(),
-            )
-        )
-        job.fine_tuned_model = name
-        job.result_files = [write_result_file(session, self.store, job)]
-        add_event(session, job, f"New fine-tuned model created: {name}")
+        ready = self.registry.register_tuned_model(session, job, outcome.adapter_dir)
         transition(job, S.SUCCEEDED)
         add_event(session, job, "The job has successfully completed")
-        return ReadyModel(name=name, base_model=job.model, adapter_dir=outcome.adapter_dir)
+        return ready
 
     # --- helpers
     @staticmethod
@@ -832,13 +766,7 @@ class Reconciler:
 
     def _slots_full(self) -> bool:
         with self.db.session() as session:
-            return self._trainers_alive(session) >= self.settings.max_running_jobs
-
-    @staticmethod
-    def _trainers_alive(session: Session) -> int:
-        alive = [s.value for s in TRAINER_MAY_BE_ALIVE]
-        count = session.scalar(select(func.count()).where(JobRow.status.in_(alive)))
-        return count or 0
+            return self.admission.slots_full(session)
 
     def _model_gone(self, job: JobRow) -> tuple[str, str, str]:
         available = ", ".join(sorted(self.base_models)) or "none"
@@ -865,28 +793,17 @@ class Reconciler:
         # outlives the tuned model it started from.
         folder = checkpoint_adapter_key(job.resume_from) if job.resume_from else job.start_adapter
         try:
-            raw = self.store.get_bytes(join(folder, ADAPTER_CONFIG))
+            return self.attempt_store.adapter_config(folder)
         except FileNotFoundError:
             raise JobCannotStart(
                 "model_not_available",
                 f"The adapter of {job.parent_model} is no longer available",
                 "model",
             ) from None
-        return json.loads(raw)  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _model_name(job: JobRow) -> str:
-        return fine_tuned_model_name(job.model, job.organization, job.suffix, job.model_short_id)
-
-    def delete_checkpoint(self, path: str) -> None:
-        """A pruned checkpoint's files, once serving has dropped it."""
-        try:
-            self.store.delete(path)
-        except Exception:  # the checkpoint is unlisted already; only storage is wasted
-            logger.warning("could not delete %s from the artifact store", path, exc_info=True)
 
     def stop(self, submission_id: str) -> None:
-        """Best effort, for the API's cancel: the reconciler makes sure of it next tick."""
+        """Best effort (the API's cancel, a job given up on): the reconciler makes sure of
+        it next tick where it still matters."""
         try:
             self.launcher.stop(submission_id)
         except Exception:
@@ -898,14 +815,3 @@ def _job_files(session: Session, job: JobRow) -> list[tuple[str, str, FileRow | 
     files."""
     named = [("training_file", job.training_file), ("validation_file", job.validation_file)]
     return [(param, id_, session.get(FileRow, id_)) for param, id_ in named if id_ is not None]
-
-
-def _metrics_message(data: dict[str, Any]) -> str:
-    message = f"Step {data['step']}/{data['total_steps']}"
-    if "train_loss" in data:
-        message += f": training loss={data['train_loss']:.4f}"
-    if "valid_loss" in data:
-        message += f", validation loss={data['valid_loss']:.4f}"
-    if "full_valid_loss" in data:
-        message += f", full validation loss={data['full_valid_loss']:.4f}"
-    return message

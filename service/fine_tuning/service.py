@@ -19,6 +19,7 @@ from service.config import BaseModelConfig
 from service.db import CheckpointRow, Database, EventRow, FileRow, JobRow, now
 from service.errors import Conflict, InvalidRequest, NotFound
 from service.fine_tuning.attempts import method_of
+from service.fine_tuning.events import add_event
 from service.fine_tuning.lifecycle import (
     ON_CANCEL,
     ON_PAUSE,
@@ -29,7 +30,7 @@ from service.fine_tuning.lifecycle import (
     wire_status,
 )
 from service.fine_tuning.schemas import CreateFineTuningJobRequest, FineTuningJobObject
-from service.ids import event_id, job_id, model_short_id
+from service.ids import job_id, model_short_id
 from service.models.service import tuned_adapter
 from training.hyperparameters import SupervisedHyperparameters
 from training.methods import METHODS
@@ -45,27 +46,6 @@ StopTraining = Callable[[str], None]
 # A user's request racing the scheduler's write of the same job is tried again on what
 # the scheduler wrote; this many times before the API gives up with a 409.
 CONTROL_TRIES = 5
-
-
-def add_event(
-    session: Session,
-    job: JobRow,
-    message: str,
-    *,
-    level: str = "info",
-    event_type: str = "message",
-    data: dict[str, Any] | None = None,
-) -> None:
-    session.add(
-        EventRow(
-            id=event_id(),
-            job_id=job.id,
-            level=level,
-            message=message,
-            type=event_type,
-            data=data if data is not None else {},
-        )
-    )
 
 
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")

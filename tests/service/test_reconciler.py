@@ -4,11 +4,15 @@ SQLite job store. A tick's report must show no error unless the test caused one.
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from openai import OpenAI
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from service.db import EventRow, JobRow, ModelRow
-from service.fine_tuning.channel import TrainerChannel
+from service.fine_tuning.attempt_store import AttemptStore
 from service.fine_tuning.launcher import LauncherUnavailable, LaunchState
 from service.fine_tuning.lease import Lease, LeaseLost
 from service.fine_tuning.reconciler import (
@@ -215,12 +219,12 @@ def test_a_scheduler_write_on_a_job_the_api_changed_meanwhile_is_not_applied(wor
     job_id = world.running()
     world.train(job_id, steps=1)
 
-    class CancelWhileReading(TrainerChannel):
+    class CancelWhileReading(AttemptStore):
         def read(self, output_dir: str, offset: int) -> ProgressBatch:
             world.sdk.fine_tuning.jobs.cancel(job_id)  # commits between read and write
             return super().read(output_dir, offset)
 
-    world.reconciler.channel = CancelWhileReading(world.parts["blobs"])
+    world.reconciler.attempt_store = CancelWhileReading(world.parts["blobs"])
     report = world.tick()
     assert report.conflicts == [job_id]
     assert world.status(job_id) == "cancelling"  # the scheduler's write was refused
@@ -927,3 +931,50 @@ def test_a_job_that_started_training_is_not_warned_about_however_long_a_step_tak
     world.clock += 2 * NOT_STARTED_WARN_S
     world.tick()
     assert warnings(world, job_id) == [] and world.status(job_id) == "running"
+
+
+def test_the_scheduler_holds_no_write_lock_while_it_waits_on_ray(world: World):
+    """Ray's calls (a stop, a dead trainer's log, read for up to 10 s) are made once the
+    step has committed: on SQLite uploads, job creation and key checks never wait on Ray
+    behind the scheduler's write lock, on PostgreSQL a cancel never waits behind the job's
+    row lock (review L3)."""
+    db = world.parts["db"]
+    calls_under_lock: list[str] = []
+
+    def probe(call: str, job_id: str) -> None:
+        try:
+            if db.engine.dialect.name == "sqlite":
+                other = sqlite3.connect(db.engine.url.database, timeout=0.05)
+                try:
+                    other.execute("BEGIN IMMEDIATE")  # the one writer's lock, or fail
+                finally:
+                    other.close()
+            else:
+                with db.engine.connect() as other, other.begin():
+                    locked = select(JobRow.id).where(JobRow.id == job_id)
+                    other.execute(locked.with_for_update(nowait=True))
+        except (sqlite3.OperationalError, OperationalError):
+            calls_under_lock.append(call)
+
+    stop, logs_tail = world.ray.stop, world.ray.logs_tail
+    world.ray.stop = lambda id_: (probe("stop", id_), stop(id_))[1]  # type: ignore[method-assign]
+    world.ray.logs_tail = lambda id_, lines=20: (  # type: ignore[method-assign]
+        probe("logs_tail", id_),
+        logs_tail(id_, lines),
+    )[1]
+    world.settings.max_running_jobs = 3
+    cancelled, paused, died = world.running(), world.running(), world.running()
+    for job_id in (cancelled, paused, died):
+        world.train(job_id, steps=1)  # each step writes its events before Ray is called
+    world.sdk.fine_tuning.jobs.cancel(cancelled)
+    world.sdk.fine_tuning.jobs.pause(paused)
+    world.tick()
+    world.clock += int(world.settings.pause_grace_s) + 10
+    world.trainer(paused).write(Metrics(step=2, total_steps=2, train_loss=0.5))
+    world.ray.end(died, LaunchState.FAILED)
+    world.tick()
+    world.tick()
+    assert {cancelled, paused} <= set(world.ray.stopped)
+    assert world.status(cancelled) == "cancelled" and world.status(paused) == "paused"
+    assert world.status(died) == "failed"
+    assert calls_under_lock == []
