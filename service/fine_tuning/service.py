@@ -31,8 +31,8 @@ from service.fine_tuning.lifecycle import (
 )
 from service.fine_tuning.schemas import CreateFineTuningJobRequest, FineTuningJobObject
 from service.ids import job_id, model_short_id
+from service.models.adapters import check_job
 from service.models.service import tuned_adapter
-from training.hyperparameters import SupervisedHyperparameters
 from training.methods import METHODS
 
 if TYPE_CHECKING:
@@ -138,27 +138,6 @@ class FineTuningService:
                 f"File {file_id} has purpose '{row.purpose}', not 'fine-tune'", param=param
             )
 
-    @staticmethod
-    def _check_servable(
-        base: BaseModelConfig,
-        hyperparameters: SupervisedHyperparameters,
-        request: CreateFineTuningJobRequest,
-    ) -> None:
-        """Refuse now what the serving engine could not load when the job is done."""
-        prefix = request.hyperparameters_param
-        if hyperparameters.lora_r > base.max_lora_rank:
-            raise InvalidRequest(
-                f"lora_r {hyperparameters.lora_r} is above {base.max_lora_rank}, the largest "
-                f"adapter rank the engine serving {base.id} accepts",
-                param=f"{prefix}.lora_r",
-            )
-        if hyperparameters.use_dora:
-            raise InvalidRequest(
-                "use_dora: DoRA adapters cannot be served by the vLLM engine; use LoRA "
-                "(optionally with use_rslora)",
-                param=f"{prefix}.use_dora",
-            )
-
     def _starting_point(
         self, session: Session, tenant: Tenant, model: str
     ) -> tuple[str, str | None]:
@@ -205,7 +184,7 @@ class FineTuningService:
             if self.limits is not None:
                 self.limits.check_jobs(session, tenant.organization)
             base_model, start_adapter = self._starting_point(session, tenant, request.model)
-            self._check_servable(self.base_models[base_model], hyperparameters, request)
+            check_job(self.base_models[base_model], hyperparameters, request.hyperparameters_param)
             self._check_file(session, tenant, request.training_file, "training_file")
             if request.validation_file:
                 self._check_file(session, tenant, request.validation_file, "validation_file")
