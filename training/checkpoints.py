@@ -30,7 +30,8 @@ STATE = "trainer_state.pt"
 @dataclass
 class TrainingPosition:
     """Where a run is: `step` optimizer steps done; the next batch is `next_batch` of
-    epoch `epoch` (0-based)."""
+    epoch `epoch` (0-based). An epoch's last step is saved only once that epoch has ended
+    (its full validation counted, its checkpoint written): as the next epoch's start."""
 
     step: int = 0
     epoch: int = 0

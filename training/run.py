@@ -319,6 +319,8 @@ class TrainingRun(ABC, Generic[Unit]):
     def _train(self, started: float) -> Outcome:
         steps_at_start = self.position.step
         self.model.train()
+        if self.position.next_batch >= self.steps_per_epoch and self._end_unended_epoch():
+            return "early_stopped"
         for epoch in range(self.position.epoch, self.hp.n_epochs):
             order = epoch_order(len(self.train_units), self.spec.seed, epoch)
             for batch_index in range(self.position.next_batch, self.steps_per_epoch):
@@ -329,13 +331,27 @@ class TrainingRun(ABC, Generic[Unit]):
                 self.position.next_batch = batch_index + 1
                 epoch_end = batch_index == self.steps_per_epoch - 1
                 self._report_step(tally, started, steps_at_start, epoch_end)
+                # The epoch ends (its full validation counted, its checkpoint written)
+                # before a pause takes effect: the pause checkpoint then holds the next
+                # epoch's start, and a resumed run has no epoch end left to make up.
+                if epoch_end:
+                    self.position.epoch, self.position.next_batch = epoch + 1, 0
+                    if self._end_epoch():
+                        return "early_stopped"
                 if self.workers.any(self.workers.is_chief and self.pause.requested()):
                     self._save_paused()
                     return "paused"
-            self.position.epoch, self.position.next_batch = epoch + 1, 0
-            if self._end_epoch():
-                return "early_stopped"
         return "completed"
+
+    def _end_unended_epoch(self) -> bool:
+        """A pause checkpoint of an older trainer, written on an epoch's last step before
+        that epoch's end: the epoch ends now, its full validation measured on the model as
+        it was paused (the step's training figures were reported before the pause).
+        True when early stopping says stop."""
+        if self.valid_units:
+            self.last_metrics = _prefixed("full_valid_", self.evaluate(self.valid_units).metrics())
+        self.position.epoch, self.position.next_batch = self.position.epoch + 1, 0
+        return self._end_epoch()
 
     def train_step(self, batch: Sequence[Unit]) -> Tally:
         """One optimizer step over `batch`; returns the step's summed tally (all workers)."""
