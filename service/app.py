@@ -168,7 +168,7 @@ async def _expire(
     gateway: ServingGateway, housekeeping: Housekeeping, expired: ExpiredOutputs
 ) -> None:
     """Serving first, files last (service/housekeeping.py)."""
-    if expired.names:
+    if expired.names and expired.base_model is not None:
         await gateway.retire_adapters(expired.base_model, expired.names)
     await asyncio.to_thread(housekeeping.delete_outputs, expired)
 

@@ -14,6 +14,11 @@ is bounded by what users hold.
   from them, and nothing else would ever delete them. Their checkpoints are served by name
   until then, so serving drops them first and the files go last (`expired_outputs`, then
   `delete_outputs`).
+- What a crash left between a commit and the deletes that follow it (review L4), the same
+  way (serving first, files last): the outputs of a job whose tuned model was deleted;
+  checkpoints of an ended job that no row lists (pruned, or deleted by name), found when
+  its outputs are measured; and imported adapters no model names (a deleted import, or
+  one half-written), older than the grace period.
 
 The scheduler's lease holder runs it at start and then every few minutes.
 """
@@ -21,17 +26,20 @@ The scheduler's lease holder runs it at start and then every few minutes.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import delete, literal, select
-from sqlalchemy.orm import aliased
+from sqlalchemy import and_, delete, literal, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from service.db import CheckpointRow, Database, FileRow, JobRow, ModelRow, UploadPartRow, UploadRow
 from service.fine_tuning.attempt_store import AttemptStore
 from service.fine_tuning.lifecycle import TERMINAL, TRAINER_MAY_BE_ALIVE, JobStatus
-from training.storage import ArtifactStore
+from service.fine_tuning.naming import checkpoint_model_name
+from training.spec import job_folder
+from training.storage import ArtifactStore, StoredObject, join
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +52,21 @@ DAY_S = 24 * 3600.0
 TERMINAL_VALUES = [status.value for status in TERMINAL]
 # Jobs whose outputs one sweep deletes at most (the rest wait for the next).
 EXPIRE_BATCH = 100
+# A checkpoint's folder, from any key in it: jobs/<job>/attempt-<n>/checkpoints/step-<step>
+CHECKPOINT_FOLDER = re.compile(r"^(jobs/[^/]+/attempt-\d+/checkpoints/step-\d+)/")
+IMPORTED = "imported"  # imported adapters: imported/<id>/adapter (service/models/service.py)
 
 
 @dataclass(frozen=True)
 class ExpiredOutputs:
-    """A failed or cancelled job's outputs: its checkpoints' names for serving to drop,
-    then its folder to delete."""
+    """Outputs no longer kept: names for serving to drop first, then files to delete.
+    `folders` empty: the whole job's outputs (a failed or cancelled job's after their
+    time, a deleted model's), marked as gone once deleted; else only those folders."""
 
-    job_id: str
-    base_model: str
+    job_id: str | None
+    base_model: str | None
     names: list[str]
+    folders: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +90,7 @@ class Housekeeping:
         self.attempts = AttemptStore(blobs)
         self.outputs_ttl_s = unfinished_outputs_days * DAY_S
         self._last = 0.0
+        self._orphans: list[ExpiredOutputs] = []  # found by the sweep, for expired_outputs
 
     def due(self) -> bool:
         return self.clock() - self._last >= EVERY_S
@@ -87,6 +101,7 @@ class Housekeeping:
         report.expired_uploads = self._expire_uploads()
         report.removed_secrets = self._forget_secrets()
         report.measured_jobs = self._measure_outputs()
+        self._find_orphaned_imports()
         old = self.clock() - self.grace_s
         with self.db.session() as session:
             files = set(session.scalars(select(FileRow.blob_key)))
@@ -128,12 +143,73 @@ class Housekeeping:
                 )
             )
         for job_id in jobs:
-            size = self.attempts.job_bytes(job_id)
+            stored = list(self.blobs.list(job_folder(job_id)))
             with self.db.session() as session:
                 job = session.get(JobRow, job_id)
                 if job is not None and job.output_bytes is None:
-                    job.output_bytes = size
+                    job.output_bytes = sum(item.size for item in stored)
+                    self._find_orphaned_checkpoints(session, job, stored)
         return len(jobs)
+
+    def _find_orphaned_checkpoints(
+        self, session: Session, job: JobRow, stored: list[StoredObject]
+    ) -> None:
+        """Checkpoint folders of an ended job that no row lists: pruned or deleted by name,
+        their files kept by a crash (or by a trainer stopped before it reported them)."""
+        if job.fine_tuned_model and session.get(ModelRow, job.fine_tuned_model) is None:
+            return  # its model was deleted: all its outputs go (`expired_outputs`)
+        listed = set(
+            session.scalars(select(CheckpointRow.path).where(CheckpointRow.job_id == job.id))
+        )
+        folders = {
+            match.group(1)
+            for item in stored
+            if (match := CHECKPOINT_FOLDER.match(item.key)) is not None
+        }
+        orphaned = sorted(
+            folder
+            for folder in folders - listed
+            if not self._trained_on(session, folder)  # a job on top of it reads it again
+        )
+        if not orphaned:
+            return
+        names = []
+        if job.fine_tuned_model is not None:
+            names = [
+                checkpoint_model_name(job.fine_tuned_model, int(folder.rsplit("-", 1)[1]))
+                for folder in orphaned
+            ]
+        self._orphans.append(ExpiredOutputs(job.id, job.model, names, orphaned))
+
+    @staticmethod
+    def _trained_on(session: Session, folder: str) -> bool:
+        """Whether a job that has not ended trains on top of what is in `folder`."""
+        child = select(JobRow.id).where(
+            JobRow.start_adapter.startswith(folder + "/"),
+            JobRow.status.not_in(TERMINAL_VALUES),
+        )
+        return session.scalar(child.limit(1)) is not None
+
+    def _find_orphaned_imports(self) -> None:
+        """Imported adapters' folders no model names, untouched for the grace period."""
+        newest: dict[str, float] = {}
+        for item in self.blobs.list(IMPORTED):
+            folder = join(*item.key.split("/")[:2])
+            newest[folder] = max(newest.get(folder, 0.0), item.modified)
+        old = self.clock() - self.grace_s
+        candidates = [folder for folder, modified in newest.items() if modified < old]
+        if not candidates:
+            return
+        with self.db.session() as session:
+            named = {
+                join(*key.split("/")[:2])
+                for key in session.scalars(
+                    select(ModelRow.adapter_dir).where(ModelRow.adapter_dir.startswith(IMPORTED))
+                )
+            }
+        orphaned = [folder for folder in candidates if folder not in named]
+        if orphaned:
+            self._orphans.append(ExpiredOutputs(None, None, [], orphaned))
 
     def _forget_secrets(self) -> int:
         alive = [s.value for s in TRAINER_MAY_BE_ALIVE]
@@ -180,13 +256,20 @@ class Housekeeping:
         drops their checkpoints, then `delete_outputs` deletes each."""
         ended = [JobStatus.FAILED.value, JobStatus.CANCELLED.value]
         child = aliased(JobRow)
+        expired_unfinished = and_(
+            JobRow.status.in_(ended), JobRow.finished_at <= self.clock() - self.outputs_ttl_s
+        )
+        # Its model was deleted, and the deletion's own file delete did not happen (a
+        # crash) or is under way (done twice, harmlessly).
+        model_deleted = and_(
+            JobRow.status == JobStatus.SUCCEEDED.value, JobRow.fine_tuned_model.is_not(None)
+        )
         with self.db.session() as session:
             jobs = session.scalars(
                 select(JobRow)
                 .where(
-                    JobRow.status.in_(ended),
+                    or_(expired_unfinished, model_deleted),
                     JobRow.outputs_expired_at.is_(None),
-                    JobRow.finished_at <= self.clock() - self.outputs_ttl_s,
                     ~select(ModelRow.id).where(ModelRow.job_id == JobRow.id).exists(),
                     # A job that trains on top of one of its checkpoints reads it again on
                     # every attempt: kept until that one ends.
@@ -200,19 +283,28 @@ class Housekeeping:
                 .order_by(JobRow.finished_at)
                 .limit(EXPIRE_BATCH)
             ).all()
-            expired = []
+            expired, self._orphans = self._orphans, []
             for job in jobs:
                 names = list(
                     session.scalars(
                         select(CheckpointRow.model_name).where(CheckpointRow.job_id == job.id)
                     )
                 )
+                if job.fine_tuned_model is not None:
+                    names.append(job.fine_tuned_model)
                 expired.append(ExpiredOutputs(job.id, job.model, names))
         return expired
 
     def delete_outputs(self, expired: ExpiredOutputs) -> None:
-        """Once serving has dropped its checkpoints (each replica refuses them from then
-        on): their rows, its folder, and the mark that it is done."""
+        """Once serving has dropped its names (each replica refuses them from then on):
+        the folders given, or all the job's outputs, their rows and the mark that they are
+        gone."""
+        if expired.folders:
+            for folder in expired.folders:
+                self.blobs.delete(folder)
+            logger.info("housekeeping: deleted %s, which nothing lists", expired.folders)
+            return
+        assert expired.job_id is not None
         with self.db.session() as session:
             session.execute(delete(CheckpointRow).where(CheckpointRow.job_id == expired.job_id))
         self.attempts.delete_job(expired.job_id)

@@ -211,6 +211,9 @@ class ModelService:
             if not changed_rows(session.execute(deleted)):
                 raise _not_found(model)
             base_model = job.model
+            # Measured again from now: a crash before `delete_files` leaves the folder to
+            # housekeeping, which finds it unlisted when it measures (review L4).
+            job.output_bytes = None
         return Deletion(
             ModelDeleted(id=model, object="model", deleted=True),
             base_model,
@@ -223,10 +226,12 @@ class ModelService:
         if self.store is not None:
             for folder in deletion.folders:
                 self.store.delete(folder)
-        if deletion.job_id is not None:  # its outputs are measured again (or are gone)
+        if deletion.job_id is not None:  # its outputs are measured again, or are gone
             with self.db.session() as session:
                 job = session.get(JobRow, deletion.job_id)
-                if job is not None:
+                if job is not None and deletion.folders == [job_folder(job.id)]:
+                    job.outputs_expired_at, job.output_bytes = now(), 0
+                elif job is not None:
                     job.output_bytes = None
 
     def inference_target(self, tenant: Tenant, model: str) -> InferenceTarget:
@@ -294,9 +299,7 @@ class ModelService:
             )
             check_adapter(folder, base)
             size = sum(path.stat().st_size for path in folder.iterdir() if path.is_file())
-            if self.limits is not None:
-                with self.db.session() as session:
-                    self.limits.check_storage(session, tenant.organization, size, "adapter_file")
+            self._check_storage(tenant, size)  # before the copy: refused without one
             self.store.put_folder(folder, key)
         name = fine_tuned_model_name(base.id, tenant.organization, request.suffix, short_id)
         row = ModelRow(
@@ -310,8 +313,20 @@ class ModelService:
         )
         try:
             with self.db.session() as session:
+                # Again with the insert, in its transaction: two imports racing for the
+                # last room take turns (review L9).
+                self._check_storage(tenant, size, session)
                 session.add(row)
         except Exception:
             self.store.delete(key)  # not registered: not kept
             raise
         return self._tuned(row)
+
+    def _check_storage(self, tenant: Tenant, size: int, session: Session | None = None) -> None:
+        if self.limits is None:
+            return
+        if session is not None:
+            self.limits.check_storage(session, tenant.organization, size, "adapter_file")
+            return
+        with self.db.session() as own:
+            self.limits.check_storage(own, tenant.organization, size, "adapter_file")

@@ -978,3 +978,103 @@ def test_the_scheduler_holds_no_write_lock_while_it_waits_on_ray(world: World):
     assert world.status(cancelled) == "cancelled" and world.status(paused) == "paused"
     assert world.status(died) == "failed"
     assert calls_under_lock == []
+
+
+def _succeeded_with_checkpoints(world: World, steps: tuple[int, ...]) -> tuple[str, str]:
+    """A job that succeeded with a checkpoint (files and record) at each of `steps`; its
+    id and folder."""
+    blobs = world.parts["blobs"]
+    job_id = world.running()
+    out = world.row(job_id).output_dir or ""
+    for step in steps:
+        path = f"{out}/checkpoints/step-{step:06d}"
+        blobs.put_bytes(f"{path}/adapter/adapter_config.json", b"{}")
+        world.trainer(job_id).write(Checkpoint(step=step, epoch=1, path=path))
+    blobs.put_bytes(f"{out}/adapter/adapter_config.json", b"{}")
+    world.trainer(job_id).write(Succeeded(adapter_dir=f"{out}/adapter"))
+    world.ray.end(job_id)
+    world.tick()
+    assert world.status(job_id) == "succeeded"
+    return job_id, out
+
+
+def test_what_a_crash_kept_after_a_models_deletion_is_deleted_serving_first(world: World):
+    """A crash between a model's deletion and its files' (review L4): housekeeping has
+    serving drop the name, then deletes the job's outputs."""
+    from service.auth import Tenant
+    from service.housekeeping import Housekeeping
+    from training.spec import job_folder
+
+    blobs = world.parts["blobs"]
+    job_id, _ = _succeeded_with_checkpoints(world, (1,))
+    kept_id, _ = _succeeded_with_checkpoints(world, (1,))
+    model = world.row(job_id).fine_tuned_model or ""
+    world.parts["models"].delete(Tenant("local"), model)  # the crash: no delete_files
+    housekeeping = Housekeeping(world.parts["db"], blobs)
+    housekeeping.sweep()
+    [expired] = housekeeping.expired_outputs()
+    assert expired.job_id == job_id and expired.names == [model]  # serving drops it first
+    housekeeping.delete_outputs(expired)
+    assert not list(blobs.list(job_folder(job_id)))
+    assert list(blobs.list(job_folder(kept_id)))  # a model's outputs stay
+    housekeeping.sweep()
+    assert housekeeping.expired_outputs() == []  # each once
+
+
+def test_checkpoints_no_row_lists_are_deleted_when_an_ended_job_is_measured(world: World):
+    """A pruned checkpoint, or one deleted by name, whose files a crash kept (review L4):
+    found when the ended job's outputs are measured, dropped by serving, then deleted."""
+    from service.auth import Tenant
+    from service.housekeeping import Housekeeping
+
+    blobs = world.parts["blobs"]
+    job_id, out = _succeeded_with_checkpoints(world, (1, 2, 3, 4))  # step 1 pruned
+    model = world.row(job_id).fine_tuned_model or ""
+    world.parts["models"].delete(Tenant("local"), f"{model}:ckpt-step-2")  # no delete_files
+    housekeeping = Housekeeping(world.parts["db"], blobs)
+    housekeeping.sweep()
+    [orphans] = housekeeping.expired_outputs()
+    assert orphans.job_id == job_id
+    assert orphans.names == [f"{model}:ckpt-step-1", f"{model}:ckpt-step-2"]
+    assert orphans.folders == [f"{out}/checkpoints/step-000001", f"{out}/checkpoints/step-000002"]
+    housekeeping.delete_outputs(orphans)
+    left = {item.key.split("/")[4] for item in blobs.list(f"{out}/checkpoints")}
+    assert left == {"step-000003", "step-000004"}
+    assert list(blobs.list(f"{out}/adapter"))
+    assert world.sdk.models.retrieve(f"{model}:ckpt-step-3").id
+    housekeeping.sweep()
+    assert housekeeping.expired_outputs() == []
+
+
+def test_imported_adapters_no_model_names_are_deleted_after_the_grace(world: World):
+    """A half-written import, or a deleted one whose files a crash kept (review L4)."""
+    import time
+
+    from service.db import now
+    from service.housekeeping import GRACE_S, Housekeeping
+
+    blobs = world.parts["blobs"]
+    for short_id in ("orphan", "named"):
+        blobs.put_bytes(f"imported/{short_id}/adapter/adapter_config.json", b"{}")
+    with world.parts["db"].session() as session:
+        session.add(
+            ModelRow(
+                id="ft:ftaas-tiny:local::named",
+                organization="local",
+                base_model="ftaas-tiny",
+                job_id=None,
+                adapter_dir="imported/named/adapter",
+                created_at=now(),
+            )
+        )
+    assert Housekeeping(world.parts["db"], blobs).expired_outputs() == []
+    fresh = Housekeeping(world.parts["db"], blobs)
+    fresh.sweep()
+    assert fresh.expired_outputs() == []  # within the grace: an import may be under way
+    later = Housekeeping(world.parts["db"], blobs, clock=lambda: time.time() + GRACE_S + 60)
+    later.sweep()
+    [orphan] = later.expired_outputs()
+    assert orphan.folders == ["imported/orphan"] and orphan.names == []
+    later.delete_outputs(orphan)
+    assert not list(blobs.list("imported/orphan"))
+    assert list(blobs.list("imported/named"))
