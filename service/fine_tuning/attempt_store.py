@@ -16,10 +16,12 @@ import json
 import logging
 from typing import Any
 
+from service.models.weights_header import read_header
 from training.control import request_pause
 from training.progress import ProgressBatch, ProgressLog
 from training.spec import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     TrainingSpec,
     job_folder,
     wandb_secret_key,
@@ -61,6 +63,18 @@ class AttemptStore:
         """An adapter folder's adapter_config.json; FileNotFoundError once it is gone."""
         raw = self.store.get_bytes(join(adapter_folder, ADAPTER_CONFIG))
         return json.loads(raw)  # type: ignore[no-any-return]
+
+    def adapter_weights(self, adapter_folder: str) -> dict[str, tuple[list[int], str]]:
+        """The shapes and dtypes of an adapter's weights, from their safetensors header
+        alone (its first bytes, not the file)."""
+        key = join(adapter_folder, ADAPTER_WEIGHTS)
+        sizes = {item.key: item.size for item in self.store.list(adapter_folder)}
+        if key not in sizes:
+            raise FileNotFoundError(key)
+        size = sizes[key]
+        with self.store.open(key) as stream:
+            tensors = read_header(stream.read, size)
+        return {name: (list(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
 
     # --- clearing up
     def forget_secret(self, job_id: str, number: int) -> bool:

@@ -54,7 +54,9 @@ from service.fine_tuning.lifecycle import (
 )
 from service.fine_tuning.registry import ModelRegistry, PrunedCheckpoint, ReadyModel
 from service.metrics import ServerMetrics
+from service.models.adapters import engine_base
 from service.organization.secrets import WANDB, OrganizationSecrets
+from serving.servable import Unservable, servable
 from training.methods import METHODS
 from training.progress import (
     Checkpoint,
@@ -749,7 +751,35 @@ class Reconciler:
         ready = self.registry.register_tuned_model(session, job, outcome.adapter_dir)
         transition(job, S.SUCCEEDED)
         add_event(session, job, "The job has successfully completed")
+        unservable = self._unservable(job, outcome.adapter_dir)
+        if unservable is not None:  # checked at creation; the engine's settings changed since
+            add_event(
+                session,
+                job,
+                f"The engine serving {job.model} cannot load this model as it is configured "
+                f"now ({unservable}); its adapter can still be downloaded",
+                level="warn",
+            )
+            return None  # no eager load to fail: the operator's change is named here
         return ready
+
+    def _unservable(self, job: JobRow, adapter_dir: str) -> str | None:
+        """Why the engine could not serve the adapter a job made (serving/servable.py, the
+        check of job creation and import, on the adapter itself), or None."""
+        base = self.base_models.get(job.model)
+        if base is None:
+            return None
+        try:
+            config = self.attempt_store.adapter_config(adapter_dir)
+            weights = self.attempt_store.adapter_weights(adapter_dir)
+        except (FileNotFoundError, ValueError):  # nothing to check: serving's load reports
+            logger.warning("could not read the adapter of %s to check it", job.id)
+            return None
+        try:
+            servable(engine_base(base), config, weights)
+        except Unservable as refused:
+            return refused.message
+        return None
 
     # --- helpers
     @staticmethod

@@ -1078,3 +1078,31 @@ def test_imported_adapters_no_model_names_are_deleted_after_the_grace(world: Wor
     later.delete_outputs(orphan)
     assert not list(blobs.list("imported/orphan"))
     assert list(blobs.list("imported/named"))
+
+
+def test_a_tuned_model_the_engine_cannot_load_now_is_not_loaded_and_says_why(world: World):
+    """Checked at creation; an adapter whose engine changed since (here: weights on a
+    layer it serves no LoRA on) succeeds with a warning naming why, and no eager load
+    that would fail (serving/servable.py's check on the adapter itself)."""
+    import io
+    import json
+
+    import torch
+    from safetensors.torch import save
+
+    blobs = world.parts["blobs"]
+    job_id = world.running()
+    out = world.row(job_id).output_dir
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["lm_head"]}
+    blobs.put_bytes(f"{out}/adapter/adapter_config.json", json.dumps(config).encode())
+    weights = {
+        "base_model.model.lm_head.lora_A.weight": torch.zeros(8, 128),
+        "base_model.model.lm_head.lora_B.weight": torch.zeros(512, 8),
+    }
+    blobs.put_file(f"{out}/adapter/adapter_model.safetensors", io.BytesIO(save(weights)))
+    world.trainer(job_id).write(Succeeded(adapter_dir=f"{out}/adapter"))
+    world.ray.end(job_id)
+    report = world.tick()
+    assert world.status(job_id) == "succeeded" and report.ready == []
+    [warning] = [e.message for e in world.events(job_id) if e.level == "warn"]
+    assert "cannot load this model" in warning and "lm_head" in warning
