@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,16 @@ def test_the_state_folder_and_server_files_are_invisible(tmp_path: Path) -> None
         assert "No such file" in runtime_error(run(source, sandbox=box)[0])
     listing = "import os\ndef grade(s, i):\n    return float(len(os.listdir('/')))\n"
     assert run(listing, sandbox=box)[0].reward <= 12  # tmp dev proc sandbox usr root + links
+
+
+@needs_bubblewrap
+def test_a_state_folder_inside_a_bound_folder_is_masked() -> None:
+    """FTAAS_HOME inside the virtual environment (bound read-only) is an empty folder."""
+    inside = Path(sys.prefix) / "lib"
+    box = PythonSandbox("bubblewrap", LIMITS, hidden=[inside])
+    source = f"import os\ndef grade(s, i):\n    return float(len(os.listdir({str(inside)!r})))\n"
+    assert run(source, sandbox=box)[0].reward == 0.0
+    assert run(source)[0].reward > 0  # unmasked, it is there
 
 
 @needs_bubblewrap

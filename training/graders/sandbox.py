@@ -168,12 +168,6 @@ class PythonSandbox:
             os.chown(scratch, self.limits.uid, self.limits.uid)
         return scratch
 
-    @property
-    def description(self) -> str:
-        if self.kind == "bubblewrap":
-            return "bubblewrap (no network, no host files, limits)"
-        return "rlimits only (limits and environment; host files and network visible)"
-
     # --- the sandbox's command line
     def _command(self, scratch: Path, python_args: list[str]) -> list[str]:
         python = [sys.executable, "-I", *python_args]
@@ -189,7 +183,8 @@ class PythonSandbox:
             elif path.is_dir():
                 args += ["--ro-bind", str(path), str(path)]
         made: set[Path] = set()
-        for root in sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix)}):
+        roots = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix)})
+        for root in roots:
             if root.is_relative_to("/usr"):
                 continue
             for parent in _ancestors(root):
@@ -198,7 +193,8 @@ class PythonSandbox:
                     made.add(parent)
             args += ["--ro-bind", str(root), str(root)]
         for hidden in self.hidden:
-            args += ["--tmpfs", str(hidden)]  # over anything bound above
+            if any(hidden.is_relative_to(root) for root in [Path("/usr"), *roots]):
+                args += ["--tmpfs", str(hidden)]  # an empty folder over it
         args += ["--ro-bind", str(RUNNER), "/sandbox/runner.py"]
         args += ["--proc", "/proc", "--dev", "/dev"]
         args += ["--perms", "1777", "--size", str(self.limits.disk_bytes), "--tmpfs", "/tmp"]
