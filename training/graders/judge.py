@@ -146,8 +146,9 @@ async def judge_grade(
     messages = chat_messages(grader.input, item, sample, instruction)
     try:
         reply = await judge(grader.model, messages, schema, sampling_of(grader))
-    except JudgeUnavailable as error:
-        result.failed(model_grader_server_error=True, model_grader_server_error_details=str(error))
+    except Exception as error:  # JudgeUnavailable, or any judge's own failure
+        details = str(error) if isinstance(error, JudgeUnavailable) else repr(error)
+        result.failed(model_grader_server_error=True, model_grader_server_error_details=details)
         return
     result.sampled_model_name = reply.model
     result.add_usage(reply.model, reply.usage)
