@@ -176,7 +176,6 @@ def test_templates_read_item_and_sample_paths() -> None:
     "text",
     [
         "{{ item.missing }}",
-        "{{ sample.output_json.a }}",  # the sample is not JSON
         "{{ os.environ }}",
         "{{ item.__class__ }}",
         "{{ item.x.__class__.__mro__ }}",
@@ -196,6 +195,14 @@ def test_unresolvable_variables(text: str) -> None:
     }
     result = grade(grader, "plain", {"x": "X"})
     assert result.reward == 0.0 and result.errors.invalid_variable_error
+
+
+def test_reading_the_json_of_a_sample_that_is_not_json_is_a_sample_parse_error() -> None:
+    grader = {**GOOD_SUB, "input": "{{ sample.output_json.a }}"}
+    result = grade(grader, "plain text", {})
+    assert result.reward == 0.0 and result.errors.sample_parse_error
+    assert not result.errors.invalid_variable_error
+    assert grade(grader, '{"b": 1}', {}).errors.invalid_variable_error
 
 
 # --- the formula

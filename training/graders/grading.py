@@ -23,7 +23,7 @@ from training.graders.schemas import (
     StringCheckGrader,
     TextSimilarityGrader,
 )
-from training.graders.template import InvalidVariable, render
+from training.graders.template import InvalidVariable, UnparsedSample, render
 from training.graders.text import string_check, text_similarity
 
 Pair = tuple[dict[str, Any], dict[str, Any]]  # (sample, item)
@@ -136,7 +136,10 @@ class Graders:
 
 
 def _invalid(result: GradeResult, error: InvalidVariable) -> None:
-    result.failed(invalid_variable_error=True)
+    if isinstance(error, UnparsedSample):
+        result.failed(sample_parse_error=True)
+    else:
+        result.failed(invalid_variable_error=True)
     result.details = str(error)
 
 

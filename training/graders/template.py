@@ -17,12 +17,18 @@ class InvalidVariable(ValueError):
     """A template variable that does not resolve (invalid_variable_error)."""
 
 
+class UnparsedSample(InvalidVariable):
+    """`sample.output_json` read from a sample that is not JSON (sample_parse_error)."""
+
+
 def resolve(path: str, namespaces: dict[str, Any]) -> Any:
     """The value at `path` (`item.a.b`, `sample.output_tools[0].function.name`)."""
     head = _HEAD.match(path)
     if head is None:
         raise InvalidVariable(f"{{{{ {path} }}}}: the namespaces are `item` and `sample`")
     value, at = namespaces[head.group(1)], head.end()
+    if path.startswith("sample.output_json") and namespaces["sample"].get("output_json") is None:
+        raise UnparsedSample(f"{{{{ {path} }}}}: the sample is not JSON")
     while at < len(path):
         step = _STEP.match(path, at)
         if step is None:
