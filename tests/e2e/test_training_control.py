@@ -7,11 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import time
 from dataclasses import dataclass
 
 import pytest
-from openai import NotFoundError, OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from tests.conftest import memorisation_jsonl
@@ -154,20 +155,44 @@ def test_cancel_stops_training_within_10_seconds(server: RunningServer):
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
 
 
-def test_a_training_error_fails_the_job_with_a_message_to_act_on(server: RunningServer):
+def test_a_layer_the_model_does_not_have_is_refused_before_training(server: RunningServer):
     client = server.client()
-    job = client.fine_tuning.jobs.create(
-        model="ftaas-tiny",
-        training_file=upload(client, "bad-targets.jsonl"),
-        method={
-            "type": "supervised",
-            "supervised": {"hyperparameters": {"target_modules": ["no_such_layer"]}},
-        },
-    )
+    with pytest.raises(BadRequestError) as refused:
+        client.fine_tuning.jobs.create(
+            model="ftaas-tiny",
+            training_file=upload(client, "bad-targets.jsonl"),
+            method={
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"target_modules": ["no_such_layer"]}},
+            },
+        )
+    error = refused.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == "method.supervised.hyperparameters.target_modules"
+    assert "no_such_layer" in error["message"]
+
+
+def test_a_training_error_fails_the_job_with_a_message_to_act_on(server: RunningServer):
+    """Prompts longer than the model's context leave nothing to learn: only the trainer,
+    with the tokenizer, can tell."""
+    client = server.client()
+    long_prompt = " ".join(f"w{i}" for i in range(2_000))  # far past ftaas-tiny's 512 tokens
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": long_prompt},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+        for _ in range(10)
+    ]
+    content = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    file = client.files.create(file=("long.jsonl", content), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="ftaas-tiny", training_file=file.id)
     failed = wait_for_job(client, job.id)
     assert failed.status == "failed" and failed.error is not None
     assert failed.error.code == "training_error"
-    assert "no_such_layer" in failed.error.message
+    assert "max_length" in failed.error.message and "shorten the prompts" in failed.error.message
     assert failed.fine_tuned_model is None
 
 
