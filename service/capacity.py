@@ -11,8 +11,9 @@ Authentication has threads of its own too, so it never waits behind any route.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -43,6 +44,20 @@ class Capacity:
     async def run(self, organization: str, work: Callable[..., T], *args: Any) -> T:
         """`work(*args)` on this capacity's threads, or a 429 if it is full. Called on the
         event loop only, so the counts need no lock."""
+        with self._admitted_for(organization):
+            call = functools.partial(work, *args)
+            return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+
+    async def run_async(
+        self, organization: str, work: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        """`await work(*args)` (work that waits on processes or the network, not on a
+        thread), counted as `run` counts, or a 429 if it is full."""
+        with self._admitted_for(organization):
+            return await work(*args)
+
+    @contextlib.contextmanager
+    def _admitted_for(self, organization: str) -> Iterator[None]:
         held = self._admitted.get(organization, 0)
         if held >= self.per_organization or self.admitted >= self.most:
             mine = held >= self.per_organization
@@ -56,8 +71,7 @@ class Capacity:
             )
         self._admitted[organization] = held + 1
         try:
-            call = functools.partial(work, *args)
-            return await anyio.to_thread.run_sync(call, limiter=self.limiter)
+            yield
         finally:
             self._admitted[organization] -= 1
             if not self._admitted[organization]:
@@ -70,6 +84,7 @@ class HeavyWork:
 
     imports: Capacity
     files: Capacity
+    graders: Capacity
     authentication: anyio.CapacityLimiter
 
 
@@ -80,5 +95,8 @@ def heavy_work() -> HeavyWork:
         imports=Capacity("adapter imports", threads=2, most=4, per_organization=2),
         # A file's or part's copy, an upload's assembly, a training file's validation.
         files=Capacity("file uploads", threads=8, most=32, per_organization=8),
+        # A grader run: a python grader's sandbox (up to 2 GB for up to its time limit)
+        # or a judge model's answer; waits on processes and the engine, not threads.
+        graders=Capacity("grader runs", threads=1, most=8, per_organization=4),
         authentication=anyio.CapacityLimiter(16),
     )
