@@ -32,6 +32,8 @@ from service.fine_tuning.reconciler import Reconciler
 from service.fine_tuning.registry import PrunedCheckpoint, ReadyModel
 from service.fine_tuning.router import router as jobs_router
 from service.fine_tuning.service import FineTuningService
+from service.graders.router import router as graders_router
+from service.graders.service import GraderService
 from service.housekeeping import ExpiredOutputs, Housekeeping
 from service.local_guard import LocalGuard
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -53,6 +55,9 @@ from service.ray_cluster import (
 from service.startup import one_at_a_time, server_log, startup_step
 from service.uploads.router import router as uploads_router
 from service.uploads.service import MAX_PART_BYTES, UploadService
+from service.webhooks.endpoints import WebhookEndpoints
+from service.webhooks.router import router as webhooks_router
+from service.webhooks.sender import WebhookSender
 from training.storage import ArtifactStore, open_store
 
 logger = logging.getLogger("ftaas")
@@ -180,12 +185,13 @@ async def _prune(gateway: ServingGateway, reconciler: Reconciler, pruned: Pruned
 
 
 def wire_organization(app: FastAPI, settings: Settings, db: Database) -> None:
-    """Keys (the environment's registered), limits and secrets, on the app's state."""
+    """Keys (the environment's registered), limits, secrets and webhooks, on the app's state."""
     keys = KeyRing(db)
     keys.bootstrap(settings.api_key_organizations, settings.admin_key_organizations)
     app.state.keys = keys
     app.state.limits = Limits(settings)
     app.state.secrets = OrganizationSecrets(db)
+    app.state.webhooks = WebhookEndpoints(db, settings.webhook_allowed_host_names)
     app.state.heavy = heavy_work()
 
 
@@ -246,7 +252,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             db, blobs, unfinished_outputs_days=settings.unfinished_outputs_days
         )
         background = [
-            asyncio.create_task(run_scheduler(reconciler, lease, gateway, settings, housekeeping))
+            asyncio.create_task(run_scheduler(reconciler, lease, gateway, settings, housekeeping)),
+            asyncio.create_task(WebhookSender(db, settings, app.state.metrics.registry).run()),
         ]
         # Each embedded model is built (once) and then its engine deployed, in the background.
         prepare = gateway.deploy if settings.serving_enabled else builds.ensure_all
@@ -261,6 +268,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         validator.close()
 
     app = FastAPI(title="ftaas", version="0.1.0", lifespan=lifespan)
+    app.state.graders = GraderService(settings)
     install_error_handlers(app)
     app.add_middleware(
         BodyLimit,  # type: ignore[arg-type]
@@ -275,7 +283,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_middleware(LocalGuard, settings=settings)  # type: ignore[arg-type]
     routers = (
         files_router, uploads_router, jobs_router, models_router, chat_router,
-        organization_router,
+        organization_router, webhooks_router, graders_router,
     )  # fmt: skip
     for router in routers:
         app.include_router(router)

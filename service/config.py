@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -255,6 +255,23 @@ class Settings(BaseSettings):
     allowed_media_domains: str = Field(
         default="", description="comma-separated domains chat may fetch media (image URLs) from"
     )
+    grader_models: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON: the model this server serves (a base model or a tuned `ft:` "
+        "model) that judges for a score_model or label_model grader's `model`, e.g. "
+        '{"o3-mini-2025-01-31": "ftaas-smollm2-135m-instruct"}; an OpenAI model name '
+        "(gpt-*, o1, o3, o4-mini...) not listed is judged by the first base model",
+    )
+    python_grader_sandbox: Literal["bubblewrap", "rlimits", "off"] = Field(
+        default="bubblewrap",
+        description="how python graders are isolated: `bubblewrap` (no network, none of "
+        "the server's files, limits; python graders are refused when it cannot run), "
+        "`rlimits` (a weaker choice the operator makes: limits, an empty environment and "
+        "an unprivileged user, but the host's files and network), `off` (refused)",
+    )
+    python_grader_timeout_s: float = Field(
+        default=120.0, gt=0, le=3600, description="wall-clock limit of one python grade"
+    )
     limits: OrganizationLimits = Field(
         default_factory=OrganizationLimits, description="JSON: every organization's limits"
     )
@@ -276,6 +293,20 @@ class Settings(BaseSettings):
         default=180.0,
         description="how long a pausing trainer may take to save and stop before it is "
         "stopped (the job then continues from its last epoch checkpoint)",
+    )
+    webhook_retry_delays: str = Field(
+        default="5,300,1800,7200,18000,36000,50400,72000,86400",
+        description="comma-separated seconds between a webhook's failed attempt and the "
+        "next (Standard Webhooks' schedule: 10 attempts over about 3 days by default); "
+        "once they run out the delivery has failed",
+    )
+    webhook_allowed_hosts: str = Field(
+        default="",
+        description="comma-separated hosts webhooks may be sent to even though they resolve "
+        "to loopback, private, link-local or reserved addresses (refused otherwise)",
+    )
+    webhook_timeout_s: float = Field(
+        default=15.0, gt=0, le=300, description="how long a webhook's receiver has to answer"
     )
 
     @model_validator(mode="after")
@@ -309,6 +340,21 @@ class Settings(BaseSettings):
     @cached_property
     def admin_key_organizations(self) -> dict[str, str]:
         return _key_pairs(self.admin_keys)
+
+    @property
+    def webhook_retry_delays_s(self) -> tuple[float, ...]:
+        return _webhook_delays(self.webhook_retry_delays)
+
+    @property
+    def webhook_allowed_host_names(self) -> tuple[str, ...]:
+        hosts = self.webhook_allowed_hosts.split(",")
+        names = (host.strip().lower().strip("[]").rstrip(".") for host in hosts)
+        return tuple(sorted({name for name in names if name}))
+
+    @model_validator(mode="after")
+    def _webhook_delays_read(self) -> Settings:
+        _webhook_delays(self.webhook_retry_delays)  # a misspelt schedule fails at start
+        return self
 
     @property
     def media_domains(self) -> tuple[str, ...]:
@@ -364,6 +410,17 @@ def _distinct(models: list[BaseModelConfig]) -> list[BaseModelConfig]:
             )
         seen[name] = model.id
     return models
+
+
+def _webhook_delays(text: str) -> tuple[float, ...]:
+    try:
+        delays = tuple(float(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        message = f"FTAAS_WEBHOOK_RETRY_DELAYS must be seconds, comma-separated: {text!r}"
+        raise ValueError(message) from None
+    if len(delays) > 30 or any(not 0 <= delay <= 7 * 86_400 for delay in delays):
+        raise ValueError("FTAAS_WEBHOOK_RETRY_DELAYS: at most 30 delays of 0 to 604800 seconds")
+    return delays
 
 
 def _key_pairs(text: str | None) -> dict[str, str]:

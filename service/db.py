@@ -35,7 +35,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 
 def changed_rows(result: Any) -> int:
@@ -286,6 +293,77 @@ class LeaseRow(Base):
     generation: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
+class WebhookEndpointRow(Base):
+    """A URL an organization's admin registered for its jobs' webhooks (service/webhooks).
+    The signing secret is kept as is: every delivery is signed with it."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (
+        Index("ix_webhook_endpoints_organization_arrival", "organization", "arrival"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128))
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[Any]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    arrival: Mapped[int] = mapped_column(BigInteger, default=arrival)
+    # Set when the receiver answered 410 Gone: nothing more is sent to it.
+    disabled_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    disabled_reason: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class WebhookEventRow(Base):
+    """An event of the outbox, written in the transaction of the change it tells of; `body`
+    is the exact JSON every attempt sends (and signs)."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    body: Mapped[str] = mapped_column(Text)
+
+
+class WebhookDeliveryRow(Base):
+    """One event to one endpoint: its id is the `webhook-id` header of every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id"), index=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id"), index=True)
+    organization: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))  # pending, succeeded or failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    # A sender holds the delivery until then; once past, another sender may take it.
+    claimed_until: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    arrival: Mapped[int] = mapped_column(BigInteger, default=arrival)
+    completed_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    # Never loaded through (lazy="raise"): it orders a flush's INSERTs, the event first.
+    event: Mapped[WebhookEventRow] = relationship(lazy="raise")
+
+
+class WebhookAttemptRow(Base):
+    """One POST of a delivery: the receiver's status code, or why there was none."""
+
+    __tablename__ = "webhook_attempts"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id"), index=True)
+    attempted_at: Mapped[float] = mapped_column(Float)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+
+
 def make_engine(url: str) -> Engine:
     connect_args = {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
     engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
@@ -364,6 +442,9 @@ class Database:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", lock_jobs_of_new_events)
+        from service.webhooks.outbox import write_job_webhooks  # it imports this module
+
+        event.listen(self._sessions, "before_flush", write_job_webhooks)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

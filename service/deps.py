@@ -18,6 +18,7 @@ from service.chat.gateway import ServingGateway
 from service.config import Settings
 from service.files.service import FileService
 from service.fine_tuning.service import FineTuningService
+from service.graders.service import GraderService
 from service.models.service import ModelService
 from service.organization.keys import KeyRing
 from service.organization.limits import Limits
@@ -71,6 +72,10 @@ async def _gateway(request: Request) -> ServingGateway:
     return request.app.state.gateway
 
 
+async def _graders(request: Request) -> GraderService:
+    return request.app.state.graders
+
+
 async def _keys(request: Request) -> KeyRing:
     return request.app.state.keys
 
@@ -98,4 +103,5 @@ UploadsDep = Annotated[UploadService, Depends(_uploads)]
 JobsDep = Annotated[FineTuningService, Depends(_jobs)]
 ModelsDep = Annotated[ModelService, Depends(_models)]
 GatewayDep = Annotated[ServingGateway, Depends(_gateway)]
+GradersDep = Annotated[GraderService, Depends(_graders)]
 HeavyDep = Annotated[HeavyWork, Depends(_heavy)]

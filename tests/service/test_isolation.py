@@ -39,6 +39,7 @@ class Objects:
     model: str
     checkpoint_model: str
     key: str
+    webhook: str
 
 
 MISSING = Objects(
@@ -48,6 +49,7 @@ MISSING = Objects(
     model="ft:ftaas-tiny:org-a::zzzzzzzz",
     checkpoint_model="ft:ftaas-tiny:org-a::zzzzzzzz:ckpt-step-2",
     key="key_000000000000000000000000",
+    webhook="whep_000000000000000000000000",
 )
 
 
@@ -189,6 +191,26 @@ ATTEMPTS: dict[tuple[str, str], list[Attempt]] = {
         Attempt(lambda o: ("DELETE", "/v1/organization/integrations/wandb", {}), ADMIN_B)
     ],
     ("PUT", "/v1/organization/integrations/wandb"): [],  # sets B's own
+    ("GET", "/v1/organization/webhooks"): [
+        Attempt(lambda o: ("GET", "/v1/organization/webhooks", {}), ADMIN_B, lists="data")
+    ],
+    ("POST", "/v1/organization/webhooks"): [],  # registers B's own
+    # Graders hold nothing: a run grades what its request carries, no tenant's object.
+    ("POST", "/v1/fine_tuning/alpha/graders/run"): [],
+    ("POST", "/v1/fine_tuning/alpha/graders/validate"): [],
+    **{
+        (method, template): [
+            Attempt(
+                lambda o, m=method, t=tail: (m, f"/v1/organization/webhooks/{o.webhook}{t}", {}),
+                ADMIN_B,
+            )
+        ]
+        for method, template, tail in [
+            ("GET", "/v1/organization/webhooks/{webhook_id}", ""),
+            ("DELETE", "/v1/organization/webhooks/{webhook_id}", ""),
+            ("GET", "/v1/organization/webhooks/{webhook_id}/deliveries", "/deliveries"),
+        ]
+    },
     ("GET", "/health"): [],  # nobody's
     # Every organization's models are named there: no tenant's key opens it.
     ("GET", "/metrics"): [
@@ -217,6 +239,10 @@ def world(settings: Settings, parts: dict) -> tuple[TestClient, Objects]:
         admin_keys="admin-a-000000000000000000:org-a,admin-b-000000000000000000:org-b",
     )
     client = api_client(keyed, parts)
+    # A's webhook (a public address: registered without a request), told of A's job's end.
+    webhook = client.post(
+        "/v1/organization/webhooks", json={"url": "https://93.184.216.34/hook"}, headers=ADMIN_A
+    ).json()
     file = client.post(
         "/v1/files",
         files={"file": ("t.jsonl", memorisation_jsonl())},
@@ -269,6 +295,7 @@ def world(settings: Settings, parts: dict) -> tuple[TestClient, Objects]:
         model=done["fine_tuned_model"],
         checkpoint_model=checkpoint["data"][0]["fine_tuned_model_checkpoint"],
         key=key["id"],
+        webhook=webhook["id"],
     )
     return client, objects
 
@@ -288,7 +315,8 @@ def test_organization_b_finds_nothing_of_organization_a(world: tuple[TestClient,
             method, path, kwargs = attempt.request(a)
             on_a = client.request(method, path, headers=attempt.headers, **kwargs)
             text = on_a.text
-            for own in (a.file, a.upload, a.job, a.model, a.checkpoint_model, a.key, "w" * 40):
+            for own in (a.file, a.upload, a.job, a.model, a.checkpoint_model, a.key, a.webhook,
+                        "93.184.216.34", "w" * 40):  # fmt: skip
                 if own not in path and own not in json.dumps(kwargs.get("json", {})):
                     assert own not in text, (route, own, text)
             if attempt.lists:
@@ -314,3 +342,5 @@ def test_organization_b_finds_nothing_of_organization_a(world: tuple[TestClient,
     assert client.get(f"/v1/fine_tuning/jobs/{a.job}", headers=A).json()["status"] == "succeeded"
     assert client.get(f"/v1/organization/api_keys/{a.key}", headers=ADMIN_A).status_code == 200
     assert client.get("/v1/organization/integrations/wandb", headers=ADMIN_A).status_code == 200
+    deliveries = client.get(f"/v1/organization/webhooks/{a.webhook}/deliveries", headers=ADMIN_A)
+    assert [d["event"]["job_id"] for d in deliveries.json()["data"]] == [a.job]

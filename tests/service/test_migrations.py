@@ -123,4 +123,4 @@ def test_a_release_0_1_postgresql_database_upgrades_in_place(postgres):
         version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     db.engine.dispose()
     assert stored == {"ftjob-a": "pausing", "ftjob-b": "resuming", "ftjob-c": "paused"}
-    assert version == "0008"
+    assert version == "0009"
