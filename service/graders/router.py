@@ -17,9 +17,9 @@ router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", tags=["fine-tuning"])
 
 @router.post("/validate", response_model=ValidateGraderResponse)
 async def validate_grader(
-    _tenant: TenantDep, graders: GradersDep, request: ValidateGraderRequest
+    tenant: TenantDep, graders: GradersDep, models: ModelsDep, request: ValidateGraderRequest
 ) -> ValidateGraderResponse:
-    grader = await graders.validate(request.grader)
+    grader = await graders.validate(tenant, request.grader, models)
     return ValidateGraderResponse(grader=grader.model_dump(mode="json", exclude_none=True))
 
 

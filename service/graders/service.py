@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+from starlette.concurrency import run_in_threadpool
+
 from service.auth import Tenant
 from service.capacity import Capacity
 from service.chat.gateway import ServingGateway
 from service.config import Settings
-from service.errors import InvalidRequest
-from service.graders.judge import GatewayJudge
+from service.errors import InvalidRequest, NotFound
+from service.graders.judge import GatewayJudge, local_judge_model
 from service.graders.schemas import RunGraderRequest, RunGraderResponse
 from service.models.service import ModelService
 from training.graders import (
@@ -22,13 +24,26 @@ from training.graders import (
     parse_grader,
     sample_from_text,
 )
-from training.graders.schemas import MultiGrader, PythonGrader
+from training.graders.schemas import LabelModelGrader, MultiGrader, PythonGrader, ScoreModelGrader
 
 
 def _has_python(grader: Grader) -> bool:
     if isinstance(grader, MultiGrader):
         return any(isinstance(g, PythonGrader) for g in grader.graders.values())
     return isinstance(grader, PythonGrader)
+
+
+def _judge_models(grader: Grader) -> list[tuple[str, str]]:
+    """(field, model) of each model grader's judge."""
+    if isinstance(grader, ScoreModelGrader):
+        return [("grader.model", grader.model)]
+    if isinstance(grader, MultiGrader):
+        return [
+            (f"grader.graders.{key}.model", sub.model)
+            for key, sub in grader.graders.items()
+            if isinstance(sub, ScoreModelGrader | LabelModelGrader)
+        ]
+    return []
 
 
 class GraderService:
@@ -40,13 +55,12 @@ class GraderService:
             hidden=[settings.home],  # never visible, even inside a bound folder
         )
 
-    async def validate(self, raw: dict[str, object]) -> Grader:
-        """The grader, or a 400 naming the field; a python grader also needs a sandbox
-        on this server (fail closed)."""
-        try:
-            grader = parse_grader(raw)
-        except InvalidGrader as error:
-            raise InvalidRequest(error.message, param=error.param) from None
+    async def validate(
+        self, tenant: Tenant, raw: dict[str, object], models: ModelService
+    ) -> Grader:
+        """The grader, or a 400 naming the field (a 404 for a judge model the caller
+        cannot use); a python grader also needs a sandbox on this server (fail closed)."""
+        grader = await self._parse(tenant, raw, models)
         if _has_python(grader):
             try:
                 await asyncio.to_thread(self.sandbox.check)
@@ -66,12 +80,29 @@ class GraderService:
         models: ModelService,
         capacity: Capacity,
     ) -> RunGraderResponse:
-        try:
-            grader = parse_grader(request.grader)
-        except InvalidGrader as error:
-            raise InvalidRequest(error.message, param=error.param) from None
+        grader = await self._parse(tenant, request.grader, models)
         graders = Graders(GatewayJudge(self.settings, gateway, models, tenant), self.sandbox)
         sample, item = sample_from_text(request.model_sample), request.item or {}
         # Bounded: a python grader is a process of up to 2 GB for up to its time limit.
         result = await capacity.run_async(tenant.organization, graders.grade, grader, sample, item)
         return RunGraderResponse.of(result)
+
+    async def _parse(self, tenant: Tenant, raw: dict[str, object], models: ModelService) -> Grader:
+        try:
+            grader = parse_grader(raw)
+        except InvalidGrader as error:
+            raise InvalidRequest(error.message, param=error.param) from None
+        first_base = next(iter(models.base_models))
+        for param, model in _judge_models(grader):
+            local = local_judge_model(self.settings, model, first_base)
+            try:
+                await run_in_threadpool(models.inference_target, tenant, local)
+            except NotFound:
+                mapped = f" (which `{model}` maps to)" if local != model else ""
+                raise NotFound(
+                    f"The judge model `{local}`{mapped} does not exist or you do not have "
+                    "access to it.",
+                    param=param,
+                    code="model_not_found",
+                ) from None
+        return grader

@@ -306,6 +306,17 @@ def test_the_judge_is_a_served_model_asked_for_structured_output(
     assert "not ready: engine warming up" in str(
         answer.metadata.errors.api_model_grader_server_error_details
     )
+
+
+def test_a_judge_model_the_caller_cannot_use_is_a_404_naming_the_field(sdk: OpenAI) -> None:
     unknown = {**SCORE, "model": "ft:ftaas-tiny:org::nope"}
-    answer = sdk.fine_tuning.alpha.graders.run(grader=unknown, model_sample="Paris")  # type: ignore[arg-type]
-    assert "does not exist" in str(answer.metadata.errors.api_model_grader_server_error_details)
+    multi = {"type": "multi", "name": "m", "graders": {"j": unknown}, "calculate_output": "j"}
+    for grader, param in [(unknown, "grader.model"), (multi, "grader.graders.j.model")]:
+        for call in (
+            lambda g=grader: sdk.fine_tuning.alpha.graders.run(grader=g, model_sample="x"),  # type: ignore[arg-type]
+            lambda g=grader: sdk.fine_tuning.alpha.graders.validate(grader=g),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(openai.NotFoundError) as caught:
+                call()
+            assert caught.value.body["param"] == param  # type: ignore[index]
+            assert caught.value.code == "model_not_found"

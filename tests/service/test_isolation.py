@@ -75,6 +75,18 @@ def chat(model_of: Callable[[Objects], str], kind: str) -> Callable[[Objects], t
     return request
 
 
+def judged_by(model: str) -> tuple[str, str, dict[str, Any]]:
+    """A run whose score_model grader asks `model` to judge."""
+    grader = {
+        "type": "score_model",
+        "name": "judge",
+        "model": model,
+        "input": [{"role": "user", "content": "{{sample.output_text}}"}],
+    }
+    body = {"grader": grader, "model_sample": "x"}
+    return "POST", "/v1/fine_tuning/alpha/graders/run", {"json": body}
+
+
 def part(o: Objects) -> tuple[str, str, dict[str, Any]]:
     return "POST", f"/v1/uploads/{o.upload}/parts", {"files": {"data": ("p", b"{}\n")}}
 
@@ -195,8 +207,12 @@ ATTEMPTS: dict[tuple[str, str], list[Attempt]] = {
         Attempt(lambda o: ("GET", "/v1/organization/webhooks", {}), ADMIN_B, lists="data")
     ],
     ("POST", "/v1/organization/webhooks"): [],  # registers B's own
-    # Graders hold nothing: a run grades what its request carries, no tenant's object.
-    ("POST", "/v1/fine_tuning/alpha/graders/run"): [],
+    # Graders hold nothing: a run grades what its request carries, no tenant's object;
+    # but a model grader names a judge model, and A's tuned models are not B's judges.
+    ("POST", "/v1/fine_tuning/alpha/graders/run"): [
+        Attempt(lambda o: judged_by(o.model), B),
+        Attempt(lambda o: judged_by(o.checkpoint_model), B),
+    ],
     ("POST", "/v1/fine_tuning/alpha/graders/validate"): [],
     **{
         (method, template): [
