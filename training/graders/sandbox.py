@@ -332,5 +332,10 @@ async def _tail(stream: asyncio.StreamReader | None, keep: int = 2000) -> str:
 
 
 def _kill_group(process: asyncio.subprocess.Process) -> None:
+    """The sandbox's process group, only while its leader has not been reaped: once it
+    has, its pid (the group's id) may be another process's, whose group this would kill
+    (seen: a test run beside the grader tests killed whole)."""
+    if process.returncode is not None:
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
