@@ -182,7 +182,10 @@ class PythonSandbox:
                 args += ["--symlink", os.readlink(path), str(path)]
             elif path.is_dir():
                 args += ["--ro-bind", str(path), str(path)]
-        made: set[Path] = set()
+        # The private /tmp first: a Python installation under /tmp (a clone there) is then
+        # bound over it, not hidden by it.
+        args += ["--perms", "1777", "--size", str(self.limits.disk_bytes), "--tmpfs", "/tmp"]
+        made: set[Path] = {Path("/tmp")}
         roots = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix)})
         for root in roots:
             if root.is_relative_to("/usr"):
@@ -197,7 +200,6 @@ class PythonSandbox:
                 args += ["--tmpfs", str(hidden)]  # an empty folder over it
         args += ["--ro-bind", str(RUNNER), "/sandbox/runner.py"]
         args += ["--proc", "/proc", "--dev", "/dev"]
-        args += ["--perms", "1777", "--size", str(self.limits.disk_bytes), "--tmpfs", "/tmp"]
         args += ["--chdir", "/tmp"]
         if os.geteuid() == 0:  # the runner drops to an unprivileged user itself
             args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
