@@ -116,6 +116,58 @@ class DpoHyperparameters(SupervisedHyperparameters):
     )
 
 
+# Reinforcement fine-tuning (training/recipes/reinforcement.py). With `"auto"`: answers
+# per prompt (GRPO's group) are 4 × compute_multiplier; about ten validations per run.
+AUTO_GROUP_SIZE = 4
+AUTO_VALIDATIONS = 10
+DEFAULT_MAX_COMPLETION_TOKENS = 256
+# TRL GRPOConfig's defaults: the PPO clip range, and no KL penalty (no reference model).
+DEFAULT_CLIP_EPSILON = 0.2
+DEFAULT_KL_COEFFICIENT = 0.0
+
+
+class ReinforcementHyperparameters(SupervisedHyperparameters):
+    """`method.reinforcement.hyperparameters`: OpenAI's (each may be "auto";
+    `reasoning_effort` is accepted and, on models that do not reason, has no effect), and
+    the supervised extensions, plus the sampling and GRPO settings ftaas exposes."""
+
+    eval_interval: Auto | Annotated[int, Field(ge=1)] = Field(
+        default="auto", description="training steps between full validations"
+    )
+    eval_samples: Auto | Annotated[int, Field(ge=1, le=16)] = Field(
+        default="auto", description="answers sampled per validation prompt (1: greedy)"
+    )
+    compute_multiplier: Auto | Annotated[float, Field(gt=0.00001, le=10)] = Field(
+        default="auto", description="scales the answers sampled per prompt (exploration)"
+    )
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    group_size: Auto | Annotated[int, Field(ge=2, le=64)] = Field(
+        default="auto", description="answers sampled per prompt and step (GRPO's group)"
+    )
+    max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=DEFAULT_MAX_COMPLETION_TOKENS, description="longest sampled answer"
+    )
+    temperature: Annotated[float, Field(gt=0, le=2)] = Field(
+        default=1.0, description="sampling temperature of the training answers"
+    )
+    clip_epsilon: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=DEFAULT_CLIP_EPSILON, description="PPO clip range of the policy ratio"
+    )
+    kl_coefficient: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=DEFAULT_KL_COEFFICIENT,
+        description="weight of the KL penalty to the starting model (0: none, as TRL)",
+    )
+    loss_type: Literal["dapo", "dr_grpo"] = Field(
+        default="dapo",
+        description="token normalisation: by the step's answer tokens (dapo, TRL's "
+        "default) or by answers × max_completion_tokens (Dr. GRPO)",
+    )
+
+
+def auto_group_size(compute_multiplier: float) -> int:
+    return max(2, min(64, round(AUTO_GROUP_SIZE * compute_multiplier)))
+
+
 class ResolvedHyperparameters(BaseModel):
     """Concrete values a run uses; stored with the job and echoed in its object. The
     defaults, the request's own, let a job stored before a field existed still load."""
@@ -140,6 +192,17 @@ class ResolvedHyperparameters(BaseModel):
     beta: float = DEFAULT_DPO_BETA
     rpo_alpha: float = DEFAULT_RPO_ALPHA
     normalize_logratios_by_length: bool = False
+    # Reinforcement only
+    eval_interval: int = 1
+    eval_samples: int = 1
+    compute_multiplier: float = 1.0
+    reasoning_effort: Literal["default", "low", "medium", "high"] = "default"
+    group_size: int = AUTO_GROUP_SIZE
+    max_completion_tokens: int = DEFAULT_MAX_COMPLETION_TOKENS
+    temperature: float = 1.0
+    clip_epsilon: float = DEFAULT_CLIP_EPSILON
+    kl_coefficient: float = DEFAULT_KL_COEFFICIENT
+    loss_type: Literal["dapo", "dr_grpo"] = "dapo"
 
 
 def auto_n_epochs(n_examples: int, min_target: int = MIN_TARGET_EXAMPLES) -> int:
@@ -201,6 +264,8 @@ def resolve(
     )
     if isinstance(requested, DpoHyperparameters):
         extensions["beta"] = DEFAULT_DPO_BETA if requested.beta == "auto" else requested.beta
+    if isinstance(requested, ReinforcementHyperparameters):
+        extensions |= _resolve_reinforcement(requested, n_examples, n_epochs, batch_size)
     return ResolvedHyperparameters(
         n_epochs=n_epochs,
         batch_size=batch_size,
@@ -209,6 +274,25 @@ def resolve(
         lora_alpha=requested.lora_alpha or default_lora_alpha(requested.lora_r),
         **extensions,
     )
+
+
+def _resolve_reinforcement(
+    requested: ReinforcementHyperparameters, n_examples: int, n_epochs: int, batch_size: int
+) -> dict[str, Any]:
+    multiplier = 1.0 if requested.compute_multiplier == "auto" else requested.compute_multiplier
+    total_steps = math.ceil(n_examples / batch_size) * n_epochs
+    return {
+        "compute_multiplier": multiplier,
+        "group_size": (
+            auto_group_size(multiplier) if requested.group_size == "auto" else requested.group_size
+        ),
+        "eval_interval": (
+            max(1, math.ceil(total_steps / AUTO_VALIDATIONS))
+            if requested.eval_interval == "auto"
+            else requested.eval_interval
+        ),
+        "eval_samples": 1 if requested.eval_samples == "auto" else requested.eval_samples,
+    }
 
 
 def start_adapter_shape(adapter_config: dict[str, Any]) -> dict[str, Any]:

@@ -16,14 +16,16 @@ from training.hyperparameters import (
     MIN_TARGET_EXAMPLES,
     MIN_TARGET_PAIRS,
     DpoHyperparameters,
+    ReinforcementHyperparameters,
     SupervisedHyperparameters,
 )
 
 if TYPE_CHECKING:
     from training.run import TrainingRun
 
-# OpenAI's `supervised` and `dpo`, and ftaas's `continued_pretraining` (raw text).
-TrainingMethod = Literal["supervised", "dpo", "continued_pretraining"]
+# OpenAI's `supervised`, `dpo` and `reinforcement`, and ftaas's `continued_pretraining`
+# (raw text).
+TrainingMethod = Literal["supervised", "dpo", "reinforcement", "continued_pretraining"]
 # OpenAI's minimum training examples for a job.
 MIN_EXAMPLES = 10
 
@@ -72,6 +74,15 @@ METHODS: dict[TrainingMethod, Method] = {
             recipe="training.recipes.dpo:DpoRun",
             min_auto_passes=MIN_TARGET_PAIRS,
             preference_learning_rate=True,
+        ),
+        Method(
+            name="reinforcement",
+            formats=frozenset({"reinforcement"}),
+            formats_described="reinforcement (`messages` ending with the user's turn, plus "
+            "the keys the grader reads)",
+            min_examples=MIN_EXAMPLES,
+            hyperparameters=ReinforcementHyperparameters,
+            recipe="training.recipes.reinforcement:ReinforcementRun",
         ),
         Method(
             name="continued_pretraining",

@@ -118,6 +118,7 @@ EVALUATION_FIGURES = (
     ("full_valid_exact_match", "exact answers", "{:.0%}"),
     ("full_valid_contains", "answers containing the reference", "{:.0%}"),
     ("full_valid_similarity", "similarity to the reference", "{:.2f}"),
+    ("full_valid_reward_mean", "mean reward", "{:.2f}"),  # reinforcement: the grader's
 )
 
 

@@ -355,12 +355,16 @@ class TrainingRun(ABC, Generic[Unit]):
 
     def train_step(self, batch: Sequence[Unit]) -> Tally:
         """One optimizer step over `batch`; returns the step's summed tally (all workers)."""
+        mine = self.workers.share(batch)
+        # Fewer units than workers: this one joins the all-reduce with a zero loss.
+        tally = self.optimize(mine or [batch[0]], self.normalizer(batch), float(bool(mine)))
+        return self.workers.sum(tally)
+
+    def optimize(self, mine: Sequence[Any], normalizer: Any, weight: float = 1.0) -> Tally:
+        """One optimizer step on this worker's share of a step (the units `plan` takes),
+        each loss divided by the whole step's `normalizer`; this worker's tally. With
+        `weight` 0 the units only take part in the gradients' all-reduce."""
         workers = self.workers
-        normalizer = self.normalizer(batch)
-        mine = workers.share(batch)
-        weight = 1.0
-        if not mine:  # fewer units than workers: join the all-reduce with a zero loss
-            mine, weight = [batch[0]], 0.0
         plan = self.plan(mine)
         tally = self.new_tally()
         for index, rows in enumerate(plan):
@@ -371,11 +375,14 @@ class TrainingRun(ABC, Generic[Unit]):
                 (loss * (weight * workers.world_size)).backward()
             if weight:
                 tally.add(part)
+        self._step_optimizer()
+        return tally
+
+    def _step_optimizer(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.trainable, self.hp.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return workers.sum(tally)
 
     # --- evaluate
     def _evaluate_start(self) -> None:
@@ -438,11 +445,7 @@ class TrainingRun(ABC, Generic[Unit]):
         self, tally: Tally, started: float, steps_at_start: int, epoch_end: bool
     ) -> None:
         step = self.position.step
-        values = _prefixed("train_", tally.metrics())
-        if self.valid_units and (step % self.valid_every == 0 or epoch_end):
-            values |= _prefixed("valid_", self.evaluate(self._valid_batch()).metrics())
-        if self.valid_units and epoch_end:
-            values |= _prefixed("full_valid_", self.evaluate(self.valid_units).metrics())
+        values = _prefixed("train_", tally.metrics()) | self.validation_values(step, epoch_end)
         self.last_metrics = values
         if self.reporter:
             elapsed = time.monotonic() - started
@@ -453,6 +456,16 @@ class TrainingRun(ABC, Generic[Unit]):
                 elapsed_s=round(elapsed, 3),
                 steps_this_run=step - steps_at_start,
             )
+
+    def validation_values(self, step: int, epoch_end: bool) -> dict[str, float]:
+        """A validation batch's figures every `valid_every` steps, and the whole set's at
+        each epoch's end."""
+        values: dict[str, float] = {}
+        if self.valid_units and (step % self.valid_every == 0 or epoch_end):
+            values |= _prefixed("valid_", self.evaluate(self._valid_batch()).metrics())
+        if self.valid_units and epoch_end:
+            values |= _prefixed("full_valid_", self.evaluate(self.valid_units).metrics())
+        return values
 
     def _end_epoch(self) -> bool:
         """The epoch's checkpoint, after its full validation; True when early stopping

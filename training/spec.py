@@ -75,6 +75,12 @@ class TrainingSpec(BaseModel):
     # when the attempt ends.
     wandb_secret: str | None = None
 
+    # Reinforcement only: the job's grader (OpenAI's JSON, validated by the API) and how
+    # python graders run where the trainer runs (the server's FTAAS_PYTHON_GRADER_*).
+    grader: dict[str, Any] | None = None
+    python_grader_sandbox: Literal["bubblewrap", "rlimits", "off"] = "bubblewrap"
+    python_grader_timeout_s: float = 120.0
+
     @property
     def validation_format(self) -> DataFormat:
         return self.validation_data_format or self.data_format

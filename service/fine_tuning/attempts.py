@@ -101,6 +101,9 @@ def training_spec(
         requested_sizes=_requested_sizes(job),
         min_auto_batch_size=base.min_auto_batch_size,
         wandb=_wandb_settings(job.integrations),
+        grader=(job.method.get("reinforcement") or {}).get("grader"),
+        python_grader_sandbox=settings.python_grader_sandbox,
+        python_grader_timeout_s=settings.python_grader_timeout_s,
     )
 
 

@@ -44,4 +44,9 @@ def metrics_message(data: dict[str, Any]) -> str:
         message += f", validation loss={data['valid_loss']:.4f}"
     if "full_valid_loss" in data:
         message += f", full validation loss={data['full_valid_loss']:.4f}"
+    # Reinforcement jobs, as OpenAI words them (the validation is over the whole set).
+    if "train_reward_mean" in data:
+        message += f", train mean reward={data['train_reward_mean']:.2f}"
+    if "valid_reward_mean" in data:
+        message += f", full validation mean reward={data['valid_reward_mean']:.2f}"
     return message

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from service.deps import JobsDep, TenantDep
+from service.deps import GradersDep, JobsDep, TenantDep
 from service.fine_tuning.schemas import (
     CheckpointList,
     CreateFineTuningJobRequest,
@@ -20,9 +20,9 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 @router.post("", response_model=FineTuningJobObject)
 def create_job(
-    tenant: TenantDep, jobs: JobsDep, request: CreateFineTuningJobRequest
+    tenant: TenantDep, jobs: JobsDep, graders: GradersDep, request: CreateFineTuningJobRequest
 ) -> FineTuningJobObject:
-    return jobs.create(tenant, request)
+    return jobs.create(tenant, request, graders.check_training_grader)
 
 
 @router.get("", response_model=JobList)

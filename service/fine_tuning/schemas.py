@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from service.fine_tuning.naming import SUFFIX_PATTERN
 from training.hyperparameters import (
     DpoHyperparameters,
+    ReinforcementHyperparameters,
     SupervisedHyperparameters,
 )
 from training.methods import METHODS, TrainingMethod
@@ -51,6 +52,19 @@ class DpoMethod(BaseModel):
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
+class ReinforcementMethod(BaseModel):
+    """OpenAI's `method.reinforcement`: the grader (checked by training/graders, whose
+    errors name the field) and the hyperparameters. `response_format`, which OpenAI's
+    guide shows here, is accepted and kept with the job."""
+
+    model_config = ConfigDict(extra="forbid")
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters = Field(
+        default_factory=ReinforcementHyperparameters
+    )
+    response_format: dict[str, Any] | None = None
+
+
 class Method(BaseModel):
     """OpenAI's `method`, plus ftaas's `continued_pretraining` (raw text, the supervised
     hyperparameters). Only the object of the chosen type may be given."""
@@ -60,13 +74,15 @@ class Method(BaseModel):
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
     continued_pretraining: SupervisedMethod | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: ReinforcementMethod | None = None
 
     @model_validator(mode="after")
     def _only_its_own_settings(self) -> Method:
         for other in set(type(self).model_fields) - {"type"}:
             if other != self.type and getattr(self, other) is not None:
                 raise ValueError(f"`{other}` settings were given for a `{self.type}` method")
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("a `reinforcement` method needs `reinforcement.grader`")
         return self
 
     def hyperparameters(self) -> SupervisedHyperparameters:

@@ -33,7 +33,6 @@ from service.fine_tuning.schemas import CreateFineTuningJobRequest, FineTuningJo
 from service.ids import job_id, model_short_id
 from service.models.adapters import check_job
 from service.models.service import tuned_adapter
-from training.methods import METHODS
 
 if TYPE_CHECKING:
     from service.organization.limits import Limits
@@ -43,6 +42,8 @@ logger = logging.getLogger(__name__)
 # Stops a Ray submission at once, best effort; given by the app (the scheduler owns Ray
 # and makes sure of it on its next tick).
 StopTraining = Callable[[str], None]
+# A reinforcement job's grader as the request gave it → as the job keeps it (validated).
+CheckGrader = Callable[[dict[str, Any]], dict[str, Any]]
 # A user's request racing the scheduler's write of the same job is tried again on what
 # the scheduler wrote; this many times before the API gives up with a 409.
 CONTROL_TRIES = 5
@@ -85,7 +86,10 @@ def job_object(job: JobRow) -> FineTuningJobObject:
             "metadata": job.job_metadata,
             "method": {
                 "type": method_of(job),
-                method_of(job): {"hyperparameters": method_hyperparameters},
+                method_of(job): {
+                    **job.method[method_of(job)],  # a reinforcement job's grader
+                    "hyperparameters": method_hyperparameters,
+                },
             },
             "user_provided_suffix": job.suffix,
         }
@@ -155,15 +159,27 @@ class FineTuningService:
             )
         return adapter
 
-    def create(self, tenant: Tenant, request: CreateFineTuningJobRequest) -> FineTuningJobObject:
-        if request.method and request.method.type == "reinforcement":
-            raise InvalidRequest(
-                "method.type 'reinforcement' is not supported yet; use "
-                + ", ".join(f"'{name}'" for name in METHODS),
-                param="method.type",
-                code="unsupported_method",
-            )
+    def create(
+        self,
+        tenant: Tenant,
+        request: CreateFineTuningJobRequest,
+        check_grader: CheckGrader | None = None,
+    ) -> FineTuningJobObject:
+        """`check_grader`: a reinforcement job's grader, checked (a 400 naming the field
+        unless this server can run it)."""
         method = request.method_type
+        settings: dict[str, Any] = {}
+        if request.method is not None and request.method.reinforcement is not None:
+            if check_grader is None:
+                raise InvalidRequest(
+                    "reinforcement jobs are not available on this server",
+                    param="method.type",
+                    code="unsupported_method",
+                )
+            reinforcement = request.method.reinforcement
+            settings["grader"] = check_grader(reinforcement.grader)
+            if reinforcement.response_format is not None:
+                settings["response_format"] = reinforcement.response_format
         if request.hyperparameters is not None and method != "supervised":
             raise InvalidRequest(
                 "The deprecated top-level `hyperparameters` apply to supervised jobs only: "
@@ -201,7 +217,7 @@ class FineTuningService:
                 seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
                 method={
                     "type": method,
-                    method: {"hyperparameters": hyperparameters.model_dump()},
+                    method: {**settings, "hyperparameters": hyperparameters.model_dump()},
                 },
                 job_metadata=request.metadata,
                 integrations=[i.model_dump(exclude_none=True) for i in request.integrations]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
@@ -71,6 +72,34 @@ class GraderService:
                     code="python_grader_unavailable",
                 ) from None
         return grader
+
+    def check_training_grader(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """A reinforcement job's grader, as the job keeps it; a 400 naming the field when
+        it does not validate, when it needs a judge model (training jobs do not run model
+        graders yet: test them with /run) or python graders this server cannot sandbox."""
+        root = "method.reinforcement.grader"
+        try:
+            grader = parse_grader(raw, root=root)
+        except InvalidGrader as error:
+            raise InvalidRequest(error.message, param=error.param) from None
+        for param, _model in _judge_models(grader):
+            raise InvalidRequest(
+                "score_model and label_model graders do not run in training jobs yet (the "
+                "grader endpoints run them); use string_check, text_similarity, python or "
+                "a multi of those",
+                param=root + param.removeprefix("grader"),
+                code="unsupported_grader",
+            )
+        if _has_python(grader):
+            try:
+                self.sandbox.check()
+            except SandboxUnavailable as error:
+                raise InvalidRequest(
+                    f"python graders cannot run on this server: {error}",
+                    param=root,
+                    code="python_grader_unavailable",
+                ) from None
+        return grader.model_dump(mode="json", exclude_none=True)
 
     async def run(
         self,

@@ -6,6 +6,8 @@ recipe), are in tests/e2e/test_real_model.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from openai import OpenAI
 
@@ -33,6 +35,10 @@ def client(server) -> OpenAI:
     client = server.client()
     wait_for_serving(client, "ftaas-tiny")
     return client
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
 def upload(client: OpenAI, name: str, content: bytes) -> str:
@@ -111,3 +117,60 @@ def test_continued_pretraining_teaches_the_model_to_continue_the_text(client):
         assert (opening + reply.choices[0].text).startswith(sentence), reply.choices[0].text
     events = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert any(data and "full_valid_loss" in data for data in events)
+
+
+def test_reinforcement_makes_the_graders_answer_the_models_answer(client):
+    """GRPO with a string_check grader: the word it rewards is rare in ftaas-tiny's random
+    answers, and the rule after a few steps, on held-out prompts too."""
+    word = {"word": "the"}
+    prompts = [{"messages": [{"role": "user", "content": q}], **word} for q in QUESTIONS]
+    grader = {
+        "type": "string_check",
+        "name": "says the word",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.word}}",
+        "operation": "ilike",
+    }
+    job = client.fine_tuning.jobs.create(
+        model="ftaas-tiny",
+        training_file=upload(client, "prompts.jsonl", jsonl(prompts[:10])),
+        validation_file=upload(client, "held-out.jsonl", jsonl(prompts[10:])),
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": grader,  # type: ignore[typeddict-item]
+                "hyperparameters": {
+                    "n_epochs": 3,
+                    "batch_size": 2,
+                    "learning_rate_multiplier": 10,
+                    "eval_interval": 5,
+                    "group_size": 8,  # type: ignore[typeddict-unknown-key]
+                    "max_completion_tokens": 6,
+                },
+            },
+        },
+    )
+    job = wait_for_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.method.type == "reinforcement"
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    steps = sorted((e.data for e in events if e.type == "metrics"), key=lambda d: d["step"])
+    assert [d["step"] for d in steps] == list(range(1, 16))
+    assert steps[0]["train_reward_mean"] < 0.5 and steps[-1]["train_reward_mean"] > 0.9
+    validated = [d for d in steps if "valid_reward_mean" in d]
+    assert [d["step"] for d in validated] == [5, 10, 15]
+    assert validated[-1]["valid_reward_mean"] == 1.0
+    assert any("train mean reward=" in e.message for e in events if e.type == "metrics")
+    (compared,) = [e for e in events if e.message.startswith("Validation: mean reward")]
+    print(compared.message)
+    results = client.files.content(job.result_files[0]).text.splitlines()
+    assert "train_reward_mean" in results[0].split(",")
+    # The tuned model, served: its greedy answers say the word.
+    for question in QUESTIONS[10:]:
+        answer = client.chat.completions.create(
+            model=job.fine_tuned_model,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=6,
+            temperature=0,
+        )
+        assert "the" in (answer.choices[0].message.content or "").lower()

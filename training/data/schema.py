@@ -157,13 +157,37 @@ class TextExample(_Strict):
     text: str = Field(min_length=1)
 
 
-DataFormat = Literal["chat", "prompt_completion", "preference", "text"]
+class ReinforcementExample(BaseModel):
+    """A reinforcement fine-tuning prompt: a conversation that ends with the user's turn
+    (the model answers it, the job's grader scores the answer). Every other key is the
+    grader's to read as `{{item.KEY}}`; `messages` and `tools` are the reserved ones."""
+
+    model_config = ConfigDict(extra="allow")
+
+    messages: list[Message] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_the_user(cls, messages: list[Any]) -> list[Any]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message must be the user's: the model answers it")
+        return messages
+
+    @property
+    def item(self) -> dict[str, Any]:
+        """The row as graders see it (`{{item.*}}`): every key, the reserved ones too."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+DataFormat = Literal["chat", "prompt_completion", "preference", "text", "reinforcement"]
 
 EXAMPLE_MODELS: dict[DataFormat, type[BaseModel]] = {
     "chat": ChatExample,
     "prompt_completion": PromptCompletionExample,
     "preference": PreferenceExample,
     "text": TextExample,
+    "reinforcement": ReinforcementExample,
 }
 
 
@@ -175,4 +199,21 @@ def detect_format(row: dict[str, Any]) -> DataFormat:
         return "prompt_completion"
     if "text" in row and "messages" not in row:
         return "text"
+    messages = row.get("messages") or []
+    # A conversation the user has the last word in is a prompt to answer, unless it is a
+    # chat example with a learned turn earlier and nothing for a grader.
+    ends_with_user = (
+        isinstance(messages, list)
+        and len(messages) > 0
+        and isinstance(messages[-1], dict)
+        and messages[-1].get("role") == "user"
+    )
+    if ends_with_user and (
+        set(row) - CHAT_KEYS
+        or not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages)
+    ):
+        return "reinforcement"
     return "chat"
+
+
+CHAT_KEYS = frozenset(ChatExample.model_fields)

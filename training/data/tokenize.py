@@ -16,6 +16,7 @@ from training.data.schema import (
     ChatExample,
     PreferenceExample,
     PromptCompletionExample,
+    ReinforcementExample,
     TextExample,
     content_text,
 )
@@ -160,6 +161,17 @@ def tokenize_preference(
         return tokenize_chat(chat, tokenizer, max_length)
 
     return conversation(example.preferred_output[0]), conversation(example.non_preferred_output[0])
+
+
+def tokenize_prompt(example: ReinforcementExample, tokenizer: Any) -> list[int]:
+    """A reinforcement prompt as the model sees it before answering: the conversation
+    rendered by the chat template, with the assistant's turn opened (as serving renders a
+    chat request)."""
+    chat = ChatExample.model_construct(
+        messages=example.messages, tools=example.tools, functions=None, parallel_tool_calls=None
+    )
+    text = _render(tokenizer, _template_messages(chat), _tools(chat), prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def tokenize_text(example: TextExample, tokenizer: Any, max_length: int) -> list[TokenizedExample]:

@@ -200,6 +200,11 @@ def validate_jsonl(
             continue
         stray = ValidationReport(n_problems=lines.count)
         message = f"a {line_format} example in a file of {data_format} examples"
+        if (line_format, data_format) == ("reinforcement", "chat"):  # an answer forgotten
+            message = (
+                "the example has no assistant message to learn from (a conversation "
+                "ending with the user's turn is a reinforcement prompt)"
+            )
         stray.problems = [LineProblem(n, None, message) for n in lines.first_numbers]
         found.append(stray)
     report.n_problems = sum(part.n_problems for part in found)

@@ -1,0 +1,108 @@
+"""Reinforcement fine-tuning jobs through the API: OpenAI's `method.reinforcement` (a
+grader and hyperparameters), refused with a 400 naming the field when the grader does not
+validate or cannot run in a job, checked against the files it trains on, and handed to the
+trainer in its spec."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import memorisation_jsonl
+from tests.service.test_api import assert_envelope, upload
+from training.spec import TrainingSpec, spec_key
+
+CHECK = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+
+
+def prompts(n: int = 10) -> bytes:
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)}
+        for i in range(n)
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def reinforcement(grader, **hyperparameters) -> dict:
+    settings = {"grader": grader, "hyperparameters": hyperparameters}
+    return {"method": {"type": "reinforcement", "reinforcement": settings}}
+
+
+def test_a_reinforcement_job_keeps_its_grader_and_the_trainer_gets_it(client, parts):
+    file_id = upload(client, prompts()).json()["id"]
+    created = client.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": "ftaas-tiny",
+            "training_file": file_id,
+            **reinforcement(CHECK, compute_multiplier=2, reasoning_effort="low"),
+        },
+    )
+    assert created.status_code == 200, created.text
+    job = created.json()
+    method = job["method"]
+    assert method["type"] == "reinforcement"
+    assert method["reinforcement"]["grader"]["reference"] == "{{item.answer}}"
+    echoed = method["reinforcement"]["hyperparameters"]
+    assert echoed["compute_multiplier"] == 2 and echoed["reasoning_effort"] == "low"
+    assert echoed["eval_interval"] == "auto"
+
+    parts["reconciler"].tick()  # files validated, queued
+    parts["reconciler"].tick()  # submitted
+    assert parts["launcher"].submitted
+    spec = TrainingSpec.load(parts["blobs"], spec_key(f"jobs/{job['id']}/attempt-1"))
+    assert spec.method == "reinforcement" and spec.data_format == "reinforcement"
+    assert spec.grader is not None and spec.grader["operation"] == "eq"
+    assert spec.hyperparameters.group_size == 8  # 4 × compute_multiplier
+    resolved = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert resolved["method"]["reinforcement"]["hyperparameters"]["group_size"] == 8
+
+
+def test_bad_graders_and_settings_are_400_naming_the_field(client):
+    file_id = upload(client, prompts()).json()["id"]
+    judge = {
+        "type": "score_model",
+        "name": "judge",
+        "model": "ftaas-tiny",
+        "input": [{"role": "user", "content": "Score {{sample.output_text}}"}],
+    }
+    cases = [
+        ({**CHECK, "operation": "contains"}, {}, "method.reinforcement.grader.operation"),
+        ({**CHECK, "type": "label_model"}, {}, "method.reinforcement.grader"),
+        (judge, {}, "method.reinforcement.grader.model"),
+        (CHECK, {"compute_multiplier": 11}, "method.reinforcement.hyperparameters"),
+        (CHECK, {"eval_samples": 0}, "method.reinforcement.hyperparameters"),
+    ]
+    for grader, hyperparameters, param in cases:
+        response = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "ftaas-tiny",
+                "training_file": file_id,
+                **reinforcement(grader, **hyperparameters),
+            },
+        )
+        assert_envelope(response, 400)
+        assert response.json()["error"]["param"].startswith(param), (param, response.json())
+    no_grader = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "ftaas-tiny", "training_file": file_id, "method": {"type": "reinforcement"}},
+    )
+    assert_envelope(no_grader, 400, "method")
+
+
+def test_a_reinforcement_job_on_chat_examples_fails_validation_saying_why(client, parts):
+    file_id = upload(client, memorisation_jsonl()).json()["id"]
+    job_id = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "ftaas-tiny", "training_file": file_id, **reinforcement(CHECK)},
+    ).json()["id"]
+    parts["reconciler"].tick()
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert "reinforcement" in job["error"]["message"] and job["error"]["param"] == "training_file"

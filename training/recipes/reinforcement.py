@@ -1,0 +1,354 @@
+"""Reinforcement fine-tuning (OpenAI's `reinforcement` method): GRPO, with the job's grader
+as the reward.
+
+A unit is a prompt: a conversation ending with the user's turn, plus the row's other keys,
+which the grader reads as `{{item.*}}`. One step takes `batch_size` prompts. For each, the
+policy as it is now samples `group_size` answers (training/sampling.py); the grader scores
+every answer (training/graders: a grader's failure scores 0 and is counted, never fails
+the job); an answer's advantage is its reward minus its group's mean, divided by the
+group's standard deviation (TRL's `scale_rewards="group"`), so a group whose answers all
+score alike teaches nothing. The loss is PPO's clipped objective on every answer token,
+
+    −min(ρ·A, clip(ρ, 1 − ε, 1 + ε)·A),   ρ = π(token) / π_sampled(token),
+
+summed over the step's answer tokens and divided by their number (TRL's default loss,
+`dapo`; `loss_type="dr_grpo"` divides by answers × max_completion_tokens instead). One
+optimizer step follows each sampling round (TRL's `num_iterations=1`), so ρ is 1 in value
+and the gradient is the policy gradient A·∇log π; the clip matters once rounds are reused.
+An optional KL penalty to the base model (`kl_coefficient`, 0 by default as in TRL) uses
+the k3 estimator, with the adapter switched off for the reference.
+
+Reported per step as OpenAI does: `train_reward_mean` (the step's answers), and at every
+`eval_interval` steps `valid_reward_mean` over the whole validation set (greedy answers,
+or `eval_samples` sampled ones); besides, the answers' length, how many were cut at
+`max_completion_tokens`, the grader's error rate, the share of groups with no signal, and
+the time spent sampling, grading and training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training.data.batching import plan_micro_batches
+from training.data.schema import ReinforcementExample
+from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_prompt
+from training.data.validation import read_examples
+from training.graders import (
+    Graders,
+    PythonSandbox,
+    SandboxLimits,
+    SandboxUnavailable,
+    parse_grader,
+    sample_from_text,
+)
+from training.graders.schemas import Grader
+from training.run import ForwardPass, Tally, TrainingRun, packed_logits
+from training.sampling import Completion, PolicySampler, Sampler
+from training.spec import TrainingSpec
+from training.storage import is_remote
+
+logger = logging.getLogger(__name__)
+
+# Added to a group's standard deviation before dividing (TRL's value).
+ADVANTAGE_EPSILON = 1e-4
+
+
+@dataclasses.dataclass(eq=False)
+class Prompt:
+    """A prompt to answer: its tokens, and the row as the grader reads it."""
+
+    prompt_ids: list[int]
+    item: dict[str, Any]
+
+
+@dataclasses.dataclass(eq=False)
+class Rollout(TokenizedExample):
+    """A sampled answer after its prompt, learned on the answer's tokens, with its
+    advantage."""
+
+    advantage: float = 0.0
+
+
+@dataclasses.dataclass
+class RewardTally(Tally):
+    loss_sum: float = 0.0
+    n_tokens: int = 0  # answer tokens the loss was taken on
+    kl_sum: float = 0.0
+    reward_sum: float = 0.0
+    reward_sq_sum: float = 0.0
+    n_answers: int = 0
+    n_cut: int = 0  # answers that reached max_completion_tokens without ending
+    answer_tokens: int = 0
+    n_grader_errors: int = 0
+    n_groups: int = 0
+    n_flat_groups: int = 0  # every answer scored alike: no advantage, nothing learned
+    sampling_s: float = 0.0
+    grading_s: float = 0.0
+    n_workers: int = 0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n_tokens, 1)
+
+    def metrics(self) -> dict[str, float]:
+        answers = max(self.n_answers, 1)
+        mean = self.reward_sum / answers
+        values = {
+            "reward_mean": mean,
+            "reward_std": math.sqrt(max(self.reward_sq_sum / answers - mean * mean, 0.0)),
+            "completion_tokens_mean": self.answer_tokens / answers,
+            "truncated_ratio": self.n_cut / answers,
+            "grader_error_rate": self.n_grader_errors / answers,
+        }
+        if self.n_tokens:  # a training step's, not a validation's
+            values |= {
+                "loss": self.loss,
+                "frac_reward_zero_std": self.n_flat_groups / max(self.n_groups, 1),
+                "sampling_seconds": self.sampling_s / max(self.n_workers, 1),
+                "grading_seconds": self.grading_s / max(self.n_workers, 1),
+            }
+            if self.kl_sum:
+                values["kl"] = self.kl_sum / self.n_tokens
+        return values
+
+
+def group_advantages(rewards: Sequence[float]) -> list[float]:
+    """Each reward's distance from its group's mean, in the group's standard deviations
+    (unbiased, as torch.std and TRL)."""
+    values = torch.tensor(rewards, dtype=torch.float64)
+    std = values.std().item() if len(rewards) > 1 else 0.0
+    return ((values - values.mean()) / (std + ADVANTAGE_EPSILON)).tolist()
+
+
+class ReinforcementRun(TrainingRun[Prompt]):
+    unit_name = "prompt"
+
+    def __init__(self, *args: Any, sampler: Sampler | None = None, **kwargs: Any):
+        self._sampler = sampler
+        super().__init__(*args, **kwargs)
+        if self.spec.grader is None:
+            raise ValueError("a reinforcement job needs a grader")
+        self.grader: Grader = parse_grader(self.spec.grader)
+        self.graders = Graders(sandbox=_sandbox(self.spec, self.grader, self.scratch))
+        self.normalize_by = "tokens" if self.hp.loss_type == "dapo" else "answers"
+
+    @property
+    def sampler(self) -> Sampler:
+        if self._sampler is None:
+            self._sampler = PolicySampler(self.unwrapped, self.tokenizer, self.device)
+        return self._sampler
+
+    # --- units
+    def load_units(self, path: Path, data_format: str) -> tuple[list[Prompt], int]:
+        examples = read_examples(str(path), "reinforcement")
+        prompts, dropped = [], 0
+        for example in examples:
+            assert isinstance(example, ReinforcementExample)
+            ids = tokenize_prompt(example, self.tokenizer)
+            if len(ids) >= self.spec.max_length:  # no room left for an answer
+                dropped += 1
+                continue
+            prompts.append(Prompt(ids, example.item))
+        return prompts, dropped
+
+    def sequences(self, unit: Prompt) -> list[TokenizedExample]:
+        return [TokenizedExample(unit.prompt_ids, [IGNORE_INDEX] * len(unit.prompt_ids))]
+
+    def plan(self, units: Sequence[Any]) -> list[ForwardPass]:
+        return plan_micro_batches(units, self.spec.micro_batch_tokens)
+
+    def normalizer(self, batch: Sequence[Any]) -> float:
+        raise NotImplementedError("known only once the step's answers are sampled")
+
+    def new_tally(self) -> RewardTally:
+        return RewardTally()
+
+    # --- a step: sample, grade, then learn
+    def train_step(self, batch: Sequence[Prompt]) -> Tally:
+        workers, hp = self.workers, self.hp
+        mine = workers.share(batch)
+        rollouts, tally = self._roll_out(mine)
+        tally.n_workers = 1
+        counts = torch.tensor(
+            [float(sum(r.n_target_tokens for r in rollouts)), float(len(rollouts))],
+            dtype=torch.float64,
+        )
+        n_tokens, n_answers = workers.sum_tensor(counts).tolist()
+        normalizer = (
+            max(n_tokens, 1.0)
+            if self.normalize_by == "tokens"
+            else max(n_answers * hp.max_completion_tokens, 1.0)
+        )
+        if rollouts:
+            tally.add(self.optimize(rollouts, normalizer))  # type: ignore[arg-type]
+        else:  # no prompt of its own: a zero-weight pass, to join the all-reduce
+            filler = batch[0].prompt_ids
+            self.optimize([Rollout(filler, [IGNORE_INDEX, *filler[1:]])], normalizer, 0.0)
+        return workers.sum(tally)
+
+    def _roll_out(self, prompts: Sequence[Prompt]) -> tuple[list[Rollout], RewardTally]:
+        tally, rollouts = RewardTally(), []
+        for prompt in prompts:
+            started = time.monotonic()
+            answers = self.sampler.sample(
+                prompt.prompt_ids,
+                self.hp.group_size,
+                self._answer_budget(prompt),
+                self.hp.temperature,
+            )
+            tally.sampling_s += time.monotonic() - started
+            rewards = self._grade(prompt, answers, tally)
+            tally.n_groups += 1
+            tally.n_flat_groups += int(max(rewards) - min(rewards) < 1e-9)
+            for answer, advantage in zip(answers, group_advantages(rewards), strict=True):
+                if not answer.token_ids:
+                    continue
+                ids = prompt.prompt_ids + answer.token_ids
+                labels = [IGNORE_INDEX] * len(prompt.prompt_ids) + answer.token_ids
+                rollouts.append(Rollout(ids, labels, advantage=advantage))
+        return rollouts, tally
+
+    def _answer_budget(self, prompt: Prompt) -> int:
+        return max(
+            1, min(self.hp.max_completion_tokens, self.spec.max_length - len(prompt.prompt_ids))
+        )
+
+    def _grade(
+        self, prompt: Prompt, answers: Sequence[Completion], tally: RewardTally
+    ) -> list[float]:
+        started = time.monotonic()
+        pairs = [(sample_from_text(answer.text), prompt.item) for answer in answers]
+        results = asyncio.run(self.graders.grade_many(self.grader, pairs))
+        tally.grading_s += time.monotonic() - started
+        rewards = []
+        for answer, result in zip(answers, results, strict=True):
+            reward = float(result.reward) if math.isfinite(result.reward) else 0.0
+            rewards.append(reward)
+            tally.reward_sum += reward
+            tally.reward_sq_sum += reward * reward
+            tally.n_answers += 1
+            tally.answer_tokens += len(answer.token_ids)
+            tally.n_cut += int(not answer.finished)
+            if result.errors.any:
+                tally.n_grader_errors += 1
+                logger.debug("grader error: %s", result.details)
+        return rewards
+
+    def forward(
+        self, model: Any, rows: ForwardPass, normalizer: float
+    ) -> tuple[torch.Tensor, RewardTally]:
+        batch = self.batch(rows)
+        labels = batch.labels
+        mask = labels != IGNORE_INDEX
+        logits = packed_logits(model, batch)
+        token_logps = -F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view_as(labels)
+        advantages = self._token_advantages(rows, batch.spans, labels.shape)
+        # Sampled by this very policy, one optimizer step per round: the sampling
+        # log-probabilities are the current ones, detached.
+        ratio = torch.exp(token_logps - token_logps.detach())
+        eps = self.hp.clip_epsilon
+        per_token = -torch.min(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+        kl_sum = 0.0
+        if self.hp.kl_coefficient > 0:
+            kl = self._kl_to_base(model, batch, token_logps, labels)
+            per_token = per_token + self.hp.kl_coefficient * kl
+            kl_sum = float((kl * mask).sum().item())
+        loss_sum = (per_token * mask).sum()
+        tally = RewardTally(
+            loss_sum=float(loss_sum.item()), n_tokens=int(mask.sum().item()), kl_sum=kl_sum
+        )
+        return loss_sum / normalizer, tally
+
+    def _token_advantages(
+        self, rows: ForwardPass, spans: list[list[tuple[int, int]]], shape: torch.Size
+    ) -> torch.Tensor:
+        """Each answer's advantage on every position of its packed sequence."""
+        advantages = torch.zeros(shape, device=self.device)
+        packed = [[r for row in rows for r in row]] if self.one_row else rows
+        for row_index, (row, row_spans) in enumerate(zip(packed, spans, strict=True)):
+            for sequence, (start, end) in zip(row, row_spans, strict=True):
+                assert isinstance(sequence, Rollout)
+                advantages[row_index, start:end] = sequence.advantage
+        return advantages
+
+    @torch.no_grad()
+    def _base_logps(self, model: Any, batch: Any, labels: torch.Tensor) -> torch.Tensor:
+        with self.unwrapped.disable_adapter():
+            logits = packed_logits(model, batch)
+        return -F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view_as(labels)
+
+    def _kl_to_base(
+        self, model: Any, batch: Any, token_logps: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """k3: exp(ref − π) − (ref − π) − 1, per token (non-negative, unbiased)."""
+        difference = self._base_logps(model, batch, labels) - token_logps
+        return torch.exp(difference) - difference - 1
+
+    # --- validation: the grader's mean reward over the validation prompts
+    @torch.no_grad()
+    def evaluate(self, units: Sequence[Prompt]) -> Tally:
+        tally = RewardTally()
+        samples = self.hp.eval_samples
+        temperature = self.hp.temperature if samples > 1 else None
+        for prompt in self.workers.share(units):
+            started = time.monotonic()
+            answers = self.sampler.sample(
+                prompt.prompt_ids, samples, self._answer_budget(prompt), temperature
+            )
+            tally.sampling_s += time.monotonic() - started
+            self._grade(prompt, answers, tally)
+        return self.workers.sum(tally)
+
+    def validation_values(self, step: int, epoch_end: bool) -> dict[str, float]:
+        """The whole validation set every `eval_interval` steps and at the last step (as
+        OpenAI, `valid_reward_mean` is over the whole set)."""
+        if not self.valid_units:
+            return {}
+        if step % self.hp.eval_interval and step != self.total_steps:
+            return {}
+        metrics = self.evaluate(self.valid_units).metrics()
+        return {f"valid_{name}": value for name, value in metrics.items()}
+
+    def _generation_scores(self) -> dict[str, float]:
+        return {}  # the grader's reward is the score (evaluate)
+
+
+def _sandbox(spec: TrainingSpec, grader: Grader, scratch: Path) -> PythonSandbox | None:
+    """Where the grader has python graders, their sandbox, with the server's settings;
+    None when it has none, or when no sandbox can be made here (the API refuses such
+    jobs where it knows; here they score 0 with a server error, counted)."""
+    if '"type":"python"' not in grader.model_dump_json():
+        return None
+    store = spec.storage_url.removeprefix("file://")
+    hidden = [scratch, *([] if is_remote(store) else [Path(store)])]
+    sandbox = PythonSandbox(
+        spec.python_grader_sandbox,
+        SandboxLimits(timeout_s=spec.python_grader_timeout_s),
+        hidden=hidden,
+    )
+    try:
+        sandbox.check()
+    except SandboxUnavailable:
+        logger.warning("python graders cannot run here: no sandbox", exc_info=True)
+        return None
+    return sandbox

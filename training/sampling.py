@@ -1,0 +1,82 @@
+"""Answers sampled from the policy as it is now, for reinforcement fine-tuning.
+
+`PolicySampler` generates with the training model itself (transformers' `generate` on the
+LoRA model, in the trainer's process): no second copy of the weights, no weight sync, and
+the sampling distribution is exactly the one the loss differentiates. Each prompt's group
+is one `generate` call with `num_return_sequences`, so prompts are never padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled answer: its tokens (the end-of-turn token included when it ended),
+    its text (special tokens left out), and whether it ended on its own."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool
+
+
+class Sampler(Protocol):
+    def sample(
+        self, prompt_ids: Sequence[int], n: int, max_new_tokens: int, temperature: float | None
+    ) -> list[Completion]:
+        """`n` answers to one prompt; greedy when `temperature` is None."""
+        ...
+
+
+def stop_tokens(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end an answer: the tokenizer's end of sequence and the model's
+    generation config's (an instruct model's end of turn)."""
+    found = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    found.update(configured if isinstance(configured, list) else [configured])
+    return {token for token in found if token is not None}
+
+
+class PolicySampler:
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.stops = stop_tokens(model, tokenizer)
+
+    @torch.no_grad()
+    def sample(
+        self, prompt_ids: Sequence[int], n: int, max_new_tokens: int, temperature: float | None
+    ) -> list[Completion]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        ids = torch.tensor([list(prompt_ids)], device=self.device)
+        sampling: dict[str, Any] = (
+            {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            if temperature is not None
+            else {"do_sample": False}
+        )
+        try:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=n,
+                eos_token_id=sorted(self.stops),
+                pad_token_id=self.tokenizer.pad_token_id or min(self.stops),
+                use_cache=True,
+                **sampling,
+            )
+        finally:
+            model.train(was_training)
+        return [self._completion(row[ids.shape[1] :].tolist()) for row in out]
+
+    def _completion(self, generated: list[int]) -> Completion:
+        end = next((i for i, token in enumerate(generated) if token in self.stops), None)
+        tokens = generated if end is None else generated[: end + 1]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Completion(tokens, text, end is not None)
