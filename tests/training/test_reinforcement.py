@@ -207,3 +207,23 @@ def test_a_run_raises_the_held_out_reward_and_reports_it(tiny_model_dir, tmp_pat
     rewards = [m["train_reward_mean"] for m in metrics]
     assert rewards[0] < 0.5 and max(rewards[-3:]) == 1.0, rewards
     assert LocalStore(tmp_path).exists(f"{spec.adapter_key}/adapter_model.safetensors")
+
+
+def test_a_multi_graders_parts_are_reported_each(tiny_model_dir, tmp_path):
+    exact = {**CONTAINS, "name": "exact", "reference": "{{item.answer}}", "operation": "eq"}
+    multi = {
+        "type": "multi",
+        "name": "exact and close",
+        "graders": {"exact": exact, "close": FUZZY},
+        "calculate_output": "0.5 * exact + 0.5 * close",
+    }
+    run = start(rft_spec(tmp_path, tiny_model_dir, "multi", grader=multi), tmp_path)
+    run._sampler = ScriptedSampler(run.tokenizer, ["Paris", "London"])
+    try:
+        metrics = run.train_step(run.train_units[:2]).metrics()
+        assert metrics["exact_reward_mean"] == 0.5  # "Paris" half the time
+        assert 0.5 <= metrics["close_reward_mean"] < 1.0  # "London" is not close
+        expected = 0.5 * metrics["exact_reward_mean"] + 0.5 * metrics["close_reward_mean"]
+        assert metrics["reward_mean"] == pytest.approx(expected)
+    finally:
+        run.close()

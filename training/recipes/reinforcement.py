@@ -51,7 +51,7 @@ from training.graders import (
     parse_grader,
     sample_from_text,
 )
-from training.graders.schemas import Grader
+from training.graders.schemas import Grader, MultiGrader
 from training.run import ForwardPass, Tally, TrainingRun, packed_logits
 from training.sampling import Completion, PolicySampler, Sampler
 from training.spec import TrainingSpec
@@ -122,6 +122,27 @@ class RewardTally(Tally):
         return values
 
 
+def tally_for(sub_graders: Sequence[str]) -> type[RewardTally]:
+    """RewardTally, plus each sub-grader's reward sum for a `multi` grader, reported as
+    `<name>_reward_mean` (OpenAI's per-grader scores)."""
+    if not sub_graders:
+        return RewardTally
+    names = list(sub_graders)
+
+    def metrics(self: RewardTally) -> dict[str, float]:
+        values = RewardTally.metrics(self)
+        for index, name in enumerate(names):
+            values[f"{name}_reward_mean"] = getattr(self, f"sub_{index}") / max(self.n_answers, 1)
+        return values
+
+    fields = [(f"sub_{index}", float, 0.0) for index in range(len(names))]
+    tally = dataclasses.make_dataclass(
+        "GradersTally", fields, bases=(RewardTally,), namespace={"metrics": metrics}
+    )
+    tally.sub_graders = names  # type: ignore[attr-defined]
+    return tally
+
+
 def group_advantages(rewards: Sequence[float]) -> list[float]:
     """Each reward's distance from its group's mean, in the group's standard deviations
     (unbiased, as torch.std and TRL)."""
@@ -139,6 +160,9 @@ class ReinforcementRun(TrainingRun[Prompt]):
         if self.spec.grader is None:
             raise ValueError("a reinforcement job needs a grader")
         self.grader: Grader = parse_grader(self.spec.grader)
+        self.tally_class = tally_for(
+            sorted(self.grader.graders) if isinstance(self.grader, MultiGrader) else []
+        )
         self.graders = Graders(sandbox=_sandbox(self.spec, self.grader, self.scratch))
         self.normalize_by = "tokens" if self.hp.loss_type == "dapo" else "answers"
 
@@ -171,7 +195,8 @@ class ReinforcementRun(TrainingRun[Prompt]):
         raise NotImplementedError("known only once the step's answers are sampled")
 
     def new_tally(self) -> RewardTally:
-        return RewardTally()
+        # Before __init__ has parsed the grader (the base loop may ask): the plain one.
+        return getattr(self, "tally_class", RewardTally)()
 
     # --- a step: sample, grade, then learn
     def train_step(self, batch: Sequence[Prompt]) -> Tally:
@@ -197,7 +222,7 @@ class ReinforcementRun(TrainingRun[Prompt]):
         return workers.sum(tally)
 
     def _roll_out(self, prompts: Sequence[Prompt]) -> tuple[list[Rollout], RewardTally]:
-        tally, rollouts = RewardTally(), []
+        tally, rollouts = self.new_tally(), []
         for prompt in prompts:
             started = time.monotonic()
             answers = self.sampler.sample(
@@ -239,6 +264,12 @@ class ReinforcementRun(TrainingRun[Prompt]):
             tally.n_answers += 1
             tally.answer_tokens += len(answer.token_ids)
             tally.n_cut += int(not answer.finished)
+            for index, name in enumerate(getattr(tally, "sub_graders", ())):
+                setattr(
+                    tally,
+                    f"sub_{index}",
+                    getattr(tally, f"sub_{index}") + result.sub_rewards.get(name, 0.0),
+                )
             if result.errors.any:
                 tally.n_grader_errors += 1
                 logger.debug("grader error: %s", result.details)
@@ -269,9 +300,9 @@ class ReinforcementRun(TrainingRun[Prompt]):
             per_token = per_token + self.hp.kl_coefficient * kl
             kl_sum = float((kl * mask).sum().item())
         loss_sum = (per_token * mask).sum()
-        tally = RewardTally(
-            loss_sum=float(loss_sum.item()), n_tokens=int(mask.sum().item()), kl_sum=kl_sum
-        )
+        tally = self.new_tally()
+        tally.loss_sum, tally.n_tokens = float(loss_sum.item()), int(mask.sum().item())
+        tally.kl_sum = kl_sum
         return loss_sum / normalizer, tally
 
     def _token_advantages(
@@ -307,7 +338,7 @@ class ReinforcementRun(TrainingRun[Prompt]):
     # --- validation: the grader's mean reward over the validation prompts
     @torch.no_grad()
     def evaluate(self, units: Sequence[Prompt]) -> Tally:
-        tally = RewardTally()
+        tally = self.new_tally()
         samples = self.hp.eval_samples
         temperature = self.hp.temperature if samples > 1 else None
         for prompt in self.workers.share(units):
