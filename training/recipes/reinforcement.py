@@ -358,7 +358,10 @@ class ReinforcementRun(TrainingRun[Prompt]):
         if step % self.hp.eval_interval and step != self.total_steps:
             return {}
         metrics = self.evaluate(self.valid_units).metrics()
-        return {f"valid_{name}": value for name, value in metrics.items()}
+        values = {f"valid_{name}": value for name, value in metrics.items()}
+        if step == self.total_steps:  # also the tuned model's figures: not measured again
+            values |= {f"full_valid_{name}": value for name, value in metrics.items()}
+        return values
 
     def _generation_scores(self) -> dict[str, float]:
         return {}  # the grader's reward is the score (evaluate)
