@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ class TrainingPosition:
     valid_cursor: int = 0
     # The validation figures of the model the run started from (training/evaluation.py).
     start_validation: dict[str, float] = field(default_factory=dict)
+    # A reinforcement run's checkpoints by step, and the valid_reward_mean each had.
+    checkpoint_rewards: dict[int, float] = field(default_factory=dict)
 
 
 def checkpoint_key(root: str, step: int) -> str:
@@ -71,10 +74,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scratch: Path,
-    keep: int | None = None,
+    keep: int | Callable[[list[int]], Collection[int]] | None = None,
     recipe_state: dict[str, Any] | None = None,
 ) -> tuple[str, list[int]]:
-    """Write a checkpoint (rank 0 only); returns its key and the steps pruned to `keep`."""
+    """Write a checkpoint (rank 0 only); returns its key and the steps pruned to `keep`:
+    the newest `keep`, or the steps a policy picks from all of them (oldest first)."""
     local = scratch / "checkpoint"
     shutil.rmtree(local, ignore_errors=True)
     model.save_pretrained(local / "adapter", safe_serialization=True)
@@ -94,9 +98,12 @@ def save_checkpoint(
     shutil.rmtree(local, ignore_errors=True)
     removed: list[int] = []
     if keep is not None:
-        for old in checkpoint_steps(store, root)[:-keep]:
-            store.delete(checkpoint_key(root, old))
-            removed.append(old)
+        steps = checkpoint_steps(store, root)
+        kept = set(steps[-keep:]) if isinstance(keep, int) else set(keep(steps))
+        for old in steps:
+            if old not in kept:
+                store.delete(checkpoint_key(root, old))
+                removed.append(old)
     return key, removed
 
 

@@ -21,7 +21,7 @@ import math
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
@@ -477,26 +477,7 @@ class TrainingRun(ABC, Generic[Unit]):
                 position.best_full_valid_loss, position.epochs_without_improvement = full_loss, 0
             else:
                 position.epochs_without_improvement += 1
-        if self.reporter:
-            key, _ = save_checkpoint(
-                self.store,
-                self.spec.checkpoints_key,
-                position,
-                self.unwrapped,
-                self.optimizer,
-                self.scheduler,
-                self.scratch,
-                keep=KEEP_CHECKPOINTS,
-                recipe_state=self.recipe_state(),
-            )
-            self.reporter.progress.write(
-                Checkpoint(
-                    step=position.step,
-                    epoch=position.epoch,
-                    path=key,
-                    metrics={"step": position.step, **values},
-                )
-            )
+        self.checkpoint(KEEP_CHECKPOINTS)
         patience = self.hp.early_stopping_patience
         stop = bool(patience and position.epochs_without_improvement >= patience)
         if stop and self.reporter and position.epoch < self.hp.n_epochs:
@@ -507,6 +488,32 @@ class TrainingRun(ABC, Generic[Unit]):
                 )
             )
         return stop
+
+    def checkpoint(self, keep: int | Callable[[list[int]], Collection[int]]) -> None:
+        """A checkpoint of the run as it is (rank 0), its metrics the last step's; `keep`
+        as training.checkpoints.save_checkpoint takes it."""
+        if not self.reporter:
+            return
+        position = self.position
+        key, _ = save_checkpoint(
+            self.store,
+            self.spec.checkpoints_key,
+            position,
+            self.unwrapped,
+            self.optimizer,
+            self.scheduler,
+            self.scratch,
+            keep=keep,
+            recipe_state=self.recipe_state(),
+        )
+        self.reporter.progress.write(
+            Checkpoint(
+                step=position.step,
+                epoch=position.epoch,
+                path=key,
+                metrics={"step": position.step, **self.last_metrics},
+            )
+        )
 
     def _save_paused(self) -> None:
         if self.reporter:

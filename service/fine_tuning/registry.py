@@ -9,6 +9,7 @@ their files go ("serving first, files last").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -77,9 +78,11 @@ class ModelRegistry:
             .order_by(CheckpointRow.step_number.desc())
         ).all()
         pruned = []
-        for old in rows[KEEP_CHECKPOINTS:]:
-            session.delete(old)
-            pruned.append(PrunedCheckpoint(old.model_name, job.model, old.path))
+        kept = _kept_checkpoints(rows)
+        for old in rows:
+            if old.id not in kept:
+                session.delete(old)
+                pruned.append(PrunedCheckpoint(old.model_name, job.model, old.path))
         return pruned
 
     def register_tuned_model(self, session: Session, job: JobRow, adapter_dir: str) -> ReadyModel:
@@ -102,3 +105,18 @@ class ModelRegistry:
         job.result_files = [write_result_file(session, self.store, job)]
         add_event(session, job, f"New fine-tuned model created: {name}")
         return ReadyModel(name=name, base_model=job.model, adapter_dir=adapter_dir)
+
+
+# What a reinforcement job's checkpoints are ranked by (OpenAI keeps the three best).
+RANKING_METRIC = "valid_reward_mean"
+
+
+def _kept_checkpoints(rows: Sequence[CheckpointRow]) -> set[str]:
+    """The ids of the checkpoints a job keeps (`rows` newest first): the newest
+    KEEP_CHECKPOINTS; or, for checkpoints ranked by a validation reward, the best
+    KEEP_CHECKPOINTS and the newest (the one a resume continues from)."""
+    ranked = [row for row in rows if RANKING_METRIC in (row.metrics or {})]
+    if not ranked:
+        return {row.id for row in rows[:KEEP_CHECKPOINTS]}
+    best = sorted(ranked, key=lambda row: (-row.metrics[RANKING_METRIC], -row.step_number))
+    return {row.id for row in [*best[:KEEP_CHECKPOINTS], *rows[:1]]}

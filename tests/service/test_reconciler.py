@@ -1106,3 +1106,25 @@ def test_a_tuned_model_the_engine_cannot_load_now_is_not_loaded_and_says_why(wor
     assert world.status(job_id) == "succeeded" and report.ready == []
     [warning] = [e.message for e in world.events(job_id) if e.level == "warn"]
     assert "cannot load this model" in warning and "lm_head" in warning
+
+
+def test_checkpoints_ranked_by_validation_reward_keep_the_three_best_and_the_newest(
+    world: World,
+):
+    """A reinforcement job's checkpoints, as OpenAI keeps them: the three with the best
+    valid_reward_mean (and the newest, which a resume continues from); the others are
+    unlisted."""
+    job_id = world.running()
+    world.train(job_id)
+    out = world.row(job_id).output_dir
+    blobs = world.parts["blobs"]
+    log = world.trainer(job_id)
+    rewards = {2: 0.1, 4: 0.7, 6: 0.5, 8: 0.9, 10: 0.2}
+    for step, reward in rewards.items():
+        path = f"{out}/checkpoints/step-{step:06d}"
+        blobs.put_bytes(f"{path}/adapter/adapter_config.json", b"{}")
+        log.write(Checkpoint(step=step, epoch=0, path=path, metrics={"valid_reward_mean": reward}))
+    world.tick()
+    listed = world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data
+    assert sorted(c.step_number for c in listed) == [4, 6, 8, 10]  # best three, newest
+    # (The trainer deletes the folders it prunes by the same rule: test_reinforcement.py.)

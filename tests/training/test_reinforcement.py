@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.training.test_sft import make_spec, records, start, train
+from training.checkpoints import checkpoint_steps
 from training.data.tokenize import IGNORE_INDEX
 from training.data.validation import validate_jsonl
 from training.hyperparameters import ReinforcementHyperparameters as RH
@@ -207,6 +208,14 @@ def test_a_run_raises_the_held_out_reward_and_reports_it(tiny_model_dir, tmp_pat
     rewards = [m["train_reward_mean"] for m in metrics]
     assert rewards[0] < 0.5 and max(rewards[-3:]) == 1.0, rewards
     assert LocalStore(tmp_path).exists(f"{spec.adapter_key}/adapter_model.safetensors")
+    # A checkpoint at each validation; the three best by valid_reward_mean stay, and the
+    # newest (a restart continues from it).
+    written = records(spec, "checkpoint")
+    assert [c["step"] for c in written] == [m["step"] for m in validated]
+    reward = {c["step"]: c["metrics"]["valid_reward_mean"] for c in written}
+    best = sorted(reward, key=lambda step: (-reward[step], -step))[:3]
+    kept = checkpoint_steps(LocalStore(tmp_path), spec.checkpoints_key)
+    assert set(kept) == {*best, last}
 
 
 def test_a_multi_graders_parts_are_reported_each(tiny_model_dir, tmp_path):

@@ -54,7 +54,7 @@ from training.graders import (
 from training.graders.schemas import Grader, MultiGrader
 from training.run import ForwardPass, Tally, TrainingRun, packed_logits
 from training.sampling import Completion, PolicySampler, Sampler
-from training.spec import TrainingSpec
+from training.spec import KEEP_CHECKPOINTS, TrainingSpec
 from training.storage import is_remote
 
 logger = logging.getLogger(__name__)
@@ -362,6 +362,28 @@ class ReinforcementRun(TrainingRun[Prompt]):
         if step == self.total_steps:  # also the tuned model's figures: not measured again
             values |= {f"full_valid_{name}": value for name, value in metrics.items()}
         return values
+
+    # --- checkpoints: at each validation, the three best kept (and the newest)
+    def _report_step(
+        self, tally: Tally, started: float, steps_at_start: int, epoch_end: bool
+    ) -> None:
+        super()._report_step(tally, started, steps_at_start, epoch_end)
+        reward = self.last_metrics.get("valid_reward_mean")
+        if reward is not None:
+            self.position.checkpoint_rewards[self.position.step] = reward
+            self.checkpoint(self._best_and_newest)
+
+    def _best_and_newest(self, steps: list[int]) -> set[int]:
+        """As OpenAI: the KEEP_CHECKPOINTS with the best `valid_reward_mean` (the later of
+        equals); and the newest, which a resumed or restarted run continues from."""
+        rewards = self.position.checkpoint_rewards
+        ranked = sorted((s for s in steps if s in rewards), key=lambda s: (-rewards[s], -s))
+        return {*ranked[:KEEP_CHECKPOINTS], *steps[-1:]}
+
+    def _end_epoch(self) -> bool:
+        if self.valid_units:  # checkpoints come with validations instead
+            return False
+        return super()._end_epoch()
 
     def _generation_scores(self) -> dict[str, float]:
         return {}  # the grader's reward is the score (evaluate)
