@@ -201,6 +201,11 @@ def test_api_errors_are_one_line_with_message_param_and_code(server: LiveServer)
     assert "ftjob-nonesuch" in done.error and "param: " in done.error
     assert "Traceback" not in done.error
 
+    for chat in (("chat", "ftaas-tiny", "-m", "hi"), ("chat", "ftaas-tiny")):
+        unserved = server.run(*chat, stdin="hi\n")  # serving is off in these tests
+        assert unserved.returncode == 1 and unserved.stdout == b"", unserved.stdout
+        assert re.fullmatch(r"error: HTTP 5\d\d: .+\n", unserved.error), unserved.error
+
     unreachable = subprocess.run(
         [FTAAS, "--base-url", "http://127.0.0.1:9", "--max-retries", "0", "models", "list"],
         capture_output=True,
