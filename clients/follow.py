@@ -202,10 +202,16 @@ def _watch(
     last_seen: str | None = None
     with view:
         while True:
-            job = client.fine_tuning.jobs.retrieve(job_id)
-            events = new_events(client, job_id, last_seen)  # read after the job: all of it
+            # Events first, then the job: the job is then at least as new as its steps
+            # shown (their ETA); once it has ended, the events it ended with are read too.
+            events = new_events(client, job_id, last_seen)
             if events:
                 last_seen = events[-1].id
+            job = client.fine_tuning.jobs.retrieve(job_id)
+            if job.status in TERMINAL_STATUSES:
+                events += new_events(client, job_id, last_seen)
+                if events:
+                    last_seen = events[-1].id
             progress.see_job(job)
             for event in events:
                 if event.type == "metrics":

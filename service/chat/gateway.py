@@ -227,7 +227,23 @@ class ServingGateway:
         handle = self._handles.get(base_model)
         if handle is not None:
             return handle
+        if not self.settings.serving_enabled:
+            raise ServiceUnavailable(
+                "This server does not serve models (FTAAS_SERVING_ENABLED is false).",
+                param="model",
+                code="serving_disabled",
+            )
+        import ray
         from ray import serve
+
+        if not ray.is_initialized():
+            # Serve would start a Ray of its own in this process (ray.init's default): a
+            # cluster nobody stops, whose loss later ends the process.
+            raise ServiceUnavailable(
+                f"The model `{base_model}` is still loading; try again shortly.",
+                param="model",
+                code="model_loading",
+            )
 
         from serving.names import app_name
 
@@ -288,10 +304,10 @@ class ServingGateway:
         vLLM reloads adapters from their files mid-step, fatally when they are gone). A
         replica that has not confirmed within RETIRE_TIMEOUT_S is logged and not waited
         for. The API stops routing to the names first (their rows are gone)."""
-        if not self.settings.serving_enabled or not names:
-            return
         import ray
 
+        if not self.settings.serving_enabled or not names or not ray.is_initialized():
+            return  # nothing serves them (and Serve's calls would start a Ray of their own)
         from serving.stats import board, confirmed
 
         deadline, pending = time.monotonic() + RETIRE_TIMEOUT_S, list[str]()

@@ -226,3 +226,18 @@ def test_oversized_bodies_are_refused_as_they_stream(tmp_path, parts):
     streamed = client.post("/v1/files", content=chunks(), headers=headers)
     assert assert_envelope(streamed, 400, "file")["code"] == "file_too_large"
     assert client.get("/health").status_code == 200
+
+
+def test_a_chat_on_a_server_that_serves_nothing_is_a_503_and_starts_no_ray(client):
+    import ray
+
+    for stream in (False, True):
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": "ftaas-tiny", "messages": [{"role": "user", "content": "hi"}]}
+            | ({"stream": True} if stream else {}),
+        )
+        error = assert_envelope(answer, 503, "model")
+        assert error["code"] == "serving_disabled"
+    # Serve's handle would have started a Ray of its own in the API process.
+    assert not ray.is_initialized()
