@@ -17,10 +17,13 @@ the reference forward passes are in both timings (ftaas makes them once, before 
 step; TRL at every step). Printed: pairs and tokens (both answers) per second, and the
 final DPO loss of each adapter over every pair, scored alike.
 
+`--method rft` runs bench/rft_throughput.py (ftaas's GRPO recipe against TRL's
+`GRPOTrainer` + peft), passing it the options it knows (`--steps`, `--group-size`, …).
+
 `--model small` trains a randomly initialised Llama of about 150 M parameters instead of
 ftaas-tiny (same tokenizer), for GPUs, where the tiny model cannot fill the device.
 
-    .venv/bin/python bench/train_throughput.py [--method supervised|dpo] [--model tiny|small]
+    .venv/bin/python bench/train_throughput.py [--method supervised|dpo|rft] [--model tiny|small]
         [--examples 256] [--batch-sizes 8,16] [--rounds 2]
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import resource
 import subprocess
@@ -523,11 +527,18 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="8,16", help="comma-separated")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--method", choices=["supervised", "dpo"], default="supervised")
+    parser.add_argument("--method", choices=["supervised", "dpo", "rft"], default="supervised")
     parser.add_argument("--model", choices=["tiny", "small"], default="tiny")
     parser.add_argument("--child", choices=["ftaas", "baseline", "trl"])
     parser.add_argument("--spec")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    if args.method == "rft":
+        # Reinforcement has its own measures (prompts and sampled answers per second, the
+        # reward): bench/rft_throughput.py, which takes the remaining options.
+        script = Path(__file__).with_name("rft_throughput.py")
+        os.execv(sys.executable, [sys.executable, str(script), "--rounds", str(args.rounds), *rest])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.child:
         child(args.child, Path(args.spec))
         return
