@@ -3,7 +3,9 @@
 `PolicySampler` generates with the training model itself (transformers' `generate` on the
 LoRA model, in the trainer's process): no second copy of the weights, no weight sync, and
 the sampling distribution is exactly the one the loss differentiates. Each prompt's group
-is one `generate` call with `num_return_sequences`, so prompts are never padded.
+is one `generate` call with `num_return_sequences`, so prompts are never padded. A job's
+`response_format` becomes a grammar (training/response_format.py) that masks the logits
+at every sampled token, so each answer has that shape.
 """
 
 from __future__ import annotations
@@ -43,9 +45,24 @@ def stop_tokens(model: Any, tokenizer: Any) -> set[int]:
 
 
 class PolicySampler:
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: torch.device,
+        response_format: dict[str, Any] | None = None,
+    ):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.stops = stop_tokens(model, tokenizer)
+        self.grammar = None
+        if response_format is not None:
+            from training.response_format import compile_grammar
+
+            # The logits' width (the embedding may be padded past the tokenizer's size).
+            vocab_size = model.get_output_embeddings().weight.shape[0]
+            self.grammar = compile_grammar(
+                response_format, tokenizer, vocab_size, sorted(self.stops)
+            )
 
     @torch.no_grad()
     def sample(
@@ -60,6 +77,11 @@ class PolicySampler:
             if temperature is not None
             else {"do_sample": False}
         )
+        if self.grammar is not None:
+            from xgrammar.contrib.hf import LogitsProcessor
+
+            # One per call: it follows each of the call's answers token by token.
+            sampling["logits_processor"] = [LogitsProcessor(self.grammar)]
         try:
             out = model.generate(
                 input_ids=ids,

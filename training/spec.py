@@ -78,6 +78,8 @@ class TrainingSpec(BaseModel):
     # Reinforcement only: the job's grader (OpenAI's JSON, validated by the API) and how
     # python graders run where the trainer runs (the server's FTAAS_PYTHON_GRADER_*).
     grader: dict[str, Any] | None = None
+    # Its `response_format` (training/response_format.py), the shape of every sampled answer.
+    response_format: dict[str, Any] | None = None
     python_grader_sandbox: Literal["bubblewrap", "rlimits", "off"] = "bubblewrap"
     python_grader_timeout_s: float = 120.0
 

@@ -102,6 +102,7 @@ def training_spec(
         min_auto_batch_size=base.min_auto_batch_size,
         wandb=_wandb_settings(job.integrations),
         grader=(job.method.get("reinforcement") or {}).get("grader"),
+        response_format=(job.method.get("reinforcement") or {}).get("response_format"),
         python_grader_sandbox=settings.python_grader_sandbox,
         python_grader_timeout_s=settings.python_grader_timeout_s,
     )

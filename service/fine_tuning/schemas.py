@@ -19,6 +19,7 @@ from training.hyperparameters import (
     SupervisedHyperparameters,
 )
 from training.methods import METHODS, TrainingMethod
+from training.response_format import ResponseFormat
 
 MAX_METADATA_PAIRS = 16
 # OpenAI's bounds on integrations: at most 5, W&B tags at most 50 of 64 characters.
@@ -55,14 +56,14 @@ class DpoMethod(BaseModel):
 class ReinforcementMethod(BaseModel):
     """OpenAI's `method.reinforcement`: the grader (checked by training/graders, whose
     errors name the field) and the hyperparameters. `response_format`, which OpenAI's
-    guide shows here, is accepted and kept with the job."""
+    guide shows here, shapes every answer the trainer samples (training/response_format.py)."""
 
     model_config = ConfigDict(extra="forbid")
     grader: dict[str, Any]
     hyperparameters: ReinforcementHyperparameters = Field(
         default_factory=ReinforcementHyperparameters
     )
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
 
 class Method(BaseModel):

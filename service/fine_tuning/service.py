@@ -179,7 +179,7 @@ class FineTuningService:
             reinforcement = request.method.reinforcement
             settings["grader"] = check_grader(reinforcement.grader)
             if reinforcement.response_format is not None:
-                settings["response_format"] = reinforcement.response_format
+                settings["response_format"] = reinforcement.response_format.as_dict()
         if request.hyperparameters is not None and method != "supervised":
             raise InvalidRequest(
                 "The deprecated top-level `hyperparameters` apply to supervised jobs only: "

@@ -106,3 +106,51 @@ def test_a_reinforcement_job_on_chat_examples_fails_validation_saying_why(client
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "failed"
     assert "reinforcement" in job["error"]["message"] and job["error"]["param"] == "training_file"
+
+
+def test_a_response_format_is_checked_kept_and_handed_to_the_trainer(client, parts):
+    file_id = upload(client, prompts()).json()["id"]
+    shape = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "sum",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": {"answer": {"type": "string"}},
+                "required": ["answer"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+    def create(response_format):
+        method = reinforcement({**CHECK, "input": "{{sample.output_json.answer}}"})
+        method["method"]["reinforcement"]["response_format"] = response_format
+        return client.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "ftaas-tiny", "training_file": file_id, **method},
+        )
+
+    created = create(shape)
+    assert created.status_code == 200, created.text
+    job = created.json()
+    assert job["method"]["reinforcement"]["response_format"] == shape
+    parts["reconciler"].tick()
+    parts["reconciler"].tick()
+    spec = TrainingSpec.load(parts["blobs"], spec_key(f"jobs/{job['id']}/attempt-1"))
+    assert spec.response_format == shape
+
+    field = "method.reinforcement.response_format"
+    renamed = {**shape["json_schema"], "name": "a name"}
+    too_big = {"name": "big", "schema": {"enum": ["x" * 70_000]}}
+    cases = [
+        ({"type": "xml"}, f"{field}.type"),
+        ({"type": "json_schema"}, field),
+        ({**shape, "json_schema": renamed}, f"{field}.json_schema.name"),
+        ({**shape, "json_schema": too_big}, f"{field}.json_schema.schema"),
+    ]
+    for response_format, param in cases:
+        refused = create(response_format)
+        assert_envelope(refused, 400)
+        assert refused.json()["error"]["param"].startswith(param), (param, refused.json())

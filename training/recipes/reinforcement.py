@@ -169,7 +169,9 @@ class ReinforcementRun(TrainingRun[Prompt]):
     @property
     def sampler(self) -> Sampler:
         if self._sampler is None:
-            self._sampler = PolicySampler(self.unwrapped, self.tokenizer, self.device)
+            self._sampler = PolicySampler(
+                self.unwrapped, self.tokenizer, self.device, self.spec.response_format
+            )
         return self._sampler
 
     # --- units
