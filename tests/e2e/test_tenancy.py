@@ -5,12 +5,15 @@ model's, and the limits of an organization allowed one request at a time."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
+from openai.types import Model
 
+from tests.adapters import archive, random_adapter
 from tests.conftest import QUESTIONS, memorisation_jsonl
 from tests.e2e.conftest import (
     ADMIN_API_KEY,
@@ -112,6 +115,40 @@ def test_another_organization_finds_nothing_of_a_tuned_model(server: RunningServ
     # ... and the owner still has all of it.
     assert client.models.retrieve(model).id == model
     assert client.files.retrieve(upload.id).id == upload.id
+
+
+def test_a_base_model_answer_batched_beside_a_tuned_models_is_the_base_models_own(
+    server: RunningServer, client, tiny_model_dir, tmp_path
+):
+    """Another organization's base-model requests share the engine's batches with this
+    organization's tuned model: they must not take its adapter (vLLM's CPU LoRA ops did,
+    serving/vllm_cpu_lora_fix.py)."""
+    folder = random_adapter(tiny_model_dir, tmp_path / "adapter", seed=5)
+    upload = client.files.create(file=("a.tar.gz", archive(folder)), purpose="user_data")
+    tuned = client.post(
+        "/models", body={"base_model": "ftaas-tiny", "adapter_file": upload.id}, cast_to=Model
+    ).id
+    other = server.client(OTHER_API_KEY)
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+
+    def ask(who: OpenAI, model: str) -> str | None:
+        answer = who.chat.completions.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=24,
+            temperature=0,
+        )
+        return answer.choices[0].message.content
+
+    base_alone, tuned_alone = ask(other, "ftaas-tiny"), ask(client, tuned)
+    assert base_alone != tuned_alone
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(12):
+            pair = [pool.submit(ask, other, "ftaas-tiny"), pool.submit(ask, client, tuned)]
+            base, own = (future.result() for future in pair)
+            assert base == base_alone, (base, base_alone, tuned_alone)
+            assert own == tuned_alone
+    client.models.delete(tuned)
 
 
 def test_one_request_at_a_time_and_twenty_a_minute(server: RunningServer, client):
