@@ -30,6 +30,15 @@ def checkpoint_adapter_key(checkpoint: str) -> str:
     return join(checkpoint, "adapter")
 
 
+class JudgeTarget(BaseModel):
+    """A served model that judges for a model grader: a base model's Serve application
+    and, for a tuned model, its adapter (its name and its folder in the artifact store)."""
+
+    base_model: str
+    adapter_name: str | None = None
+    adapter_key: str | None = None
+
+
 class TrainingSpec(BaseModel):
     job_id: str
     method: TrainingMethod = "supervised"
@@ -78,6 +87,9 @@ class TrainingSpec(BaseModel):
     # Reinforcement only: the job's grader (OpenAI's JSON, validated by the API) and how
     # python graders run where the trainer runs (the server's FTAAS_PYTHON_GRADER_*).
     grader: dict[str, Any] | None = None
+    # Its model graders' judges, resolved for the job's organization when it was created:
+    # the grader's `model` → the served model that answers for it (training/serve_judge.py).
+    judges: dict[str, JudgeTarget] | None = None
     # Its `response_format` (training/response_format.py), the shape of every sampled answer.
     response_format: dict[str, Any] | None = None
     python_grader_sandbox: Literal["bubblewrap", "rlimits", "off"] = "bubblewrap"

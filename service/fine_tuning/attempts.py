@@ -103,6 +103,7 @@ def training_spec(
         wandb=_wandb_settings(job.integrations),
         grader=(job.method.get("reinforcement") or {}).get("grader"),
         response_format=(job.method.get("reinforcement") or {}).get("response_format"),
+        judges=(job.method.get("reinforcement") or {}).get("judges"),
         python_grader_sandbox=settings.python_grader_sandbox,
         python_grader_timeout_s=settings.python_grader_timeout_s,
     )

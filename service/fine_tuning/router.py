@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from service.deps import GradersDep, JobsDep, TenantDep
+from service.deps import GradersDep, JobsDep, ModelsDep, TenantDep
 from service.fine_tuning.schemas import (
     CheckpointList,
     CreateFineTuningJobRequest,
@@ -20,9 +20,15 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 @router.post("", response_model=FineTuningJobObject)
 def create_job(
-    tenant: TenantDep, jobs: JobsDep, graders: GradersDep, request: CreateFineTuningJobRequest
+    tenant: TenantDep,
+    jobs: JobsDep,
+    graders: GradersDep,
+    models: ModelsDep,
+    request: CreateFineTuningJobRequest,
 ) -> FineTuningJobObject:
-    return jobs.create(tenant, request, graders.check_training_grader)
+    return jobs.create(
+        tenant, request, lambda raw: graders.check_training_grader(tenant, raw, models)
+    )
 
 
 @router.get("", response_model=JobList)

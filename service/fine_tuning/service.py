@@ -42,8 +42,11 @@ logger = logging.getLogger(__name__)
 # Stops a Ray submission at once, best effort; given by the app (the scheduler owns Ray
 # and makes sure of it on its next tick).
 StopTraining = Callable[[str], None]
-# A reinforcement job's grader as the request gave it → as the job keeps it (validated).
-CheckGrader = Callable[[dict[str, Any]], dict[str, Any]]
+# A reinforcement job's grader as the request gave it → as the job keeps it (validated),
+# and its model graders' judges resolved for the caller (training.spec.JudgeTarget).
+CheckGrader = Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]
+# What a job keeps in its method settings for the trainer alone, never shown.
+TRAINER_ONLY_SETTINGS = frozenset({"judges"})
 # A user's request racing the scheduler's write of the same job is tried again on what
 # the scheduler wrote; this many times before the API gives up with a 409.
 CONTROL_TRIES = 5
@@ -87,7 +90,11 @@ def job_object(job: JobRow) -> FineTuningJobObject:
             "method": {
                 "type": method_of(job),
                 method_of(job): {
-                    **job.method[method_of(job)],  # a reinforcement job's grader
+                    **{  # a reinforcement job's grader and response_format
+                        key: value
+                        for key, value in job.method[method_of(job)].items()
+                        if key not in TRAINER_ONLY_SETTINGS
+                    },
                     "hyperparameters": method_hyperparameters,
                 },
             },
@@ -177,7 +184,11 @@ class FineTuningService:
                     code="unsupported_method",
                 )
             reinforcement = request.method.reinforcement
-            settings["grader"] = check_grader(reinforcement.grader)
+            settings["grader"], judges = check_grader(reinforcement.grader)
+            if judges:
+                settings["judges"] = {
+                    model: target.model_dump(exclude_none=True) for model, target in judges.items()
+                }
             if reinforcement.response_format is not None:
                 settings["response_format"] = reinforcement.response_format.as_dict()
         if request.hyperparameters is not None and method != "supervised":

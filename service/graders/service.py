@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -14,7 +15,7 @@ from service.config import Settings
 from service.errors import InvalidRequest, NotFound
 from service.graders.judge import GatewayJudge, local_judge_model
 from service.graders.schemas import RunGraderRequest, RunGraderResponse
-from service.models.service import ModelService
+from service.models.service import InferenceTarget, ModelService
 from training.graders import (
     Grader,
     Graders,
@@ -26,6 +27,7 @@ from training.graders import (
     sample_from_text,
 )
 from training.graders.schemas import LabelModelGrader, MultiGrader, PythonGrader, ScoreModelGrader
+from training.spec import JudgeTarget
 
 
 def _has_python(grader: Grader) -> bool:
@@ -73,23 +75,34 @@ class GraderService:
                 ) from None
         return grader
 
-    def check_training_grader(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """A reinforcement job's grader, as the job keeps it; a 400 naming the field when
-        it does not validate, when it needs a judge model (training jobs do not run model
-        graders yet: test them with /run) or python graders this server cannot sandbox."""
+    def check_training_grader(
+        self, tenant: Tenant, raw: dict[str, Any], models: ModelService
+    ) -> tuple[dict[str, Any], dict[str, JudgeTarget]]:
+        """A reinforcement job's grader, as the job keeps it, and its model graders'
+        judges resolved for the caller (the trainer asks them through serving); a 400
+        naming the field when it does not validate or has python graders this server cannot
+        sandbox, a 404 for a judge model the caller cannot use."""
         root = "method.reinforcement.grader"
         try:
             grader = parse_grader(raw, root=root)
         except InvalidGrader as error:
             raise InvalidRequest(error.message, param=error.param) from None
-        for param, _model in _judge_models(grader):
+        judged = _judge_models(grader)
+        if judged and not self.settings.serving_enabled:
             raise InvalidRequest(
-                "score_model and label_model graders do not run in training jobs yet (the "
-                "grader endpoints run them); use string_check, text_similarity, python or "
-                "a multi of those",
-                param=root + param.removeprefix("grader"),
+                "score_model and label_model graders need a model this server serves, and "
+                "serving is disabled on it (FTAAS_SERVING_ENABLED=false)",
+                param=f"method.reinforcement.{judged[0][0]}",
                 code="unsupported_grader",
             )
+        judges = {
+            model: JudgeTarget(
+                **dataclasses.asdict(
+                    self._judge(tenant, models, f"method.reinforcement.{param}", model)
+                )
+            )
+            for param, model in judged
+        }
         if _has_python(grader):
             try:
                 self.sandbox.check()
@@ -99,7 +112,7 @@ class GraderService:
                     param=root,
                     code="python_grader_unavailable",
                 ) from None
-        return grader.model_dump(mode="json", exclude_none=True)
+        return grader.model_dump(mode="json", exclude_none=True), judges
 
     async def run(
         self,
@@ -121,17 +134,23 @@ class GraderService:
             grader = parse_grader(raw)
         except InvalidGrader as error:
             raise InvalidRequest(error.message, param=error.param) from None
-        first_base = next(iter(models.base_models))
         for param, model in _judge_models(grader):
-            local = local_judge_model(self.settings, model, first_base)
-            try:
-                await run_in_threadpool(models.inference_target, tenant, local)
-            except NotFound:
-                mapped = f" (which `{model}` maps to)" if local != model else ""
-                raise NotFound(
-                    f"The judge model `{local}`{mapped} does not exist or you do not have "
-                    "access to it.",
-                    param=param,
-                    code="model_not_found",
-                ) from None
+            await run_in_threadpool(self._judge, tenant, models, param, model)
         return grader
+
+    def _judge(
+        self, tenant: Tenant, models: ModelService, param: str, model: str
+    ) -> InferenceTarget:
+        """What answers for a grader's `model` (FTAAS_GRADER_MODELS, OpenAI's names, or one
+        of the caller's models); a 404 naming the field when the caller cannot use it."""
+        local = local_judge_model(self.settings, model, next(iter(models.base_models)))
+        try:
+            return models.inference_target(tenant, local)
+        except NotFound:
+            mapped = f" (which `{model}` maps to)" if local != model else ""
+            raise NotFound(
+                f"The judge model `{local}`{mapped} does not exist or you do not have "
+                "access to it.",
+                param=param,
+                code="model_not_found",
+            ) from None

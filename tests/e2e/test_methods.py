@@ -20,6 +20,7 @@ from tests.conftest import (
     story_jsonl,
 )
 from tests.e2e.conftest import (
+    REAL,
     answer_logprob,
     greedy,
     wait_for_job,
@@ -177,3 +178,49 @@ def test_reinforcement_makes_the_graders_answer_the_models_answer(client):
             temperature=0,
         )
         assert "in" in (answer.choices[0].message.content or "").lower()
+
+
+def test_a_score_model_grader_in_a_job_is_judged_by_a_model_this_server_serves(client):
+    """OpenAI's score_model grader in a reinforcement job: the trainer asks the judge (here
+    SmolLM2, served beside ftaas-tiny) through serving, with the grader's JSON schema as
+    structured output, and its scores are the rewards."""
+    wait_for_serving(client, REAL)
+    # Ten prompts, the fewest a reinforcement file may hold: one step.
+    questions = (QUESTIONS * 10)[:10]
+    prompts = [{"messages": [{"role": "user", "content": q}]} for q in questions]
+    judge = {
+        "type": "score_model",
+        "name": "polite",
+        "model": REAL,
+        "input": [
+            {"role": "system", "content": "Score from 0 to 1 how polite the answer is."},
+            {"role": "user", "content": "Answer: {{sample.output_text}}"},
+        ],
+        "range": [0, 1],
+        "sampling_params": {"temperature": 0, "max_completions_tokens": 400},
+    }
+    job = client.fine_tuning.jobs.create(
+        model="ftaas-tiny",
+        seed=8,
+        training_file=upload(client, "prompts.jsonl", jsonl(prompts)),
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": judge,  # type: ignore[typeddict-item]
+                "hyperparameters": {
+                    "n_epochs": 1,
+                    "batch_size": 10,
+                    "group_size": 2,  # type: ignore[typeddict-unknown-key]
+                    "max_completion_tokens": 6,
+                },
+            },
+        },
+    )
+    job = wait_for_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    steps = sorted((e.data for e in events if e.type == "metrics"), key=lambda d: d["step"])
+    assert [d["step"] for d in steps] == [1]
+    # The judge answered (in the schema) for most answers; its scores are within range.
+    assert all(d["train_grader_error_rate"] < 0.5 for d in steps), steps
+    assert all(0.0 <= d["train_reward_mean"] <= 1.0 for d in steps), steps

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import memorisation_jsonl
+from tests.service.conftest import api_client
 from tests.service.test_api import assert_envelope, upload
 from training.spec import TrainingSpec, spec_key
 
@@ -65,16 +66,9 @@ def test_a_reinforcement_job_keeps_its_grader_and_the_trainer_gets_it(client, pa
 
 def test_bad_graders_and_settings_are_400_naming_the_field(client):
     file_id = upload(client, prompts()).json()["id"]
-    judge = {
-        "type": "score_model",
-        "name": "judge",
-        "model": "ftaas-tiny",
-        "input": [{"role": "user", "content": "Score {{sample.output_text}}"}],
-    }
     cases = [
         ({**CHECK, "operation": "contains"}, {}, "method.reinforcement.grader.operation"),
         ({**CHECK, "type": "label_model"}, {}, "method.reinforcement.grader"),
-        (judge, {}, "method.reinforcement.grader.model"),
         (CHECK, {"compute_multiplier": 11}, "method.reinforcement.hyperparameters"),
         (CHECK, {"eval_samples": 0}, "method.reinforcement.hyperparameters"),
     ]
@@ -154,3 +148,62 @@ def test_a_response_format_is_checked_kept_and_handed_to_the_trainer(client, par
         refused = create(response_format)
         assert_envelope(refused, 400)
         assert refused.json()["error"]["param"].startswith(param), (param, refused.json())
+
+
+JUDGE = {
+    "type": "score_model",
+    "name": "judge",
+    "model": "ftaas-tiny",
+    "input": [{"role": "user", "content": "Score {{sample.output_text}}"}],
+}
+
+
+def test_a_model_graders_judge_is_resolved_for_its_organization_and_given_to_the_trainer(
+    settings, parts
+):
+    # Judges are served models: on a server that serves nothing, a 400 naming the field.
+    unserved = api_client(settings, parts)
+    file_id = upload(unserved, prompts()).json()["id"]
+    refused = unserved.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "ftaas-tiny", "training_file": file_id, **reinforcement(JUDGE)},
+    )
+    assert_envelope(refused, 400, "method.reinforcement.grader.model")
+    assert refused.json()["error"]["code"] == "unsupported_grader"
+
+    client = api_client(settings.model_copy(update={"serving_enabled": True}), parts)
+    openai_named = {**JUDGE, "name": "openai", "model": "gpt-4o-2024-08-06"}
+    multi = {
+        "type": "multi",
+        "name": "both",
+        "graders": {"base": JUDGE, "openai": openai_named},
+        "calculate_output": "base + openai",
+    }
+    created = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "ftaas-tiny", "training_file": file_id, **reinforcement(multi)},
+    )
+    assert created.status_code == 200, created.text
+    job = created.json()
+    # The job shows the grader as given; where its judges are served is the trainer's.
+    assert set(job["method"]["reinforcement"]) == {"grader", "hyperparameters"}
+    parts["reconciler"].tick()
+    parts["reconciler"].tick()
+    spec = TrainingSpec.load(parts["blobs"], spec_key(f"jobs/{job['id']}/attempt-1"))
+    assert spec.judges is not None
+    assert {model: target.base_model for model, target in spec.judges.items()} == {
+        "ftaas-tiny": "ftaas-tiny",
+        "gpt-4o-2024-08-06": "ftaas-tiny",  # OpenAI's grader models: the first base model
+    }
+    assert all(target.adapter_name is None for target in spec.judges.values())
+
+    for model in ("ft:ftaas-tiny:someone-else:x:abcd1234", "no-such-model"):
+        refused = client.post(
+            "/v1/fine_tuning/jobs",
+            json={
+                "model": "ftaas-tiny",
+                "training_file": file_id,
+                **reinforcement({**JUDGE, "model": model}),
+            },
+        )
+        assert_envelope(refused, 404, "method.reinforcement.grader.model")

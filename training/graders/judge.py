@@ -2,7 +2,7 @@
 
 The grader renders its messages, asks a `Judge` for an answer shaped by a JSON schema
 (structured output), and reads the result. The API's judge is the serving gateway
-(service/graders/judge.py); the trainer will bring its own client.
+(service/graders/judge.py); the trainer asks Ray Serve directly (training/serve_judge.py).
 """
 
 from __future__ import annotations
@@ -52,11 +52,17 @@ class Judge(Protocol):
         ...
 
 
+# The judge's reasoning before its result, bounded (a few short steps) so that the answer
+# ends, result included, within a few hundred tokens: a small judge left unbounded can spend
+# its whole `max_completions_tokens` on steps, and a cut-off answer is a parse error.
+MAX_STEPS, MAX_STEP_CHARS = 3, 160
+_STEP_TEXT = {"type": "string", "maxLength": MAX_STEP_CHARS}
 _STEPS = {
     "type": "array",
+    "maxItems": MAX_STEPS,
     "items": {
         "type": "object",
-        "properties": {"description": {"type": "string"}, "conclusion": {"type": "string"}},
+        "properties": {"description": _STEP_TEXT, "conclusion": _STEP_TEXT},
         "required": ["description", "conclusion"],
         "additionalProperties": False,
     },

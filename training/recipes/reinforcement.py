@@ -54,6 +54,7 @@ from training.graders import (
 from training.graders.schemas import Grader, MultiGrader
 from training.run import ForwardPass, Tally, TrainingRun, packed_logits
 from training.sampling import Completion, PolicySampler, Sampler
+from training.serve_judge import ServeJudge
 from training.spec import KEEP_CHECKPOINTS, TrainingSpec
 from training.storage import is_remote
 
@@ -163,7 +164,10 @@ class ReinforcementRun(TrainingRun[Prompt]):
         self.tally_class = tally_for(
             sorted(self.grader.graders) if isinstance(self.grader, MultiGrader) else []
         )
-        self.graders = Graders(sandbox=_sandbox(self.spec, self.grader, self.scratch))
+        self.graders = Graders(
+            judge=ServeJudge(self.spec.judges) if self.spec.judges else None,
+            sandbox=_sandbox(self.spec, self.grader, self.scratch),
+        )
         self.normalize_by = "tokens" if self.hp.loss_type == "dapo" else "answers"
 
     @property
@@ -274,7 +278,8 @@ class ReinforcementRun(TrainingRun[Prompt]):
                 )
             if result.errors.any:
                 tally.n_grader_errors += 1
-                logger.debug("grader error: %s", result.details)
+                if tally.n_grader_errors == 1:  # the step's first, in the trainer's log
+                    logger.warning("grader error: %s", result.details)
         return rewards
 
     def forward(
