@@ -20,6 +20,7 @@ from service.capacity import heavy_work
 from service.chat.gateway import ServingGateway
 from service.chat.router import router as chat_router
 from service.config import BaseModelConfig, Settings
+from service.console import router as console_router
 from service.db import Database, now
 from service.embedded_models import ModelBuilds, resolve_base_models
 from service.errors import install_error_handlers
@@ -283,7 +284,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.add_middleware(LocalGuard, settings=settings)  # type: ignore[arg-type]
     routers = (
         files_router, uploads_router, jobs_router, models_router, chat_router,
-        organization_router, webhooks_router, graders_router,
+        organization_router, webhooks_router, graders_router, console_router,
     )  # fmt: skip
     for router in routers:
         app.include_router(router)
