@@ -6,6 +6,7 @@ const KEY = "ftaas.apiKey"; // sessionStorage: gone when the tab closes
 const POLL_MS = 2000;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const SVG = "http://www.w3.org/2000/svg";
+const MAX_DOTS = 60; // per series; beyond, the line alone
 // Which metrics go on which chart, in OpenAI's names (service/fine_tuning/events.py).
 const CHARTS = {
   "loss-chart": ["train_loss", "valid_loss", "full_valid_loss"],
@@ -201,6 +202,17 @@ function drawChart(figure, series) {
     line.dataset.series = name;
     line.dataset.points = String(data.length);
     svg.append(line);
+    if (data.length <= MAX_DOTS) {
+      // Dots show each measurement (and a lone first one, which has no line yet).
+      for (const [step, value] of data) {
+        const dot = document.createElementNS(SVG, "circle");
+        dot.setAttribute("cx", x(step));
+        dot.setAttribute("cy", y(value));
+        dot.setAttribute("r", "2.5");
+        dot.setAttribute("class", `dot series-${index}`);
+        svg.append(dot);
+      }
+    }
     const last = data[data.length - 1][1];
     legend.append(element("li", `${name}: ${number(last)}`, { class: `series-${index}` }));
   });
