@@ -228,6 +228,10 @@ ATTEMPTS: dict[tuple[str, str], list[Attempt]] = {
         ]
     },
     ("GET", "/health"): [],  # nobody's
+    # The console's page and files: the same for everyone, no organization's data (the
+    # page reads that through the routes above, with the signed-in key).
+    ("GET", "/console"): [],
+    ("GET", "/console/{name}"): [],
     # Every organization's models are named there: no tenant's key opens it.
     ("GET", "/metrics"): [
         Attempt(lambda o: ("GET", "/metrics", {}), B),
