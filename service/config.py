@@ -262,6 +262,13 @@ class Settings(BaseSettings):
         '{"o3-mini-2025-01-31": "ftaas-smollm2-135m-instruct"}; an OpenAI model name '
         "(gpt-*, o1, o3, o4-mini...) not listed is judged by the first base model",
     )
+    rft_rollouts: Literal["auto", "serving", "trainer"] = Field(
+        default="auto",
+        description="where reinforcement jobs sample their answers: `serving` (the base "
+        "model's vLLM engine, the policy's LoRA weights hot-loaded each step), `trainer` "
+        "(transformers' generate in the trainer), `auto` (serving on GPUs, the trainer on "
+        "CPUs, where vLLM's LoRA ops are slow)",
+    )
     python_grader_sandbox: Literal["bubblewrap", "rlimits", "off"] = Field(
         default="bubblewrap",
         description="how python graders are isolated: `bubblewrap` (no network, none of "

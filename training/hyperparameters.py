@@ -162,6 +162,12 @@ class ReinforcementHyperparameters(SupervisedHyperparameters):
         description="token normalisation: by the step's answer tokens (dapo, TRL's "
         "default) or by answers × max_completion_tokens (Dr. GRPO)",
     )
+    rollouts: Literal["auto", "serving", "trainer"] = Field(
+        default="auto",
+        description="where answers are sampled: the base model's serving engine with the "
+        "policy's LoRA weights hot-loaded each step, or the trainer's own generate "
+        "(auto: the server's FTAAS_RFT_ROLLOUTS)",
+    )
 
 
 def auto_group_size(compute_multiplier: float) -> int:
@@ -203,6 +209,7 @@ class ResolvedHyperparameters(BaseModel):
     clip_epsilon: float = DEFAULT_CLIP_EPSILON
     kl_coefficient: float = DEFAULT_KL_COEFFICIENT
     loss_type: Literal["dapo", "dr_grpo"] = "dapo"
+    rollouts: Literal["auto", "serving", "trainer"] = "auto"
 
 
 def auto_n_epochs(n_examples: int, min_target: int = MIN_TARGET_EXAMPLES) -> int:

@@ -27,12 +27,32 @@ class Completion:
     finished: bool
 
 
+@dataclass(frozen=True)
+class SampleRequest:
+    """A prompt's group: `n` answers of at most `max_new_tokens`."""
+
+    prompt_ids: Sequence[int]
+    n: int
+    max_new_tokens: int
+
+
 class Sampler(Protocol):
     def sample(
         self, prompt_ids: Sequence[int], n: int, max_new_tokens: int, temperature: float | None
     ) -> list[Completion]:
         """`n` answers to one prompt; greedy when `temperature` is None."""
         ...
+
+
+def sample_many(
+    sampler: Sampler, requests: Sequence[SampleRequest], temperature: float | None
+) -> list[list[Completion]]:
+    """Every group of a step, at once where the sampler batches them (the serving engine,
+    training/serve_sampler.py), else one prompt after another."""
+    batched = getattr(sampler, "sample_many", None)
+    if batched is not None:
+        return list(batched(requests, temperature))
+    return [sampler.sample(r.prompt_ids, r.n, r.max_new_tokens, temperature) for r in requests]
 
 
 def stop_tokens(model: Any, tokenizer: Any) -> set[int]:

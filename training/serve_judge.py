@@ -2,20 +2,17 @@
 by the grader's JSON schema, from the served model the API resolved for the job's
 organization when the job was created (`TrainingSpec.judges`).
 
-The trainer runs on the same Ray cluster as serving, so it asks the model's Serve
-application directly, as the API's gateway does (service/chat/gateway.py), by its
-adapter's name for a tuned model: no API key, no HTTP hop, and the same replicas, adapter
-registration and structured output (vLLM's) as any chat request. A judge that cannot
+The trainer asks the model's Serve application directly (training/serving_client.py), by
+its adapter's name for a tuned model, with vLLM's structured output. A judge that cannot
 answer scores the sample 0 with `model_grader_server_error` (training/graders/judge.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from serving.names import app_name
 from training.graders import JudgeReply, JudgeUnavailable
+from training.serving_client import ServingClient, ServingFailed
 from training.spec import JudgeTarget
 
 # A judge's answer that takes longer is a model_grader_server_error.
@@ -28,15 +25,7 @@ DEFAULT_JUDGE_TOKENS = 512
 class ServeJudge:
     def __init__(self, judges: dict[str, JudgeTarget]):
         self.judges = judges
-        self._handles: dict[str, Any] = {}
-
-    def _handle(self, base_model: str) -> Any:
-        handle = self._handles.get(base_model)
-        if handle is None:
-            from ray import serve
-
-            handle = self._handles[base_model] = serve.get_app_handle(app_name(base_model))
-        return handle
+        self.serving = ServingClient()
 
     async def __call__(
         self,
@@ -63,21 +52,11 @@ class ServeJudge:
         }
         adapter = (target.adapter_name, target.adapter_key) if target.adapter_name else None
         try:
-            handle = (await asyncio.to_thread(self._handle, target.base_model)).options(
-                stream=True, multiplexed_model_id=target.adapter_name or ""
+            answer = await self.serving.answer(
+                "chat", target.base_model, body, adapter, JUDGE_TIMEOUT_S
             )
-            replies = handle.respond.remote("chat", body, adapter)
-            head = await asyncio.wait_for(replies.__anext__(), JUDGE_TIMEOUT_S)
-        except TimeoutError:
-            raise JudgeUnavailable(
-                f"the judge model `{served}` did not answer in {JUDGE_TIMEOUT_S:g} s"
-            ) from None
-        except Exception as error:  # serving's own failure (Ray), said in the flags
-            raise JudgeUnavailable(f"the judge model `{served}`: serving failed: {error}") from None
-        answer = head.get("body") or {}
-        if head.get("status") != 200:
-            message = (answer.get("error") or {}).get("message", f"status {head.get('status')}")
-            raise JudgeUnavailable(f"the judge model `{served}` answered an error: {message}")
+        except ServingFailed as failed:
+            raise JudgeUnavailable(f"the judge model {failed}") from None
         reply = answer["choices"][0]["message"]
         usage = {k: v for k, v in (answer.get("usage") or {}).items() if isinstance(v, int)}
         return JudgeReply(reply.get("content") or "", served, usage, reply.get("refusal"))

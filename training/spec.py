@@ -92,6 +92,10 @@ class TrainingSpec(BaseModel):
     judges: dict[str, JudgeTarget] | None = None
     # Its `response_format` (training/response_format.py), the shape of every sampled answer.
     response_format: dict[str, Any] | None = None
+    # Where a reinforcement job's answers are sampled: the trainer's own `generate`
+    # (training/sampling.py) or the base model's serving engine with the policy's current
+    # LoRA weights hot-loaded (training/serve_sampler.py).
+    rollouts: Literal["trainer", "serving"] = "trainer"
     python_grader_sandbox: Literal["bubblewrap", "rlimits", "off"] = "bubblewrap"
     python_grader_timeout_s: float = 120.0
 

@@ -149,6 +149,9 @@ def test_reinforcement_makes_the_graders_answer_the_models_answer(client):
                     "eval_interval": 5,
                     "group_size": 8,  # type: ignore[typeddict-unknown-key]
                     "max_completion_tokens": 6,
+                    # Sampled by the serving engine, the policy's weights hot-loaded each
+                    # step (`auto` would sample in the trainer on this CPU).
+                    "rollouts": "serving",
                 },
             },
         },
@@ -165,6 +168,7 @@ def test_reinforcement_makes_the_graders_answer_the_models_answer(client):
     assert [d["step"] for d in validated] == [5, 10, 15]
     assert validated[-1]["valid_reward_mean"] == 1.0
     assert any("train mean reward=" in e.message for e in events if e.type == "metrics")
+    assert any(e.message.startswith("Answers are sampled by the serving engine") for e in events)
     (compared,) = [e for e in events if e.message.startswith("Validation: mean reward")]
     print(compared.message)
     results = client.files.content(job.result_files[0]).text.splitlines()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from service.config import Settings
 from tests.conftest import memorisation_jsonl
 from tests.service.conftest import api_client
 from tests.service.test_api import assert_envelope, upload
@@ -207,3 +208,21 @@ def test_a_model_graders_judge_is_resolved_for_its_organization_and_given_to_the
             },
         )
         assert_envelope(refused, 404, "method.reinforcement.grader.model")
+
+
+def test_where_answers_are_sampled_follows_the_job_then_the_server_then_the_hardware(tmp_path):
+    """`rollouts`: the job's choice, else FTAAS_RFT_ROLLOUTS; `auto` samples through the
+    serving engine on GPUs and in the trainer on CPUs (bench/rft_rollouts.py); a server
+    that serves nothing always samples in the trainer."""
+    from service.fine_tuning.attempts import rollouts_for
+
+    serving = Settings(home=tmp_path)
+    assert rollouts_for(serving, "auto", use_gpu=True) == "serving"
+    assert rollouts_for(serving, "auto", use_gpu=False) == "trainer"
+    assert rollouts_for(serving, "serving", use_gpu=False) == "serving"
+    assert rollouts_for(serving, "trainer", use_gpu=True) == "trainer"
+    configured = Settings(home=tmp_path, rft_rollouts="serving")
+    assert rollouts_for(configured, "auto", use_gpu=False) == "serving"
+    assert rollouts_for(configured, "trainer", use_gpu=False) == "trainer"
+    not_serving = Settings(home=tmp_path, serving_enabled=False)
+    assert rollouts_for(not_serving, "serving", use_gpu=True) == "trainer"

@@ -52,9 +52,18 @@ from training.graders import (
     sample_from_text,
 )
 from training.graders.schemas import Grader, MultiGrader
+from training.progress import Notice
 from training.run import ForwardPass, Tally, TrainingRun, packed_logits
-from training.sampling import Completion, PolicySampler, Sampler
+from training.sampling import (
+    Completion,
+    PolicySampler,
+    Sampler,
+    SampleRequest,
+    sample_many,
+    stop_tokens,
+)
 from training.serve_judge import ServeJudge
+from training.serve_sampler import ServingSampler
 from training.spec import KEEP_CHECKPOINTS, TrainingSpec
 from training.storage import is_remote
 
@@ -169,14 +178,41 @@ class ReinforcementRun(TrainingRun[Prompt]):
             sandbox=_sandbox(self.spec, self.grader, self.scratch),
         )
         self.normalize_by = "tokens" if self.hp.loss_type == "dapo" else "answers"
+        if self.reporter and self.spec.rollouts == "serving":
+            self.reporter.progress.write(
+                Notice(
+                    message=f"Answers are sampled by the serving engine of "
+                    f"{self.spec.base_model}, with the weights of each step"
+                )
+            )
 
     @property
     def sampler(self) -> Sampler:
         if self._sampler is None:
-            self._sampler = PolicySampler(
-                self.unwrapped, self.tokenizer, self.device, self.spec.response_format
-            )
+            if self.spec.rollouts == "serving":
+                self._sampler = ServingSampler(
+                    self.unwrapped,
+                    stop_tokens(self.unwrapped, self.tokenizer),
+                    self.store,
+                    base_model=self.spec.base_model,
+                    output_key=self.spec.output_key,
+                    rank=self.workers.rank,
+                    scratch=self.scratch,
+                    version=lambda: self.position.step,
+                    response_format=self.spec.response_format,
+                    seed=self.spec.seed,
+                )
+            else:
+                self._sampler = PolicySampler(
+                    self.unwrapped, self.tokenizer, self.device, self.spec.response_format
+                )
         return self._sampler
+
+    def close(self) -> None:
+        close_sampler = getattr(self._sampler, "close", None)
+        if close_sampler is not None:  # the serving sampler's published weights
+            close_sampler()
+        super().close()
 
     # --- units
     def load_units(self, path: Path, data_format: str) -> tuple[list[Prompt], int]:
@@ -229,16 +265,10 @@ class ReinforcementRun(TrainingRun[Prompt]):
 
     def _roll_out(self, prompts: Sequence[Prompt]) -> tuple[list[Rollout], RewardTally]:
         tally, rollouts = self.new_tally(), []
-        for prompt in prompts:
-            started = time.monotonic()
-            answers = self.sampler.sample(
-                prompt.prompt_ids,
-                self.hp.group_size,
-                self._answer_budget(prompt),
-                self.hp.temperature,
-            )
-            tally.sampling_s += time.monotonic() - started
-            rewards = self._grade(prompt, answers, tally)
+        groups = self._sample(prompts, self.hp.group_size, self.hp.temperature, tally)
+        for prompt, answers, rewards in zip(
+            prompts, groups, self._grade(prompts, groups, tally), strict=True
+        ):
             tally.n_groups += 1
             tally.n_flat_groups += int(max(rewards) - min(rewards) < 1e-9)
             for answer, advantage in zip(answers, group_advantages(rewards), strict=True):
@@ -249,38 +279,63 @@ class ReinforcementRun(TrainingRun[Prompt]):
                 rollouts.append(Rollout(ids, labels, advantage=advantage))
         return rollouts, tally
 
+    def _sample(
+        self,
+        prompts: Sequence[Prompt],
+        n: int,
+        temperature: float | None,
+        tally: RewardTally,
+    ) -> list[list[Completion]]:
+        started = time.monotonic()
+        requests = [SampleRequest(p.prompt_ids, n, self._answer_budget(p)) for p in prompts]
+        groups = sample_many(self.sampler, requests, temperature)
+        tally.sampling_s += time.monotonic() - started
+        return groups
+
     def _answer_budget(self, prompt: Prompt) -> int:
         return max(
             1, min(self.hp.max_completion_tokens, self.spec.max_length - len(prompt.prompt_ids))
         )
 
     def _grade(
-        self, prompt: Prompt, answers: Sequence[Completion], tally: RewardTally
-    ) -> list[float]:
+        self,
+        prompts: Sequence[Prompt],
+        groups: Sequence[Sequence[Completion]],
+        tally: RewardTally,
+    ) -> list[list[float]]:
+        """Every answer of every group scored in one go, so that a model grader's judge
+        gets the whole step's questions at once (its engine batches them)."""
         started = time.monotonic()
-        pairs = [(sample_from_text(answer.text), prompt.item) for answer in answers]
-        results = asyncio.run(self.graders.grade_many(self.grader, pairs))
+        pairs = [
+            (sample_from_text(answer.text), prompt.item)
+            for prompt, answers in zip(prompts, groups, strict=True)
+            for answer in answers
+        ]
+        results = iter(asyncio.run(self.graders.grade_many(self.grader, pairs)))
         tally.grading_s += time.monotonic() - started
-        rewards = []
-        for answer, result in zip(answers, results, strict=True):
-            reward = float(result.reward) if math.isfinite(result.reward) else 0.0
-            rewards.append(reward)
-            tally.reward_sum += reward
-            tally.reward_sq_sum += reward * reward
-            tally.n_answers += 1
-            tally.answer_tokens += len(answer.token_ids)
-            tally.n_cut += int(not answer.finished)
-            for index, name in enumerate(getattr(tally, "sub_graders", ())):
-                setattr(
-                    tally,
-                    f"sub_{index}",
-                    getattr(tally, f"sub_{index}") + result.sub_rewards.get(name, 0.0),
-                )
-            if result.errors.any:
-                tally.n_grader_errors += 1
-                if tally.n_grader_errors == 1:  # the step's first, in the trainer's log
-                    logger.warning("grader error: %s", result.details)
-        return rewards
+        return [
+            [self._count(answer, next(results), tally) for answer in answers] for answers in groups
+        ]
+
+    def _count(self, answer: Completion, result: Any, tally: RewardTally) -> float:
+        """The answer's reward, added to the tally with its length and the grader's parts."""
+        reward = float(result.reward) if math.isfinite(result.reward) else 0.0
+        tally.reward_sum += reward
+        tally.reward_sq_sum += reward * reward
+        tally.n_answers += 1
+        tally.answer_tokens += len(answer.token_ids)
+        tally.n_cut += int(not answer.finished)
+        for index, name in enumerate(getattr(tally, "sub_graders", ())):
+            setattr(
+                tally,
+                f"sub_{index}",
+                getattr(tally, f"sub_{index}") + result.sub_rewards.get(name, 0.0),
+            )
+        if result.errors.any:
+            tally.n_grader_errors += 1
+            if tally.n_grader_errors == 1:  # the step's first, in the trainer's log
+                logger.warning("grader error: %s", result.details)
+        return reward
 
     def forward(
         self, model: Any, rows: ForwardPass, normalizer: float
@@ -348,13 +403,8 @@ class ReinforcementRun(TrainingRun[Prompt]):
         tally = self.new_tally()
         samples = self.hp.eval_samples
         temperature = self.hp.temperature if samples > 1 else None
-        for prompt in self.workers.share(units):
-            started = time.monotonic()
-            answers = self.sampler.sample(
-                prompt.prompt_ids, samples, self._answer_budget(prompt), temperature
-            )
-            tally.sampling_s += time.monotonic() - started
-            self._grade(prompt, answers, tally)
+        mine = self.workers.share(units)
+        self._grade(mine, self._sample(mine, samples, temperature, tally), tally)
         return self.workers.sum(tally)
 
     def validation_values(self, step: int, epoch_end: bool) -> dict[str, float]:
