@@ -2,8 +2,8 @@
 
 `PolicySampler` generates with the training model itself (transformers' `generate` on the
 LoRA model, in the trainer's process): no second copy of the weights, no weight sync, and
-the sampling distribution is exactly the one the loss differentiates. Each prompt's group
-is one `generate` call with `num_return_sequences`, so prompts are never padded. A job's
+the sampling distribution is exactly the one the loss differentiates. A step's groups are
+one `generate` call (`num_return_sequences`, prompts left-padded and masked). A job's
 `response_format` becomes a grammar (training/response_format.py) that masks the logits
 at every sampled token, so each answer has that shape.
 """
@@ -84,14 +84,43 @@ class PolicySampler:
                 response_format, tokenizer, vocab_size, sorted(self.stops)
             )
 
-    @torch.no_grad()
     def sample(
         self, prompt_ids: Sequence[int], n: int, max_new_tokens: int, temperature: float | None
     ) -> list[Completion]:
+        return self._generate([prompt_ids], n, max_new_tokens, temperature)[0]
+
+    def sample_many(
+        self, requests: Sequence[SampleRequest], temperature: float | None
+    ) -> list[list[Completion]]:
+        """The step's groups in one `generate` where they ask alike (the same `n` and
+        budget: the usual case), prompts left-padded; else one call per group."""
+        if len({(r.n, r.max_new_tokens) for r in requests}) != 1:
+            return [self.sample(r.prompt_ids, r.n, r.max_new_tokens, temperature) for r in requests]
+        first = requests[0]
+        return self._generate(
+            [r.prompt_ids for r in requests], first.n, first.max_new_tokens, temperature
+        )
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        max_new_tokens: int,
+        temperature: float | None,
+    ) -> list[list[Completion]]:
         model = self.model
         was_training = model.training
         model.eval()
-        ids = torch.tensor([list(prompt_ids)], device=self.device)
+        pad = self.tokenizer.pad_token_id or min(self.stops)
+        width = max(len(p) for p in prompts)
+        # Left padding, masked: every answer starts right after its own prompt.
+        ids = torch.tensor(
+            [[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device
+        )
         sampling: dict[str, Any] = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
             if temperature is not None
@@ -105,17 +134,19 @@ class PolicySampler:
         try:
             out = model.generate(
                 input_ids=ids,
-                attention_mask=torch.ones_like(ids),
+                attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=n,
                 eos_token_id=sorted(self.stops),
-                pad_token_id=self.tokenizer.pad_token_id or min(self.stops),
+                pad_token_id=pad,
                 use_cache=True,
                 **sampling,
             )
         finally:
             model.train(was_training)
-        return [self._completion(row[ids.shape[1] :].tolist()) for row in out]
+        answers = [self._completion(row[width:].tolist()) for row in out]
+        # generate returns each prompt's `n` answers together, prompts in order.
+        return [answers[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def _completion(self, generated: list[int]) -> Completion:
         end = next((i for i, token in enumerate(generated) if token in self.stops), None)
