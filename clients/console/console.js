@@ -7,6 +7,7 @@ const POLL_MS = 2000;
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const SVG = "http://www.w3.org/2000/svg";
 const MAX_DOTS = 60; // per series; beyond, the line alone
+const JOBS_SHOWN = 100;
 // Which metrics go on which chart, in OpenAI's names (service/fine_tuning/events.py).
 const CHARTS = {
   "loss-chart": ["train_loss", "valid_loss", "full_valid_loss"],
@@ -129,7 +130,10 @@ function poll(load) {
 
 async function showJobs() {
   poll(async () => {
-    const jobs = await everything("/fine_tuning/jobs", 100);
+    // The newest 100 (polled while any runs: not the whole history every 2 s).
+    const page = await api(`/fine_tuning/jobs?limit=${JOBS_SHOWN}`);
+    const jobs = page.data;
+    $("jobs-more").hidden = !page.has_more;
     const rows = jobs.map((job) => {
       const link = element("a", job.id, { href: `#/jobs/${encodeURIComponent(job.id)}` });
       const status = element("span", job.status, { class: `status ${job.status}` });
