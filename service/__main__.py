@@ -10,6 +10,8 @@ import sys
 from service.config import Settings
 from service.local_guard import is_loopback
 
+KEEP_ALIVE_S = 75  # seconds an idle connection is kept: nginx's keepalive_timeout default
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -77,7 +79,11 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, runtime)
     # log_config=None: uvicorn's records go through the handlers set up here (console and
     # the server log) instead of its own.
-    config = uvicorn.Config(app, log_config=None, log_level="info")
+    # timeout_keep_alive above clients' own idle limit (httpx, the SDK's: 5 s, as uvicorn's
+    # default): otherwise an idle connection the client reuses can be closed by the server
+    # as the request arrives, "Server disconnected without sending a response" (seen in CI
+    # while the machine was busy training and judging, the event loop late by seconds).
+    config = uvicorn.Config(app, log_config=None, log_level="info", timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
     return 0 if server.started else 1
