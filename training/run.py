@@ -122,16 +122,6 @@ class Workers:
         return bool(value.item())
 
 
-def packed_logits(model: Any, batch: PackedBatch) -> torch.Tensor:
-    """The model's logits (float32) for a packed batch, each sequence seeing only itself."""
-    return model(  # type: ignore[no-any-return]
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        spans=batch.spans,  # read by training.attention; other implementations ignore it
-        use_cache=False,
-    ).logits.float()
-
-
 def epoch_order(n_units: int, seed: int, epoch: int) -> list[int]:
     """The same permutation for a given seed and epoch, so a resumed run sees the data
     exactly as the interrupted one would have."""

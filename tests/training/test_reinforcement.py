@@ -17,9 +17,9 @@ from training.data.validation import validate_jsonl
 from training.hyperparameters import ReinforcementHyperparameters as RH
 from training.hyperparameters import resolve
 from training.recipes.reinforcement import Rollout, group_advantages
-from training.run import packed_logits
 from training.sampling import Completion
 from training.storage import LocalStore
+from training.token_logps import packed_logits
 
 TARGET = "Paris"
 QUESTIONS = [
@@ -152,8 +152,9 @@ def test_the_loss_is_the_policy_gradient_normalised_by_answer_tokens(tiny_model_
         start_bad = len(good.input_ids)
         weighted = 1.5 * logps[0, :start_bad].sum() - 0.5 * logps[0, start_bad:].sum()
         (-weighted / n_tokens).backward()
+        # (The loss projects the hidden states a chunk at a time: float32 rounding differs.)
         for ours, reference in zip(grads, (p.grad for p in run.trainable), strict=True):
-            assert torch.allclose(ours, reference, atol=1e-6)
+            torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
     finally:
         run.close()
 

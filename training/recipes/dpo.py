@@ -41,7 +41,8 @@ from training.data.batching import PackedBatch, plan_grouped
 from training.data.schema import PreferenceExample
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_preference
 from training.data.validation import read_examples
-from training.run import ForwardPass, Tally, TrainingRun, packed_logits
+from training.run import ForwardPass, Tally, TrainingRun
+from training.token_logps import packed_token_logps
 
 
 def _answers_of(rows: ForwardPass) -> list[tuple[Pair, bool]]:
@@ -117,14 +118,8 @@ class StepCounts:
 def sequence_logps(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per packed sequence, in span order: the summed log-probability of its target tokens,
     and how many there are."""
-    logits = packed_logits(model, batch)
     labels = batch.labels
-    token_logps = -F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).reshape(labels.shape)
+    token_logps = packed_token_logps(model, batch).logps
     # Which sequence each position belongs to (-1: padding), to sum per sequence at once.
     owner = torch.full(labels.shape, -1, dtype=torch.long)
     sequence = 0

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from training.data.batching import plan_micro_batches
 from training.data.schema import ReinforcementExample
@@ -53,7 +52,7 @@ from training.graders import (
 )
 from training.graders.schemas import Grader, MultiGrader
 from training.progress import Notice
-from training.run import ForwardPass, Tally, TrainingRun, packed_logits
+from training.run import ForwardPass, Tally, TrainingRun
 from training.sampling import (
     Completion,
     PolicySampler,
@@ -66,6 +65,7 @@ from training.serve_judge import ServeJudge
 from training.serve_sampler import ServingSampler
 from training.spec import KEEP_CHECKPOINTS, TrainingSpec
 from training.storage import is_remote
+from training.token_logps import packed_token_logps
 
 logger = logging.getLogger(__name__)
 
@@ -343,13 +343,7 @@ class ReinforcementRun(TrainingRun[Prompt]):
         batch = self.batch(rows)
         labels = batch.labels
         mask = labels != IGNORE_INDEX
-        logits = packed_logits(model, batch)
-        token_logps = -F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(labels)
+        token_logps = packed_token_logps(model, batch).logps
         advantages = self._token_advantages(rows, batch.spans, labels.shape)
         # Sampled by this very policy, one optimizer step per round: the sampling
         # log-probabilities are the current ones, detached.
@@ -382,13 +376,7 @@ class ReinforcementRun(TrainingRun[Prompt]):
     @torch.no_grad()
     def _base_logps(self, model: Any, batch: Any, labels: torch.Tensor) -> torch.Tensor:
         with self.unwrapped.disable_adapter():
-            logits = packed_logits(model, batch)
-        return -F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view_as(labels)
+            return packed_token_logps(model, batch).logps
 
     def _kl_to_base(
         self, model: Any, batch: Any, token_logps: torch.Tensor, labels: torch.Tensor

@@ -19,7 +19,8 @@ import torch
 from training.data.batching import PackedBatch, plan_micro_batches
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample, tokenize_example
 from training.data.validation import read_examples
-from training.run import ForwardPass, Tally, TrainingRun, packed_logits
+from training.run import ForwardPass, Tally, TrainingRun
+from training.token_logps import packed_token_logps
 
 
 @dataclasses.dataclass
@@ -42,17 +43,11 @@ class TokenCounts(Tally):
 
 def forward_counts(model: Any, batch: PackedBatch) -> tuple[torch.Tensor, TokenCounts]:
     """Summed next-token loss over the batch's target tokens, and its accuracy counts."""
-    logits = packed_logits(model, batch)
-    labels = batch.labels
-    loss_sum = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    mask = labels != IGNORE_INDEX
-    correct = int(((logits.argmax(-1) == labels) & mask).sum().item())
-    return loss_sum, TokenCounts(loss_sum.item(), int(mask.sum().item()), correct)
+    tokens = packed_token_logps(model, batch)
+    loss_sum = -tokens.logps.sum()
+    n_targets = int((batch.labels != IGNORE_INDEX).sum().item())
+    correct = int(tokens.correct.sum().item())
+    return loss_sum, TokenCounts(loss_sum.item(), n_targets, correct)
 
 
 def keep_learnable(
