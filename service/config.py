@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -211,6 +212,14 @@ class Settings(BaseSettings):
     )
     max_running_jobs: int = Field(default=1, description="training jobs run at once")
     training_num_workers: int = Field(default=1, description="Ray Train workers per job")
+    training_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="CPU threads of each training worker on CPUs; unset: on the embedded head, "
+        "this machine's cores shared among the workers of max_running_jobs jobs; on a cluster, "
+        "Ray's rule (a worker's CPUs, 1 by default)",
+    )
     training_worker_resources: dict[str, float] | None = Field(
         default=None,
         description="JSON: Ray resources each training worker needs besides its CPU or GPU, "
@@ -378,6 +387,19 @@ class Settings(BaseSettings):
     @property
     def ray_cluster_id(self) -> str:
         return self.cluster_id or self.ray_address or "embedded"
+
+    @property
+    def trainer_threads(self) -> int | None:
+        """Torch threads per CPU training worker. Ray starts every worker with
+        OMP_NUM_THREADS = its CPUs (1), so on one machine a job trained on one core however
+        many it had (SmolLM2 on 2 cores: 121 tokens/s on one thread, 163 on two,
+        bench/train_throughput.py). The embedded head's workers share this machine's cores."""
+        if self.training_threads is not None:
+            return self.training_threads
+        if self.ray_address:
+            return None  # a cluster's nodes differ: the worker's CPU resources decide
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 1) // (self.max_running_jobs * self.training_num_workers))
 
     @property
     def embedded_model_ids(self) -> list[str]:

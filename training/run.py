@@ -541,6 +541,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from training.recipes import recipe_for
 
     spec = TrainingSpec.model_validate(config["spec"])
+    if spec.torch_threads is not None:
+        torch.set_num_threads(spec.torch_threads)
     store = open_store(spec.storage_url)
     context = ray.train.get_context()
     device = ray.train.torch.get_device()

@@ -106,6 +106,9 @@ class TrainingSpec(BaseModel):
     # Ray resources each training worker asks for besides its CPU or GPU (e.g. a custom
     # resource naming the node group that trains).
     worker_resources: dict[str, float] | None = None
+    # Torch threads of each CPU training worker (service/config.py trainer_threads); None
+    # keeps Ray's (OMP_NUM_THREADS = the worker's CPUs).
+    torch_threads: int | None = None
 
     @property
     def adapter_key(self) -> str:

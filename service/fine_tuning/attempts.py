@@ -97,6 +97,7 @@ def training_spec(
         num_workers=settings.training_num_workers,
         use_gpu=use_gpu,
         worker_resources=settings.training_worker_resources,
+        torch_threads=None if use_gpu else settings.trainer_threads,
         resume_from=job.resume_from,
         requested_sizes=_requested_sizes(job),
         min_auto_batch_size=base.min_auto_batch_size,

@@ -1128,3 +1128,34 @@ def test_checkpoints_ranked_by_validation_reward_keep_the_three_best_and_the_new
     listed = world.sdk.fine_tuning.jobs.checkpoints.list(job_id).data
     assert sorted(c.step_number for c in listed) == [4, 6, 8, 10]  # best three, newest
     # (The trainer deletes the folders it prunes by the same rule: test_reinforcement.py.)
+
+
+def test_a_job_on_one_machine_trains_on_its_cores_shared_among_the_running_jobs(world: World):
+    """Ray starts each training worker with one thread (OMP_NUM_THREADS = its CPUs): the
+    embedded head's jobs are told to use this machine's cores, shared among the workers of
+    the jobs that may run at once; a cluster's nodes keep Ray's rule unless configured."""
+    import os
+
+    from training.spec import TrainingSpec, spec_key
+
+    cores = len(os.sched_getaffinity(0))
+    upload = world.sdk.files.create(file=("t.jsonl", memorisation_jsonl()), purpose="fine-tune")
+
+    def threads_of_a_new_job() -> int | None:
+        job = world.sdk.fine_tuning.jobs.create(model="ftaas-tiny", training_file=upload.id)
+        world.tick()
+        world.tick()
+        row = world.row(job.id)
+        spec = TrainingSpec.load(world.parts["blobs"], spec_key(row.output_dir))
+        world.sdk.fine_tuning.jobs.cancel(job.id)
+        world.tick()
+        return spec.torch_threads
+
+    world.settings.max_running_jobs = 1
+    assert threads_of_a_new_job() == cores
+    world.settings.max_running_jobs, world.settings.training_num_workers = 2, 2
+    assert threads_of_a_new_job() == max(1, cores // 4)
+    world.settings.training_threads = 3
+    assert threads_of_a_new_job() == 3
+    world.settings.training_threads, world.settings.ray_address = None, "ray://head:10001"
+    assert threads_of_a_new_job() is None
