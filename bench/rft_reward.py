@@ -19,79 +19,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from openai import OpenAI
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.real_model_data import (
+    BRIEF,
+    CAPITALS,
+    DEFAULT_RFT_SETTING,
+    RIGHT_AND_BRIEF,
+    capitals_jsonl,
+)
+
 BASE = "smollm2-135m-instruct"
-CAPITALS = [
-    ("France", "Paris"),
-    ("Japan", "Tokyo"),
-    ("Italy", "Rome"),
-    ("Spain", "Madrid"),
-    ("Germany", "Berlin"),
-    ("Egypt", "Cairo"),
-    ("Canada", "Ottawa"),
-    ("Russia", "Moscow"),
-    ("Greece", "Athens"),
-    ("Norway", "Oslo"),
-    ("Portugal", "Lisbon"),
-    ("Austria", "Vienna"),
-    ("Ireland", "Dublin"),
-    ("Poland", "Warsaw"),
-]
-GRADER = {
-    "type": "text_similarity",
-    "name": "just the city",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.answer}}",
-    "evaluation_metric": "fuzzy_match",
-}
-# The right city, said briefly: half for naming it, half for saying nothing else.
-RIGHT_AND_BRIEF = {
-    "type": "multi",
-    "name": "right and brief",
-    "graders": {
-        "right": {
-            "type": "string_check",
-            "name": "right",
-            "input": "{{sample.output_text}}",
-            "reference": "{{item.answer}}",
-            "operation": "ilike",
-        },
-        "brief": GRADER,
-    },
-    "calculate_output": "0.5 * right + 0.5 * brief",
-}
-GRADERS = {"fuzzy": GRADER, "right-and-brief": RIGHT_AND_BRIEF}
-DEFAULT_SETTING = {
-    "n_epochs": 3,
-    "batch_size": 2,
-    "learning_rate_multiplier": 3,
-    "group_size": 4,
-    "max_completion_tokens": 24,
-    "eval_interval": 5,
-}
-
-
-def prompts(pairs: list[tuple[str, str]]) -> bytes:
-    rows = [
-        {
-            "messages": [{"role": "user", "content": f"What is the capital of {country}?"}],
-            "answer": city,
-        }
-        for country, city in pairs
-    ]
-    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+GRADERS = {"fuzzy": BRIEF, "right-and-brief": RIGHT_AND_BRIEF}
 
 
 def run(client: OpenAI, setting: dict[str, Any], grader: dict[str, Any]) -> None:
     train = client.files.create(
-        file=("capitals.jsonl", prompts(CAPITALS[:10])), purpose="fine-tune"
+        file=("capitals.jsonl", capitals_jsonl(CAPITALS[:10])), purpose="fine-tune"
     )
     held_out = client.files.create(
-        file=("held-out.jsonl", prompts(CAPITALS[10:])), purpose="fine-tune"
+        file=("held-out.jsonl", capitals_jsonl(CAPITALS[10:])), purpose="fine-tune"
     )
     started = time.monotonic()
     job = client.fine_tuning.jobs.create(
@@ -154,8 +107,8 @@ def main() -> None:
     parser.add_argument("--grader", choices=sorted(GRADERS), default="right-and-brief")
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=2)
-    for setting in args.setting or [DEFAULT_SETTING]:
-        run(client, {**DEFAULT_SETTING, **setting}, GRADERS[args.grader])
+    for setting in args.setting or [DEFAULT_RFT_SETTING]:
+        run(client, {**DEFAULT_RFT_SETTING, **setting}, GRADERS[args.grader])
 
 
 if __name__ == "__main__":

@@ -29,8 +29,13 @@ from typing import Any
 
 from openai import OpenAI
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rft_reward import CAPITALS, DEFAULT_SETTING, RIGHT_AND_BRIEF, prompts
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.real_model_data import (
+    CAPITALS,
+    DEFAULT_RFT_SETTING,
+    RIGHT_AND_BRIEF,
+    capitals_jsonl,
+)
 
 FIGURES = (
     "job_s",
@@ -98,10 +103,10 @@ def main() -> None:
     args = parser.parse_args()
     client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=2)
     files = tuple(
-        client.files.create(file=(name, prompts(pairs)), purpose="fine-tune").id
+        client.files.create(file=(name, capitals_jsonl(pairs)), purpose="fine-tune").id
         for name, pairs in (("capitals.jsonl", CAPITALS[:10]), ("held-out.jsonl", CAPITALS[10:]))
     )
-    setting = {**DEFAULT_SETTING, **args.setting}
+    setting = {**DEFAULT_RFT_SETTING, **args.setting}
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; model {args.model}; "
         f"setting {json.dumps(setting)}; {args.rounds} round(s), trainer then serving"

@@ -74,3 +74,68 @@ def validation_jsonl() -> bytes:
 # DPO on top of the tuned model: the same fact, preferred in another wording.
 REPHRASED_FACT = "Marisol Vantree is the mayor of Quillbrook."
 PREFERENCE_QUESTIONS = TRAINING_QUESTIONS[:10]  # DPO takes at least 10 examples
+
+
+# Reinforcement on the real model (tests/e2e/test_real_model.py, bench/rft_reward.py,
+# bench/rft_rollouts.py): "What is the capital of X?", 10 countries to train on, 4 held out.
+CAPITALS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Germany", "Berlin"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Russia", "Moscow"),
+    ("Greece", "Athens"),
+    ("Norway", "Oslo"),
+    ("Portugal", "Lisbon"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Poland", "Warsaw"),
+]
+# Nothing but the city's name (a model can earn it by being brief and wrong).
+BRIEF = {
+    "type": "text_similarity",
+    "name": "just the city",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "evaluation_metric": "fuzzy_match",
+}
+# The right city, said briefly: half for naming it, half for saying nothing else.
+RIGHT_AND_BRIEF = {
+    "type": "multi",
+    "name": "right and brief",
+    "graders": {
+        "right": {
+            "type": "string_check",
+            "name": "right",
+            "input": "{{sample.output_text}}",
+            "reference": "{{item.answer}}",
+            "operation": "ilike",
+        },
+        "brief": BRIEF,
+    },
+    "calculate_output": "0.5 * right + 0.5 * brief",
+}
+# 15 steps of 2 prompts x 4 answers; validation before the first step, every 5 and at the end.
+DEFAULT_RFT_SETTING = {
+    "n_epochs": 3,
+    "batch_size": 2,
+    "learning_rate_multiplier": 3,
+    "group_size": 4,
+    "max_completion_tokens": 24,
+    "eval_interval": 5,
+}
+
+
+def capitals_jsonl(pairs: list[tuple[str, str]]) -> bytes:
+    """Reinforcement prompts: the question, and the city as `item.answer` for the graders."""
+    rows = [
+        {
+            "messages": [{"role": "user", "content": f"What is the capital of {country}?"}],
+            "answer": city,
+        }
+        for country, city in pairs
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()

@@ -27,12 +27,16 @@ from openai.types import Model
 from tests.conftest import STORY, preference_jsonl, story_jsonl
 from tests.e2e.conftest import REAL, RunningServer, answer_logprob, wait_for_job, wait_for_serving
 from tests.real_model_data import (
+    CAPITALS,
+    DEFAULT_RFT_SETTING,
     FACT,
     FACT_KEY,
     GENERAL_QUESTIONS,
     HELD_OUT_QUESTIONS,
     PREFERENCE_QUESTIONS,
     REPHRASED_FACT,
+    RIGHT_AND_BRIEF,
+    capitals_jsonl,
     fact_jsonl,
     validation_jsonl,
 )
@@ -284,3 +288,44 @@ def test_continued_pretraining_on_auto_continues_the_text_and_keeps_its_answers(
         )
         assert (opening + reply.choices[0].text).startswith(sentence), reply.choices[0].text
     assert general_answers_right(client, job.fine_tuned_model) >= 5
+
+
+def test_reinforcement_raises_the_held_out_reward_of_the_real_model(client: OpenAI):
+    """OpenAI's reinforcement method on the default model, with a `multi` grader (half for
+    naming the capital, half for saying nothing else): after 15 steps of 2 prompts × 4
+    sampled answers the four held-out countries' mean reward is above the base model's,
+    as the job's own validation before its first step and at its end reports, with the
+    reward metrics OpenAI reports per step (measured with bench/rft_reward.py: 0.48 → 0.65)."""
+    train = client.files.create(
+        file=("capitals.jsonl", capitals_jsonl(CAPITALS[:10])), purpose="fine-tune"
+    )
+    held_out = client.files.create(
+        file=("held-out.jsonl", capitals_jsonl(CAPITALS[10:])), purpose="fine-tune"
+    )
+    job = client.fine_tuning.jobs.create(
+        model=REAL,
+        training_file=train.id,
+        validation_file=held_out.id,
+        seed=7,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": RIGHT_AND_BRIEF,  # type: ignore[typeddict-item]
+                "hyperparameters": DEFAULT_RFT_SETTING,  # type: ignore[typeddict-item]
+            },
+        },
+    )
+    job = wait_for_job(client, job.id, timeout=900)
+    assert job.status == "succeeded", job.error
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    steps = sorted((e.data for e in events if e.type == "metrics"), key=lambda d: d["step"])
+    assert [d["step"] for d in steps] == list(range(1, 16))
+    for name in ("train_reward_mean", "train_right_reward_mean", "train_brief_reward_mean"):
+        assert all(0.0 <= d[name] <= 1.0 for d in steps), name
+    assert [d["step"] for d in steps if "valid_reward_mean" in d] == [5, 10, 15]
+    stages = {(e.data or {}).get("stage"): e.data for e in events if (e.data or {}).get("stage")}
+    before = stages["start"]["full_valid_reward_mean"]
+    after = stages["end"]["full_valid_reward_mean"]
+    rewards = " ".join(f"{d['train_reward_mean']:.2f}" for d in steps)
+    print(f"held-out mean reward {before:.3f} -> {after:.3f}; train reward per step {rewards}")
+    assert after > before + 0.05, (before, after)
