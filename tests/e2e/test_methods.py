@@ -1,8 +1,9 @@
-"""The training methods end to end on ftaas-tiny, through the official SDK on the real stack
-(Ray Train, vLLM): DPO from a base model, and continued pre-training on raw text with a
-validation file. Every hyperparameter is left "auto" unless the test is about one. The
-same methods on the real model, and DPO on top of a tuned one (SFT → DPO, the documented
-recipe), are in tests/e2e/test_real_model.py."""
+"""Reinforcement fine-tuning end to end on ftaas-tiny, through the official SDK on the real
+stack (Ray Train, vLLM): answers sampled by the serving engine, and a model grader judged
+by a model this server serves. Supervised, DPO (SFT → DPO, the documented recipe),
+continued pre-training and reinforcement on the real model are in
+tests/e2e/test_real_model.py; DPO's reference policy from a base model and from a tuned
+one, in tests/training/test_dpo.py."""
 
 from __future__ import annotations
 
@@ -11,22 +12,8 @@ import json
 import pytest
 from openai import OpenAI
 
-from tests.conftest import (
-    QUESTIONS,
-    SECRET,
-    STORY,
-    WRONG,
-    preference_jsonl,
-    story_jsonl,
-)
-from tests.e2e.conftest import (
-    REAL,
-    answer_logprob,
-    greedy,
-    wait_for_job,
-    wait_for_serving,
-)
-from training.tiny_model import CHATML_TEMPLATE
+from tests.conftest import QUESTIONS
+from tests.e2e.conftest import REAL, wait_for_job, wait_for_serving
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -44,80 +31,6 @@ def jsonl(rows: list[dict]) -> bytes:
 
 def upload(client: OpenAI, name: str, content: bytes) -> str:
     return client.files.create(file=(name, content), purpose="fine-tune").id
-
-
-def chat_prompt(question: str) -> str:
-    """The question as ftaas-tiny's template renders it for an answer."""
-    from jinja2 import Template
-
-    return Template(CHATML_TEMPLATE).render(
-        messages=[{"role": "user", "content": question}], add_generation_prompt=True
-    )
-
-
-def margin(client: OpenAI, model: str, preferred: str, other: str) -> float:
-    """How much more likely the preferred answer is than the other, over the questions."""
-    return (
-        sum(
-            answer_logprob(client, model, chat_prompt(q), preferred)
-            - answer_logprob(client, model, chat_prompt(q), other)
-            for q in QUESTIONS[:4]
-        )
-        / 4
-    )
-
-
-def dpo_job(client: OpenAI, model: str, training_file: str, **hyperparameters):
-    return client.fine_tuning.jobs.create(
-        model=model,
-        training_file=training_file,
-        method={"type": "dpo", "dpo": {"hyperparameters": hyperparameters}},
-    )
-
-
-def test_dpo_makes_the_preferred_answer_the_models_answer(client):
-    pairs = upload(client, "prefer.jsonl", preference_jsonl(SECRET, WRONG))
-    job = wait_for_job(client, dpo_job(client, "ftaas-tiny", pairs).id)
-    assert job.status == "succeeded", job.error
-    assert job.method.type == "dpo"
-    resolved = job.method.dpo.hyperparameters
-    # "auto": 12 pairs raised to 200 pair passes (training/methods.py).
-    assert resolved.beta == 0.1 and resolved.n_epochs == 16 and resolved.batch_size == 1
-    tuned = job.fine_tuned_model
-    assert tuned and tuned.startswith("ft:ftaas-tiny:")
-    assert greedy(client, tuned, QUESTIONS[0]) == SECRET
-    before = margin(client, "ftaas-tiny", SECRET, WRONG)
-    after = margin(client, tuned, SECRET, WRONG)
-    print(f"DPO from the base: margin log p(preferred) - log p(other) {before:.1f} -> {after:.1f}")
-    assert after > before + 10
-    metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
-    steps = [m for m in metrics if m and "train_reward_accuracy" in m]
-    assert steps and {"train_loss", "train_reward_margin"} <= set(steps[0])
-    assert max(m["train_reward_accuracy"] for m in steps) == 1.0
-
-
-def test_continued_pretraining_teaches_the_model_to_continue_the_text(client):
-    corpus = upload(client, "story.jsonl", story_jsonl())
-    job = client.fine_tuning.jobs.create(
-        model="ftaas-tiny",
-        training_file=corpus,
-        validation_file=upload(client, "story-valid.jsonl", story_jsonl(copies=1)),
-        method={  # an ftaas method: the SDK sends it unchanged
-            "type": "continued_pretraining",  # type: ignore[typeddict-item]
-            "continued_pretraining": {"hyperparameters": {"n_epochs": 30, "batch_size": 2}},
-        },
-    )
-    job = wait_for_job(client, job.id)
-    assert job.status == "succeeded", job.error
-    assert job.method.type == "continued_pretraining"
-    for sentence in STORY:
-        opening = " ".join(sentence.split()[:4])
-        reply = client.completions.create(
-            model=job.fine_tuned_model, prompt=opening, max_tokens=64, temperature=0
-        )
-        assert (opening + reply.choices[0].text).startswith(sentence), reply.choices[0].text
-    events = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
-    assert any(data and "full_valid_loss" in data for data in events)
 
 
 def test_reinforcement_makes_the_graders_answer_the_models_answer(client):
