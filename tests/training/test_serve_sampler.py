@@ -13,6 +13,10 @@ from training.serve_sampler import KEPT_VERSIONS, ServingSampler
 from training.storage import open_store
 
 EOT = 2
+SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {"name": "city", "schema": {"type": "object", "properties": {}}},
+}
 
 
 class Weights:
@@ -55,6 +59,7 @@ def test_each_version_of_the_weights_is_published_once_and_old_ones_are_deleted(
         rank=0,
         scratch=tmp_path / "scratch",
         version=lambda: weights.version,
+        response_format=SCHEMA,
     )
     engine = sampler.serving = Engine(store)  # type: ignore[assignment]
     names = []
@@ -71,6 +76,8 @@ def test_each_version_of_the_weights_is_published_once_and_old_ones_are_deleted(
         assert {call[3] for call in step_calls} == {version}
         assert all(call[0] == "completions" and call[1] == "ftaas-tiny" for call in step_calls)
         assert step_calls[0][4]["prompt"] == [1, 2, 3] and step_calls[0][4]["n"] == 2
+        # The job's response_format shapes every answer: vLLM's structured output.
+        assert all(call[4]["response_format"] == SCHEMA for call in step_calls)
         names.append(step_calls[0][2])
         # Greedy validation at the same version reuses the published weights.
         sampler.sample([9], 1, 4, temperature=None)
