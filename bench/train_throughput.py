@@ -1,15 +1,26 @@
-"""Trainer throughput: ftaas's packed, padding-free LoRA trainer against the usual
-padded trainers: transformers' `Trainer` + peft for supervised tuning (`--method
-supervised`), TRL's `DPOTrainer` + peft for DPO (`--method dpo`).
+"""Trainer throughput: ftaas's packed, padding-free LoRA trainer against its peers. For
+supervised tuning (`--method supervised`): TRL's `SFTTrainer` (packing `bfd`, padding-free,
+its chunked log-probability head) and transformers' padded `Trainer`, both + peft; for DPO
+(`--method dpo`): TRL's `DPOTrainer` + peft. `ftaas-plain` is ftaas with the plain
+full-logits loss instead of its chunked one (training/token_logps.py), so that the loss's
+own effect shows; `ftaas-ckpt` (on request, `--peers`) is ftaas with gradient checkpointing
+on, which TRL's SFTConfig turns on by default.
 
-Both runs use the same base model (ftaas-tiny, built in-process), the same tokenized
-examples (chat data whose lengths vary like real chat logs), the same LoRA and optimiser
-hyperparameters and the same number of optimizer steps. Each run is its own child
-process of this script, alternating, so peak memory is each run's own; the best of
-`--rounds` is kept for each. Printed: trained (non-padding) tokens per second, their
-ratio, peak memory, the final loss of each adapter over the whole dataset, and on a GPU the
-model FLOPs utilisation (MFU: the FLOPs the training needs, per second, over the GPU's
-peak; see `model_flops`).
+Every run uses the same base model, the same tokenized examples (chat data whose lengths
+vary like real chat logs), the same LoRA and optimiser hyperparameters and about the same
+number of optimizer steps (TRL's SFT packs bins of about a step's tokens, one bin a step).
+Each run is its own child process of this script, in turn, so peak memory (resident set on
+CPU, allocated on GPU; the process's whole, model and libraries included) is each run's
+own; the best of `--rounds` is kept for each. Printed, one table per batch size: trained
+(non-padding) tokens per second, ftaas's ratio to each row, peak memory and its ratio, the
+final loss of each adapter over the whole dataset, and on a GPU the model FLOPs utilisation
+(MFU: the FLOPs the training needs, per second, over the GPU's peak; see `model_flops`).
+
+Models (`--model`): `tiny` (ftaas-tiny, 2 layers, vocabulary 1,024), `smollm2` (the
+embedded default, SmolLM2-135M-Instruct: 30 layers, vocabulary 49,152, from its package),
+`llama-128k` (a random Llama of about 110 M parameters with Llama 3's 128,256-token
+vocabulary, where the logits dominate; ftaas-tiny's tokenizer supplies the token ids) and
+`small` (a random 150 M Llama with the tiny vocabulary, for GPUs).
 
 For DPO both trainers take the same preference pairs, β, RPO weight (TRL's loss_type
 ["sigmoid", "sft"]), LoRA and schedule, with the reference being the adapter switched off;
@@ -20,11 +31,12 @@ final DPO loss of each adapter over every pair, scored alike.
 `--method rft` runs bench/rft_throughput.py (ftaas's GRPO recipe against TRL's
 `GRPOTrainer` + peft), passing it the options it knows (`--steps`, `--group-size`, …).
 
-`--model small` trains a randomly initialised Llama of about 150 M parameters instead of
-ftaas-tiny (same tokenizer), for GPUs, where the tiny model cannot fill the device.
+    .venv/bin/python bench/train_throughput.py [--method supervised|dpo|rft]
+        [--model tiny|smollm2|llama-128k|small] [--examples 256] [--batch-sizes 8,16]
+        [--rounds 2] [--peers trl,baseline,ftaas-plain]
 
-    .venv/bin/python bench/train_throughput.py [--method supervised|dpo|rft] [--model tiny|small]
-        [--examples 256] [--batch-sizes 8,16] [--rounds 2]
+On SmolLM2 here (2 cores, about 130 tokens/s): `--model smollm2 --examples 64
+--batch-sizes 8 --rounds 1` takes about ten minutes.
 """
 
 from __future__ import annotations
@@ -89,36 +101,57 @@ def preference_rows(n: int, seed: int) -> list[dict[str, Any]]:
     ]
 
 
-SMALL_MODEL = {  # about 150 M parameters with ftaas-tiny's 1,024-token vocabulary
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 16,
-    "head_dim": 64,
+RANDOM_LLAMAS: dict[str, dict[str, Any]] = {
+    # About 150 M parameters with ftaas-tiny's 1,024-token vocabulary.
+    "small": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "head_dim": 64,
+    },
+    # Llama 3's vocabulary (128,256) on a small body: 107 M parameters, 66 M of them the
+    # (tied) embeddings, so the logits dominate as they do in 1-3 B models with this
+    # vocabulary (Llama 3.2, Qwen 2.5).
+    "llama-128k": {
+        "vocab_size": 128_256,
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+    },
 }
 
 
-def build_model(work: Path, size: str) -> Path:
-    """ftaas-tiny, or a larger random Llama with its tokenizer (`SMALL_MODEL`)."""
+def build_model(work: Path, size: str) -> tuple[Path, int]:
+    """The base model's folder and its max_length: ftaas-tiny, SmolLM2 from its package, or
+    a random Llama (`RANDOM_LLAMAS`) with ftaas-tiny's tokenizer."""
     import shutil
 
-    from training.tiny_model import build_tiny_model
+    from training.tiny_model import TINY_MODEL_MAX_LENGTH, build_tiny_model
 
+    if size == "smollm2":
+        from training.smollm2 import SMOLLM2_ID, SMOLLM2_MAX_LENGTH, build_smollm2
+
+        return build_smollm2(work / SMOLLM2_ID), SMOLLM2_MAX_LENGTH
     tiny = build_tiny_model(work / "ftaas-tiny")
     if size == "tiny":
-        return tiny
+        return tiny, TINY_MODEL_MAX_LENGTH
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
     folder = work / f"llama-{size}"
     shutil.copytree(tiny, folder, ignore=shutil.ignore_patterns("*.safetensors", "ftaas_*"))
     config = AutoConfig.from_pretrained(tiny)
-    for key, value in SMALL_MODEL.items():
+    for key, value in RANDOM_LLAMAS[size].items():
         setattr(config, key, value)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return folder, TINY_MODEL_MAX_LENGTH
 
 
 def device() -> Any:
@@ -436,32 +469,121 @@ def final_loss(model: Any, examples: list[Any]) -> float:
     return total / count
 
 
+def run_trl_sft(spec_path: Path) -> dict[str, Any]:
+    """TRL's SFTTrainer as its docs recommend for speed: packing `bfd` (padding-free), its
+    chunked log-probability head, the same peft model and pre-tokenized examples (ftaas's
+    tokenization and labels, so both learn the same tokens)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from training.lora import build_lora_model
+    from training.recipes.supervised import load_tokenized
+    from training.spec import TrainingSpec
+    from training.storage import open_store
+
+    spec = TrainingSpec.model_validate_json(spec_path.read_text())
+    hp = spec.hyperparameters
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model_path)
+    data = open_store(spec.storage_url).local_file(spec.training_file, Path(tempfile.mkdtemp()))
+    examples, _ = load_tokenized(data, spec.data_format, tokenizer, spec.max_length)
+    dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    # One bin of about a step's tokens per step: as many optimizer steps as ftaas takes.
+    lengths = [len(e.input_ids) for e in examples]
+    bin_tokens = max(
+        max(lengths), math.ceil(sum(lengths) / math.ceil(len(lengths) / hp.batch_size))
+    )
+    torch.manual_seed(spec.seed)
+    model = build_lora_model(spec.base_model_path, hp, device(), packed_attention=False)
+    with tempfile.TemporaryDirectory() as out:
+        arguments = trainer_arguments(spec, len(examples), out)
+        arguments["per_device_train_batch_size"] = 1
+        args = SFTConfig(**arguments, packing=True, packing_strategy="bfd", max_length=bin_tokens)
+        trainer = _same_order(SFTTrainer)(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        trainer.seed = spec.seed
+        started = time.perf_counter()
+        state = trainer.train()
+        seconds = time.perf_counter() - started
+    return {
+        "units": len(examples) * hp.n_epochs,
+        "tokens": sum(lengths) * hp.n_epochs,
+        "seconds": seconds,
+        "steps": state.global_step,
+        "final_loss": final_loss(model, examples),
+        "model_flops": model_flops(model, lengths, hp.n_epochs),
+    }
+
+
+def run_ftaas_plain(spec_path: Path) -> dict[str, Any]:
+    """ftaas with the plain full-logits loss (the chunked one switched off)."""
+    import training.token_logps
+
+    training.token_logps._output_projection = lambda model: None  # type: ignore[assignment]
+    return run_ftaas(spec_path)
+
+
+def run_ftaas_checkpointed(spec_path: Path) -> dict[str, Any]:
+    """ftaas with `gradient_checkpointing` on, as TRL's SFTConfig defaults to."""
+    from training.spec import TrainingSpec
+
+    spec = TrainingSpec.model_validate_json(spec_path.read_text())
+    hp = spec.hyperparameters.model_copy(update={"gradient_checkpointing": True})
+    checkpointed = Path(tempfile.mkdtemp()) / "spec.json"
+    checkpointed.write_text(spec.model_copy(update={"hyperparameters": hp}).model_dump_json())
+    return run_ftaas(checkpointed)
+
+
+RUNNERS = {
+    "ftaas": run_ftaas,
+    "ftaas-plain": run_ftaas_plain,
+    "ftaas-ckpt": run_ftaas_checkpointed,
+    "trl": run_trl_sft,
+    "baseline": run_baseline,
+    "trl-dpo": run_trl,
+}
+DEFAULT_PEERS = {"supervised": "trl,baseline,ftaas-plain", "dpo": "trl-dpo,ftaas-plain"}
+
+
 def child(kind: str, spec_path: Path) -> None:
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    runs = {"ftaas": run_ftaas, "baseline": run_baseline, "trl": run_trl}
-    result = runs[kind](spec_path)
+    result = RUNNERS[kind](spec_path)
     result["peak_memory_mb"] = peak_memory_mb()
     print("RESULT " + json.dumps(result))
 
 
-def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any) -> None:
+def machine() -> str:
+    import platform
+
+    import torch
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return (
+        f"{where}, {os.cpu_count()} cores, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, {platform.machine()}"
+    )
+
+
+def compare(work: Path, model: tuple[Path, int], data: Path, batch_size: int, args: Any) -> None:
     from training.hyperparameters import ResolvedHyperparameters
     from training.spec import TrainingSpec
     from training.storage import LocalStore
-    from training.tiny_model import TINY_MODEL_MAX_LENGTH
 
     store = LocalStore(work)
     with open(data, "rb") as stream:
         store.put_file("train.jsonl", stream)
     dpo = args.method == "dpo"
+    model_dir, max_length = model
     spec = TrainingSpec(
         job_id="bench",
         method=args.method,
-        base_model="ftaas-tiny",
+        base_model=args.model,
         base_model_path=str(model_dir),
-        max_length=TINY_MODEL_MAX_LENGTH,
+        max_length=max_length,
         training_file="train.jsonl",
         data_format="preference" if dpo else "chat",
         storage_url=store.url,
@@ -470,17 +592,17 @@ def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any)
             n_epochs=args.epochs,
             batch_size=batch_size,
             learning_rate_multiplier=1.0,
-            learning_rate=LEARNING_RATE / 10 if dpo else LEARNING_RATE,
+            learning_rate=args.learning_rate / 10 if dpo else args.learning_rate,
         ),
         seed=0,
     )
     spec.save(store)
     spec_path = work / spec.spec_key
 
-    peer = "trl" if dpo else "baseline"
+    kinds = [*args.peers.split(","), "ftaas"]
     best: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):
-        for kind in (peer, "ftaas"):
+        for kind in kinds:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", kind, "--spec", str(spec_path)],
                 capture_output=True, text=True, check=True, cwd=ROOT,
@@ -490,33 +612,41 @@ def compare(work: Path, model_dir: Path, data: Path, batch_size: int, args: Any)
             if kind not in best or result["tokens_per_s"] > best[kind]["tokens_per_s"]:
                 best[kind] = result
 
-    base, ours = best[peer], best["ftaas"]
+    ours = best["ftaas"]
     unit = "pairs" if dpo else "examples"
     print(
         f"\n{args.method}, {args.model} model, batch size {batch_size}: {args.examples} {unit}, "
         f"{args.epochs} epoch(s), {ours['steps']} steps, best of {args.rounds} runs each"
+        f"\n  machine: {machine()}"
     )
     peak = peak_flops()
     print(
-        f"  {'trainer':<10}{unit + '/s':>11}{'tokens/s':>10}{'peak MB':>10}"
-        f"{'final loss':>12}{'MFU':>8}"
+        f"  {'trainer':<12}{'steps':>6}{unit + '/s':>11}{'tokens/s':>10}{'ftaas x':>8}"
+        f"{'peak MB':>9}{'ftaas x':>8}{'final loss':>12}{'MFU':>7}"
     )
-    for kind, r in ((peer, base), ("ftaas", ours)):
+    for kind in kinds:
+        r = best[kind]
         mfu = f"{r['model_flops'] / r['seconds'] / peak[0]:.1%}" if peak else "n/a"
         print(
-            f"  {kind:<10}{r['units'] / r['seconds']:>11.1f}{r['tokens_per_s']:>10.0f}"
-            f"{r['peak_memory_mb']:>10.0f}{r['final_loss']:>12.4f}{mfu:>8}"
+            f"  {kind:<12}{r['steps']:>6}{r['units'] / r['seconds']:>11.2f}"
+            f"{r['tokens_per_s']:>10.0f}{ours['tokens_per_s'] / r['tokens_per_s']:>8.2f}"
+            f"{r['peak_memory_mb']:>9.0f}{ours['peak_memory_mb'] / r['peak_memory_mb']:>8.2f}"
+            f"{r['final_loss']:>12.4f}{mfu:>7}"
         )
+    print(
+        "  ftaas x: ftaas's tokens/s over the row's (higher is better), ftaas's peak memory "
+        "over the row's (lower is better)"
+    )
     print(
         f"  MFU: model FLOPs per second over the peak of {peak[1]} ({peak[0] / 1e12:.0f} TFLOP/s)"
         if peak
         else "  MFU: on a GPU only (or set FTAAS_PEAK_TFLOPS to this machine's peak)"
     )
-    gap = abs(ours["final_loss"] - base["final_loss"]) / base["final_loss"]
-    if "padding_share" in base:
-        print(f"  {peer} tokens that were padding: {base['padding_share']:.0%}")
-    print(f"  throughput ratio ftaas/{peer}: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x")
-    print(f"  final loss difference: {gap:.2%}")
+    for kind in kinds[:-1]:
+        if "padding_share" in best[kind]:
+            print(f"  {kind} tokens that were padding: {best[kind]['padding_share']:.0%}")
+        gap = abs(ours["final_loss"] - best[kind]["final_loss"]) / best[kind]["final_loss"]
+        print(f"  final loss difference, ftaas vs {kind}: {gap:.2%}")
 
 
 def main() -> None:
@@ -528,8 +658,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--method", choices=["supervised", "dpo", "rft"], default="supervised")
-    parser.add_argument("--model", choices=["tiny", "small"], default="tiny")
-    parser.add_argument("--child", choices=["ftaas", "baseline", "trl"])
+    parser.add_argument(
+        "--model", choices=["tiny", "smollm2", "llama-128k", "small"], default="tiny"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=LEARNING_RATE, help="(DPO uses a tenth of it)"
+    )
+    parser.add_argument("--peers", help=f"comma-separated, of {', '.join(RUNNERS)}")
+    parser.add_argument("--child", choices=list(RUNNERS))
     parser.add_argument("--spec")
     args, rest = parser.parse_known_args()
     if args.method == "rft":
@@ -542,14 +678,15 @@ def main() -> None:
     if args.child:
         child(args.child, Path(args.spec))
         return
+    args.peers = args.peers or DEFAULT_PEERS[args.method]
 
     work = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
-    model_dir = build_model(work, args.model)
+    model = build_model(work, args.model)
     data = work / "train.jsonl"
     rows = preference_rows if args.method == "dpo" else chat_rows
     data.write_text("".join(json.dumps(r) + "\n" for r in rows(args.examples, seed=1)))
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        compare(work, model_dir, data, batch_size, args)
+        compare(work, model, data, batch_size, args)
 
 
 if __name__ == "__main__":
