@@ -41,6 +41,9 @@ TOOL = {
 DELIBERATE = (
     re.compile(r"(^|/)status: 'paused' is not one of"),
     re.compile(r"(^|/)method/type: 'continued_pretraining' is not one of"),
+    # A multi grader's `graders` is a map of named graders (OpenAI's RFT guide); the
+    # document types it as one grader, so no branch of its grader union matches.
+    re.compile(r"(^|/)method/reinforcement/grader/type: 'multi' is not one of"),
 )
 # OpenAI's own completions stream sends `finish_reason: null` until the last chunk; the
 # document types its stream events as whole answers, whose `finish_reason` is never null.
