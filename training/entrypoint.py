@@ -13,11 +13,16 @@ import contextlib
 import signal
 import sys
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from training.node_cache import scratch_folder
 from training.progress import Failed, Paused, ProgressLog, Succeeded, without_server_paths
 from training.spec import ADAPTER_FILES, TrainingSpec
 from training.storage import ArtifactStore, open_store
+
+if TYPE_CHECKING:  # the service imports this module: no torch at import
+    from training.warm import WarmBase
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -42,8 +47,10 @@ def _user_message(error: BaseException) -> str:
     return f"Training failed: {text.splitlines()[0] if text else type(error).__name__}"
 
 
-def run(spec: TrainingSpec, store: ArtifactStore) -> bool:
-    """Train; True when the run paused (it saved a checkpoint and no adapter)."""
+def run(spec: TrainingSpec, store: ArtifactStore, warm: WarmBase | None = None) -> bool:
+    """Train; True when the run paused (it saved a checkpoint and no adapter). `warm`: run
+    in this process, on the base model a warm trainer keeps loaded (Ray Train's local
+    mode: the same training function and Ray Train APIs, no worker actors to start)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -51,14 +58,17 @@ def run(spec: TrainingSpec, store: ArtifactStore) -> bool:
     from training.run import train_loop_per_worker
 
     ray.init(ignore_reinit_error=True, log_to_driver=True)
+    loop: Callable[[dict[str, Any]], None] = train_loop_per_worker
+    if warm is not None:
+        loop = lambda config: train_loop_per_worker(config, warm)  # noqa: E731
     # Ray Train's own run folder: this node's scratch (the workers keep their checkpoints
     # in the artifact store, so nothing of it needs to be shared).
     with scratch_folder(f"{spec.job_id}-ray-") as folder:
         trainer = TorchTrainer(
-            train_loop_per_worker,
+            loop,
             train_loop_config={"spec": spec.model_dump(mode="json")},
             scaling_config=ScalingConfig(
-                num_workers=spec.num_workers,
+                num_workers=0 if warm is not None else spec.num_workers,
                 use_gpu=spec.use_gpu,
                 resources_per_worker=_worker_resources(spec),
             ),
@@ -111,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     store = open_store(args.storage_url)
     spec = TrainingSpec.load(store, args.spec_key)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    return run_and_record(spec, store)
+
+
+def run_and_record(spec: TrainingSpec, store: ArtifactStore, warm: WarmBase | None = None) -> int:
+    """Run the attempt and record its outcome in its progress log; the exit status a
+    process running it would have (0 trained or paused, 1 failed, 143 stopped)."""
     try:
-        paused = run(spec, store)
+        paused = run(spec, store, warm)
     except Stopped:
         return 128 + signal.SIGTERM  # no outcome recorded: stopping is not failing
     except BaseException as error:

@@ -18,18 +18,12 @@ def training_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_lora_model(
-    base_model_path: str,
-    hp: ResolvedHyperparameters,
-    device: torch.device,
-    start_adapter: str | Path | None = None,
-    packed_attention: bool = True,
+def load_base_model(
+    base_model_path: str, device: torch.device, packed_attention: bool = True
 ) -> Any:
-    """`start_adapter`: a PEFT adapter folder to go on training (its own rank and target
-    modules, not `hp`'s); a new adapter from `hp` when unset. `packed_attention`: attention
-    per example inside packed rows (training.attention); off, transformers' default, for
-    callers that pad batches with an attention mask."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    """The base model in the training dtype of `device`, still on the CPU.
+    `packed_attention`: attention per example inside packed rows (training.attention); off,
+    transformers' default, for callers that pad batches with an attention mask."""
     from transformers import AutoModelForCausalLM
 
     dtype = training_dtype(device)
@@ -38,6 +32,24 @@ def build_lora_model(
         base_model_path, dtype=dtype, attn_implementation=attention
     )
     model.config.use_cache = False  # a cache would also hide packed sequences from the mask
+    return model
+
+
+def build_lora_model(
+    base_model_path: str,
+    hp: ResolvedHyperparameters,
+    device: torch.device,
+    start_adapter: str | Path | None = None,
+    packed_attention: bool = True,
+    base: Any | None = None,
+) -> Any:
+    """`start_adapter`: a PEFT adapter folder to go on training (its own rank and target
+    modules, not `hp`'s); a new adapter from `hp` when unset. `base`: the base model as
+    load_base_model gives it, already loaded (a warm trainer's copy), which this run then
+    owns and changes; loaded from `base_model_path` when unset."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = base if base is not None else load_base_model(base_model_path, device, packed_attention)
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -46,6 +46,7 @@ from training.progress import Checkpoint, Evaluation, Notice, Paused, ProgressLo
 from training.reporting import MetricsReporter
 from training.spec import KEEP_CHECKPOINTS, TrainingSpec, checkpoint_adapter_key
 from training.storage import ArtifactStore, open_store
+from training.warm import WarmBase
 
 MAX_VALID_EVALS = 100  # small-batch validation runs at most this often over a run
 
@@ -152,7 +153,10 @@ class TrainingRun(ABC, Generic[Unit]):
         device: torch.device | None = None,
         workers: Workers | None = None,
         wrap_model: Callable[[Any], Any] = lambda model: model,
+        warm: WarmBase | None = None,
     ):
+        """`warm`: the base model a warm trainer keeps loaded; this run takes copies of
+        its model and tokenizer when it is this run's base model."""
         from transformers import AutoTokenizer, get_scheduler
 
         self.spec, self.hp = spec, spec.hyperparameters
@@ -162,7 +166,8 @@ class TrainingRun(ABC, Generic[Unit]):
         random.seed(spec.seed)
         torch.manual_seed(spec.seed)
         model_path = fetch_model(spec.base_model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        warm = warm if warm is not None and warm.serves(spec.base_model_path) else None
+        self.tokenizer = warm.tokenizer() if warm else AutoTokenizer.from_pretrained(model_path)
         if spec.chat_template:  # the base model's configured template, as serving uses it
             self.tokenizer.chat_template = spec.chat_template
         self.train_units, self.dropped_units = self.load_units(
@@ -191,7 +196,9 @@ class TrainingRun(ABC, Generic[Unit]):
                 "longer context"
             )
         start_adapter = self._start_adapter_folder()
-        self.model = build_lora_model(model_path, self.hp, self.device, start_adapter)
+        self.model = build_lora_model(
+            model_path, self.hp, self.device, start_adapter, base=warm.model() if warm else None
+        )
         self.one_row = one_row(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -534,7 +541,9 @@ def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
     return {prefix + name: value for name, value in values.items()}
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any], warm: WarmBase | None = None) -> None:
+    """A Ray Train worker's loop; `warm`: the base model of the warm trainer this runs in
+    (Ray Train's local mode, training/warm_trainer.py)."""
     import ray.train
     import ray.train.torch
 
@@ -566,6 +575,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             device=device,
             workers=Workers(context.get_world_rank(), context.get_world_size(), device),
             wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
+            warm=warm,
         )
         try:
             if run.run() != "paused":
