@@ -27,12 +27,13 @@ from service.errors import install_error_handlers
 from service.files.router import router as files_router
 from service.files.service import FileService
 from service.files.validator import ProcessValidator
-from service.fine_tuning.launcher import RayLauncher
+from service.fine_tuning.launcher import Launcher, RayLauncher
 from service.fine_tuning.lease import Lease
 from service.fine_tuning.reconciler import Reconciler
 from service.fine_tuning.registry import PrunedCheckpoint, ReadyModel
 from service.fine_tuning.router import router as jobs_router
 from service.fine_tuning.service import FineTuningService
+from service.fine_tuning.warm_pool import WarmPoolLauncher
 from service.graders.router import router as graders_router
 from service.graders.service import GraderService
 from service.housekeeping import ExpiredOutputs, Housekeeping
@@ -125,6 +126,7 @@ async def run_scheduler(
     gateway: ServingGateway,
     settings: Settings,
     housekeeping: Housekeeping,
+    wake: asyncio.Event,
 ) -> None:
     """Tick while this process holds the scheduler lease (and sweep, now and then).
     Eager loads of new models and retirements of pruned checkpoints run beside the loop, so
@@ -152,9 +154,14 @@ async def run_scheduler(
                         load = asyncio.create_task(action)
                         loads.add(load)
                         load.add_done_callback(loads.discard)
+                    if report.queued:  # they start now, on a tick of their own
+                        continue
             except Exception:
                 logger.exception("scheduler tick failed")
-            await asyncio.sleep(settings.scheduler_interval_s)
+            # A new job (or a resumed one) wakes the scheduler at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), settings.scheduler_interval_s)
+            wake.clear()
     finally:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(lease.release)
@@ -208,7 +215,12 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         )
         base_models, db, gpus, blobs = ready.base_models, ready.db, ready.use_gpu, ready.store
         auth_env = ray_auth_env(settings)
-        launcher = RayLauncher(ready.cluster.dashboard_url, env=runtime_env_vars(auth_env))
+        cold = RayLauncher(ready.cluster.dashboard_url, env=runtime_env_vars(auth_env))
+        launcher: Launcher = cold
+        if settings.warm_trainers_per_model:  # one-worker jobs start on warm trainers
+            launcher = WarmPoolLauncher(
+                cold, blobs, settings.warm_trainers_per_model, settings.warm_trainer_idle_s
+            )
         builds = ModelBuilds(settings, blobs, base_models)
         gateway = ServingGateway(
             settings,
@@ -237,7 +249,18 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         limits = app.state.limits
         app.state.files = FileService(db, blobs, settings.max_upload_bytes, validator, limits)
         app.state.uploads = UploadService(db, blobs, app.state.files)
-        app.state.jobs = FineTuningService(db, base_models, reconciler.stop, limits)
+        wake, loop = asyncio.Event(), asyncio.get_running_loop()
+
+        def wake_scheduler() -> None:  # called from the request's worker thread
+            loop.call_soon_threadsafe(wake.set)
+
+        app.state.jobs = FineTuningService(
+            db,
+            base_models,
+            reconciler.stop,
+            limits,
+            on_new_work=wake_scheduler,
+        )
         app.state.models = ModelService(
             db,
             base_models,
@@ -253,7 +276,9 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
             db, blobs, unfinished_outputs_days=settings.unfinished_outputs_days
         )
         background = [
-            asyncio.create_task(run_scheduler(reconciler, lease, gateway, settings, housekeeping)),
+            asyncio.create_task(
+                run_scheduler(reconciler, lease, gateway, settings, housekeeping, wake)
+            ),
             asyncio.create_task(WebhookSender(db, settings, app.state.metrics.registry).run()),
         ]
         # Each embedded model is built (once) and then its engine deployed, in the background.

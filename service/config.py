@@ -220,6 +220,19 @@ class Settings(BaseSettings):
         "this machine's cores shared among the workers of max_running_jobs jobs; on a cluster, "
         "Ray's rule (a worker's CPUs, 1 by default)",
     )
+    warm_trainers: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="warm trainers kept per base model (Ray actors with the model loaded, "
+        "which start a one-worker job in a second or two); unset: 1 on the embedded head, 0 "
+        "on a cluster (where an idle one would hold a worker's CPU or GPU)",
+    )
+    warm_trainer_idle_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="seconds a warm trainer waits for its next job before it is released",
+    )
     training_worker_resources: dict[str, float] | None = Field(
         default=None,
         description="JSON: Ray resources each training worker needs besides its CPU or GPU, "
@@ -304,7 +317,11 @@ class Settings(BaseSettings):
     )
     serving_enabled: bool = Field(default=True, description="deploy vLLM engines with Ray Serve")
     serving_kv_cache_gb: int = Field(default=1, description="vLLM CPU KV cache per engine")
-    scheduler_interval_s: float = Field(default=1.0, description="seconds between ticks")
+    scheduler_interval_s: float = Field(
+        default=0.5,
+        description="seconds between ticks (a new job wakes the scheduler at once; a running "
+        "job's records reach its events within this)",
+    )
     pause_grace_s: float = Field(
         default=180.0,
         description="how long a pausing trainer may take to save and stop before it is "
@@ -400,6 +417,12 @@ class Settings(BaseSettings):
             return None  # a cluster's nodes differ: the worker's CPU resources decide
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return max(1, (cores or 1) // (self.max_running_jobs * self.training_num_workers))
+
+    @property
+    def warm_trainers_per_model(self) -> int:
+        if self.warm_trainers is not None:
+            return self.warm_trainers
+        return 0 if self.ray_address else 1
 
     @property
     def embedded_model_ids(self) -> list[str]:

@@ -56,6 +56,8 @@ class Launcher(Protocol):
     def info(self, submission_id: str) -> LaunchInfo: ...
     def stop(self, submission_id: str) -> None: ...
     def logs_tail(self, submission_id: str, lines: int = 20) -> str: ...
+    def tidy(self) -> None:
+        """Asked once per scheduler tick: whatever upkeep the launcher needs."""
 
 
 def training_package() -> str:
@@ -83,14 +85,7 @@ class RayLauncher:
         # The cluster's `python` (its image, or the embedded head's virtualenv): the code
         # of the `training` package comes with the job, its dependencies with the image.
         entrypoint = shlex.join(["python", "-m", "training.entrypoint", storage_url, spec_key])
-        runtime_env: dict[str, Any] = {
-            "env_vars": {**self.env, **env},
-            "py_modules": [training_package()],
-        }
-        try:  # uploads the package to the cluster once per version (content-addressed)
-            self.client._upload_py_modules_if_needed(runtime_env)
-        except Exception as error:
-            raise LauncherUnavailable(f"could not upload the training code: {error}") from error
+        runtime_env = self.trainer_runtime_env(env)
         response = self._request(
             "POST",
             "/api/jobs/",
@@ -107,6 +102,19 @@ class RayLauncher:
             raise SubmissionExists(submission_id)
         raise RuntimeError(f"Ray refused the job ({response.status_code}): {response.text}")
 
+    def trainer_runtime_env(self, env: dict[str, str]) -> dict[str, Any]:
+        """A trainer's runtime_env: its variables, and the `training` package uploaded to
+        the cluster (once per version: content-addressed) and named by its URI."""
+        runtime_env: dict[str, Any] = {
+            "env_vars": {**self.env, **env},
+            "py_modules": [training_package()],
+        }
+        try:
+            self.client._upload_py_modules_if_needed(runtime_env)
+        except Exception as error:
+            raise LauncherUnavailable(f"could not upload the training code: {error}") from error
+        return runtime_env
+
     def info(self, submission_id: str) -> LaunchInfo:
         response = self._request("GET", f"/api/jobs/{submission_id}")
         if response.status_code == 404:
@@ -120,6 +128,9 @@ class RayLauncher:
         response = self._request("POST", f"/api/jobs/{submission_id}/stop")
         if response.status_code not in (200, 404):  # 404: nothing left to stop
             raise LauncherUnavailable(f"Ray answered {response.status_code}: {response.text}")
+
+    def tidy(self) -> None:
+        pass  # Ray cleans up after its jobs
 
     def logs_tail(self, submission_id: str, lines: int = 20) -> str:
         try:

@@ -134,12 +134,16 @@ def past_its_first_checkpoint(client: OpenAI, suffix: str) -> str:
 
 
 def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(server: RunningServer):
+    """The job's process is a warm trainer (a one-worker job on the embedded head), which
+    Ray replaces, or a Ray Train worker, which Ray Train replaces."""
     client = server.client()
     job_id = past_its_first_checkpoint(client, "worker")
     workers = [
         p
         for p in psutil.process_iter(["cmdline"])
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+        if any(
+            name in " ".join(p.info["cmdline"] or []) for name in ("RayTrainWorker", "WarmTrainer")
+        )
     ]
     assert workers, "no training worker found"
     for worker in workers:

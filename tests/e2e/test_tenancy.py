@@ -192,3 +192,68 @@ def test_one_request_at_a_time_and_twenty_a_minute(server: RunningServer, client
         patient.models.list()
     assert 429 in statuses and statuses[-1] == 200
     assert statuses.count(200) == 24
+
+
+def adapter_weights(client: OpenAI, model: str) -> dict[str, bytes]:
+    """The tuned model's adapter tensors, as the download endpoint gives them."""
+    import io
+    import tarfile
+
+    from safetensors.torch import load
+
+    archive_bytes = client.get(f"/models/{model}/adapter", cast_to=bytes)
+    with tarfile.open(fileobj=io.BytesIO(archive_bytes)) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".safetensors"))
+        extracted = tar.extractfile(member)
+        assert extracted is not None
+        tensors = load(extracted.read())
+    return {name: tensor.numpy().tobytes() for name, tensor in tensors.items()}
+
+
+def test_a_job_after_another_organizations_trains_as_it_would_after_any_other(
+    server: RunningServer, client
+):
+    """Small jobs run one after another on the same warm trainer: the same job (file,
+    seed, hyperparameters) of one organization, run after two different jobs of another,
+    makes the very same adapter, bit for bit: nothing of the job before reaches it."""
+    other = server.client(OTHER_API_KEY)
+    theirs = other.files.create(file=("t.jsonl", memorisation_jsonl()), purpose="fine-tune")
+    ours = client.files.create(file=("o.jsonl", other_tenants_jsonl()), purpose="fine-tune")
+    ours_id = client.files.wait_for_processing(ours.id).id
+    theirs_id = other.files.wait_for_processing(theirs.id).id
+
+    def run(on: OpenAI, file_id: str, seed: int, hyperparameters: dict) -> str:
+        job = on.fine_tuning.jobs.create(
+            model="ftaas-tiny",
+            training_file=file_id,
+            seed=seed,
+            method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        )
+        done = wait_for_job(on, job.id)
+        assert done.status == "succeeded", done.error
+        assert done.fine_tuned_model
+        return done.fine_tuned_model
+
+    ours_hp = {"n_epochs": 2, "batch_size": 2}
+    adapters = []
+    for their_hp in ({"n_epochs": 3, "batch_size": 1, "lora_r": 16}, {"n_epochs": 1}):
+        run(other, theirs_id, seed=len(adapters) + 5, hyperparameters=their_hp)
+        adapters.append(adapter_weights(client, run(client, ours_id, 11, ours_hp)))
+    assert adapters[0].keys() == adapters[1].keys()
+    different = [name for name in adapters[0] if adapters[0][name] != adapters[1][name]]
+    assert not different, f"the tensors {different[:3]} depend on the job run before"
+
+
+def other_tenants_jsonl() -> bytes:
+    import json
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Name colour {i}."},
+                {"role": "assistant", "content": f"Colour {i} is vermilion."},
+            ]
+        }
+        for i in range(12)
+    ]
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()

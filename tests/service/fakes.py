@@ -54,6 +54,9 @@ class FakeLauncher:
     def logs_tail(self, submission_id: str, lines: int = 20) -> str:
         return ""
 
+    def tidy(self) -> None:
+        pass
+
     def end(self, submission_id: str, state: LaunchState = LaunchState.SUCCEEDED) -> None:
         """The trainer's process exits (after its last record)."""
         self.states[submission_id] = state
