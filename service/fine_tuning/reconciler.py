@@ -100,6 +100,8 @@ class TickReport:
     """What one tick did and what went wrong: nothing is swallowed silently."""
 
     ready: list[ReadyModel] = field(default_factory=list)
+    # Jobs whose files were validated: queued now, they may start on a tick right away.
+    queued: list[str] = field(default_factory=list)
     pruned: list[PrunedCheckpoint] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # job id → the step's exception
     conflicts: list[str] = field(default_factory=list)  # changed by another writer meanwhile
@@ -158,6 +160,7 @@ class Reconciler:
         # row's lock on PostgreSQL) waits on Ray (review L3).
         self._after_commit: list[Callable[[], None]] = []
         self._trained_tokens: list[tuple[str, str, float]] = []  # (model, method, tokens)
+        self._queued_now: list[str] = []
         self._warned_waiting: set[str] = set()
         # job → (attempt, when first seen running with no record of it, warned yet); in
         # memory: a restarted scheduler only starts counting again.
@@ -200,6 +203,7 @@ class Reconciler:
     ) -> None:
         """One job's step, and what it learned added to `report`."""
         self._pruned, self._trained_tokens, self._after_commit = [], [], []
+        self._queued_now = []
         try:
             ready = handler(job_id)
         except LeaseLost:
@@ -217,6 +221,7 @@ class Reconciler:
             self._count_failure(job_id, error)
             return
         report.pruned += self._pruned  # unlisted for good: the step has committed
+        report.queued += self._queued_now
         for call in self._after_commit:
             try:
                 call()
@@ -263,6 +268,12 @@ class Reconciler:
                 report.lease_lost = True
                 logger.warning("the scheduler lease was taken over: stopping the tick")
                 break
+        try:
+            self.launcher.tidy()
+        except LauncherUnavailable as error:
+            report.launcher_unavailable = report.launcher_unavailable or str(error)
+        except Exception:
+            logger.warning("the launcher's upkeep failed", exc_info=True)
         if report.launcher_unavailable:
             logger.warning("Ray's job API is not answering: %s", report.launcher_unavailable)
         else:
@@ -352,6 +363,7 @@ class Reconciler:
                     return fail(session, job, "invalid_n_examples", message, param)
             transition(job, S.QUEUED)
             add_event(session, job, "Files validated, moving job to queued state")
+        self._queued_now.append(job_id)
         return None
 
     # --- queued → starting (the intent, committed) → running

@@ -134,8 +134,11 @@ class FineTuningService:
         base_models: dict[str, BaseModelConfig],
         stop_training: StopTraining,
         limits: Limits | None = None,
+        on_new_work: Callable[[], None] = lambda: None,
     ):
+        """`on_new_work`: called once a job is created or resumed (the scheduler wakes)."""
         self.db = db
+        self.on_new_work = on_new_work
         self.base_models = base_models
         self.stop_training = stop_training
         self.limits = limits  # quotas per organization; None: unlimited
@@ -245,7 +248,9 @@ class FineTuningService:
             if job.validation_file:
                 files += f" and validation file: {job.validation_file}"
             add_event(session, job, files)
-            return job_object(job)
+            created = job_object(job)
+        self.on_new_work()
+        return created
 
     def _get(self, session: Session, tenant: Tenant, id_: str) -> JobRow:
         job = session.get(JobRow, id_)
@@ -337,7 +342,9 @@ class FineTuningService:
             transition(job, requested(job, ON_RESUME, "resumed"))
             add_event(session, job, "Fine-tuning job resumed, moving job to queued state")
 
-        return job_object(self._compare_and_set(tenant, id_, change))
+        resumed = job_object(self._compare_and_set(tenant, id_, change))
+        self.on_new_work()
+        return resumed
 
     def events(
         self, tenant: Tenant, id_: str, after: str | None, limit: int

@@ -109,10 +109,12 @@ def world(sdk: OpenAI, parts: dict, settings) -> World:  # type: ignore[no-untyp
 def test_the_whole_path_one_transition_per_tick(world: World):
     job_id = world.job()
     assert world.status(job_id) == "validating_files"
-    world.tick()
+    report = world.tick()
     assert world.status(job_id) == "queued"
-    world.tick()
+    assert report.queued == [job_id]  # the scheduler ticks again at once: it starts now
+    report = world.tick()
     assert world.status(job_id) == "running" and world.ray.submitted == [job_id]
+    assert report.queued == []
     world.train(job_id, steps=2)
     log = world.trainer(job_id)
     log.write(Checkpoint(step=2, epoch=1, path=f"{world.row(job_id).output_dir}/c"))
