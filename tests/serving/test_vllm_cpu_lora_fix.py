@@ -59,3 +59,41 @@ def test_with_the_plugin_no_adapter_tokens_are_left_alone_and_the_others_unchang
 def test_vllm_finds_the_plugin_in_every_process_it_starts():
     names = {plugin.name for plugin in entry_points(group="vllm.general_plugins")}
     assert "ftaas_cpu_lora_fix" in names
+
+
+def test_the_grouped_ops_give_vllms_numbers_for_every_token_with_an_adapter():
+    """One product per adapter slot instead of a weight copy per token: the same values as
+    vLLM's own ops on the rows that take an adapter, whatever the mix of slots."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    register()
+    torch.manual_seed(1)
+    original = {
+        name: getattr(lora_ops, name).__wrapped__
+        for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+    }
+    for indices in ([2, 2, 2, 2, 2, 2], [0, 1, 1, 0, 2, 1], [1, -1, 1, 0, -1, 2]):
+        at = torch.tensor(indices)
+        rows = at >= 0
+        inputs, a_weights = torch.randn(6, 32), torch.randn(3, 1, 8, 32)
+        shrunk = torch.zeros(6, 8)
+        lora_ops.bgmv_shrink(inputs, a_weights, shrunk, at, 0.5)
+        expected_rows = torch.zeros(int(rows.sum()), 8)
+        original["bgmv_shrink"](inputs[rows], a_weights, expected_rows, at[rows], 0.5)
+        assert torch.allclose(shrunk[rows], expected_rows, atol=1e-5)
+
+        b_weights = torch.randn(3, 1, 32, 8)
+        base = torch.randn(6, 32)
+        for add in (True, False):
+            ours, theirs = base.clone(), base[rows].clone()
+            lora_ops.bgmv_expand(shrunk, b_weights, ours, at, add)
+            original["bgmv_expand"](shrunk[rows], b_weights, theirs, at[rows], add)
+            assert torch.allclose(ours[rows], theirs, atol=1e-5)
+            assert torch.equal(ours[~rows], base[~rows])
+            ours, theirs = base.clone(), base[rows].clone()
+            lora_ops.bgmv_expand_slice(shrunk, b_weights[:, :, :16], ours, at, 8, 16, add)
+            original["bgmv_expand_slice"](
+                shrunk[rows], b_weights[:, :, :16], theirs, at[rows], 8, 16, add
+            )
+            assert torch.allclose(ours[rows], theirs, atol=1e-5)
+            assert torch.equal(ours[~rows], base[~rows])
