@@ -22,7 +22,12 @@ from service.ray_cluster import free_port  # noqa: E402
 
 
 @contextlib.contextmanager
-def fresh_server(env: dict[str, str] | None = None, timeout_s: float = 300) -> Iterator[str]:
+def fresh_server(
+    env: dict[str, str] | None = None,
+    timeout_s: float = 300,
+    models: tuple[str, ...] = ("ftaas-tiny",),
+) -> Iterator[str]:
+    """`models`: the base models that must serve before it is yielded."""
     work = Path(tempfile.mkdtemp(prefix="ftaas-bench-"))
     (work / "home").mkdir()
     port = free_port()
@@ -43,7 +48,8 @@ def fresh_server(env: dict[str, str] | None = None, timeout_s: float = 300) -> I
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                if httpx.get(f"{base}/health").json()["serving"].get("ftaas-tiny") == "ready":
+                serving = httpx.get(f"{base}/health").json()["serving"]
+                if all(serving.get(model) == "ready" for model in models):
                     break
             except httpx.HTTPError:
                 pass
