@@ -20,6 +20,7 @@ while it loads; `run` waits for the warm-up.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -50,10 +51,15 @@ class WarmTrainer:
 
     def _warm_up(self) -> None:
         try:
+            import peft  # noqa: F401  (what a job would import at its start, once)
+            import ray.train.torch  # noqa: F401
             import torch
 
-            import training.recipes  # noqa: F401  (every recipe's imports, once)
+            import training.recipes  # noqa: F401
             from training.warm import WarmBase
+
+            with contextlib.suppress(ImportError):  # the reporter's, where installed
+                import torch.utils.tensorboard
 
             if self.torch_threads is not None:
                 torch.set_num_threads(self.torch_threads)
