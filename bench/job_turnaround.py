@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fresh_server import fresh_server  # noqa: E402
+from service.config import Settings  # noqa: E402
 from training.smollm2 import SMOLLM2_ID  # noqa: E402
 
 MODELS = (SMOLLM2_ID, "ftaas-tiny")
@@ -132,8 +133,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=3, help="jobs per model in each median")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
+    threads = Settings().trainer_threads  # as the server below computes it
     print(
-        f"machine: {cores} cores; 20-example jobs, default hyperparameters; median of {args.jobs}"
+        f"machine: {cores} cores, {threads} torch threads per trainer; 20-example jobs, "
+        f"default hyperparameters; median of {args.jobs}"
     )
     cold = measure(False, args.jobs)
     warm = measure(True, args.jobs)
