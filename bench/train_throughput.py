@@ -4,7 +4,8 @@ its chunked log-probability head) and transformers' padded `Trainer`, both + pef
 (`--method dpo`): TRL's `DPOTrainer` + peft. `ftaas-plain` is ftaas with the plain
 full-logits loss instead of its chunked one (training/token_logps.py), so that the loss's
 own effect shows; `ftaas-ckpt` (on request, `--peers`) is ftaas with gradient checkpointing
-on, which TRL's SFTConfig turns on by default.
+on, which TRL's SFTConfig turns on by default, and `ftaas-mlp-ckpt` (on request) ftaas with
+selective activation checkpointing, the MLPs' activations only.
 
 Every run uses the same base model, the same tokenized examples (chat data whose lengths
 vary like real chat logs), the same LoRA and optimiser hyperparameters and about the same
@@ -536,8 +537,42 @@ def run_ftaas_checkpointed(spec_path: Path) -> dict[str, Any]:
     return run_ftaas(checkpointed)
 
 
+def checkpoint_mlps(model: Any) -> int:
+    """Selective activation checkpointing: every decoder layer's MLP (the widest
+    activations: gate, up and their product, 1,536 wide in SmolLM2 against its 576) keeps
+    only its input and is recomputed in the backward pass; attention keeps its own. How
+    many MLPs it wrapped."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    def recomputed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    mlps = [m for m in model.modules() if type(m).__name__.endswith("MLP")]
+    for mlp in mlps:
+        mlp.forward = functools.partial(recomputed, mlp.forward)
+    return len(mlps)
+
+
+def run_ftaas_mlp_checkpointed(spec_path: Path) -> dict[str, Any]:
+    """ftaas with selective activation checkpointing (the MLPs only)."""
+    import training.run
+
+    build = training.run.build_lora_model
+
+    def selective(*args: Any, **kwargs: Any) -> Any:
+        model = build(*args, **kwargs)
+        assert checkpoint_mlps(model) > 0
+        return model
+
+    training.run.build_lora_model = selective  # type: ignore[assignment]
+    return run_ftaas(spec_path)
+
+
 RUNNERS = {
     "ftaas": run_ftaas,
+    "ftaas-mlp-ckpt": run_ftaas_mlp_checkpointed,
     "ftaas-plain": run_ftaas_plain,
     "ftaas-ckpt": run_ftaas_checkpointed,
     "trl": run_trl_sft,
