@@ -65,6 +65,7 @@ class WarmTrainer:
                 torch.set_num_threads(self.torch_threads)
             device = torch.device("cuda" if self.use_gpu else "cpu")
             self._warm = WarmBase(self.base_model_path, device)
+            self._warm.prepare()
         except BaseException as error:  # reported by each run
             logger.exception("the warm trainer could not load %s", self.base_model_path)
             self._warm_error = error
@@ -124,6 +125,8 @@ class WarmTrainer:
             os.environ.clear()
             os.environ.update(environment)
             gc.collect()
+            # The next job's copies, made while this trainer waits for it.
+            threading.Thread(target=self._warm.prepare, name="prepare", daemon=True).start()
         return ("SUCCEEDED", "") if status == 0 else ("FAILED", f"exit status {status}")
 
     def _remember(self, submission_id: str, state: tuple[str, str]) -> None:

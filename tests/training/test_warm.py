@@ -73,7 +73,9 @@ def test_a_job_on_a_warm_trainer_trains_as_in_a_fresh_process_after_another_tena
         chat_template="{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}",
         hyperparameters={"lora_r": 16, "lora_alpha": 32, "gradient_checkpointing": True},
     )
+    warm.prepare()  # copies made before the job, as an idle trainer makes them
     train(tenant_a, tmp_path, warm)
+    warm.prepare()
     warm_b = train(tenant_b("warm"), tmp_path, warm)
 
     assert warm_b.keys() == cold.keys()
