@@ -12,7 +12,7 @@ the service never runs jobs on an old one's trainers (those are released).
 A trainer that dies is replaced by Ray (`max_restarts`), which runs its attempt again
 (`max_task_retries`): the attempt continues from its newest checkpoint, as a Ray Train run
 whose worker died does. Stopping an attempt kills its trainer outright (a cancel needs no
-cooperation, as a Ray job's stop); a replacement starts warming at once.
+cooperation, as a Ray job's stop); the shape's next attempt starts a new one.
 """
 
 from __future__ import annotations
@@ -171,12 +171,10 @@ class WarmPoolLauncher:
             logger.warning("could not list the warm trainers", exc_info=True)
             return
         for name, trainer in trainers:
-            try:
-                running, idle_for = ray.get(
-                    [trainer.busy.remote(), trainer.idle_for.remote()], timeout=self.timeout_s
-                )
-            except Exception:
+            state = self._state(trainer)
+            if state is None:
                 continue
+            running, idle_for = state
             stale = not name.startswith(f"warm-{self.code_version}-")
             if running is None and (idle_for >= self.idle_s or stale):
                 logger.info("releasing warm trainer %s (idle %.0f s)", name, idle_for)
@@ -233,15 +231,24 @@ class WarmPoolLauncher:
         return None
 
     def _busy_by_its_word(self, trainer: Any) -> bool:
+        state = self._state(trainer)
+        if state is None:  # dying, or not answering: not one to give an attempt to
+            return True
+        running, idle_for = state
+        return running is not None or idle_for > self.idle_s - RELEASE_MARGIN_S
+
+    def _state(self, trainer: Any) -> tuple[str | None, float] | None:
+        """The attempt a trainer runs and how long it has been idle; None when it does not
+        answer in time."""
         import ray
 
         try:
             running, idle_for = ray.get(
                 [trainer.busy.remote(), trainer.idle_for.remote()], timeout=self.timeout_s
             )
-        except Exception:  # dying, or not answering: not one to give an attempt to
-            return True
-        return running is not None or idle_for > self.idle_s - RELEASE_MARGIN_S
+        except Exception:
+            return None
+        return running, idle_for
 
     def _active(self, run: Run) -> bool:
         import ray
