@@ -4,6 +4,7 @@ duplicated, and no trainer outlives its job."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
@@ -17,14 +18,54 @@ from tests.e2e.conftest import TERMINAL, RunningServer, greedy, wait_for_job, wa
 pytestmark = pytest.mark.e2e
 
 
-def trainers(server: RunningServer) -> list[psutil.Process]:
-    """The server's live `training.entrypoint` processes (their spec is under its home)."""
+def server_processes(server: RunningServer) -> list[psutil.Process]:
+    """Every process the server started, its embedded Ray's included (they inherit its
+    FTAAS_HOME)."""
     found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "training.entrypoint" in cmdline and str(server.home) in cmdline:
-            found.append(process)
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("FTAAS_HOME") == str(server.home):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
     return found
+
+
+def trainers(server: RunningServer) -> list[psutil.Process]:
+    """The server's processes that train: a cold attempt's `training.entrypoint` or Ray
+    Train worker, or a warm trainer that is computing (an idle one waits for the next job
+    and uses no CPU; a cancelled job's is killed)."""
+    found, warm = [], []
+    for process in server_processes(server):
+        try:
+            cmdline = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if "training.entrypoint" in cmdline or "RayTrainWorker" in cmdline:
+            found.append(process)
+        elif "WarmTrainer" in cmdline:
+            warm.append(process)
+            process.cpu_percent()  # starts the measurement
+    if warm:
+        time.sleep(1.0)
+    for process in warm:
+        try:
+            if process.cpu_percent() > 50:
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def the_machine_dies(server: RunningServer) -> None:
+    """SIGKILL to the API and, at once, to every process of its embedded Ray (head,
+    trainers, engine): nothing of the old head lives on to finish the job."""
+    server.kill()
+    for _ in range(2):  # a process forked while the first pass ran
+        for process in server_processes(server):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        time.sleep(0.5)
 
 
 def training_file(client: OpenAI) -> str:
@@ -159,9 +200,9 @@ def test_a_training_worker_killed_mid_epoch_resumes_from_its_checkpoint(server: 
 def test_a_job_survives_the_ray_head_going_away_and_serving_comes_back(server: RunningServer):
     client = server.client()
     job_id = past_its_first_checkpoint(client, "head")
-    server.kill()  # the API, then the whole embedded Ray: head, trainer, engine
+    the_machine_dies(server)
     server.shutdown()
-    assert trainers(server) == []
+    assert server_processes(server) == []
     server.start()  # a new head; the job's Ray submission is gone with the old one
     client = server.client()
     finished = wait_for_job(client, job_id, timeout=900)
