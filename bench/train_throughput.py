@@ -5,7 +5,11 @@ its chunked log-probability head) and transformers' padded `Trainer`, both + pef
 full-logits loss instead of its chunked one (training/token_logps.py), so that the loss's
 own effect shows; `ftaas-ckpt` (on request, `--peers`) is ftaas with gradient checkpointing
 on, which TRL's SFTConfig turns on by default, and `ftaas-mlp-ckpt` (on request) ftaas with
-selective activation checkpointing, the MLPs' activations only.
+selective activation checkpointing, the MLPs' activations only. The peers load the base
+model as ftaas does (training.lora), so every row trains the same weights in the same dtype:
+on a CPU with bf16 arithmetic a model stored in bf16 trains in bf16
+(training.lora.training_dtype); `ftaas-fp32` and `trl-fp32` (on request) are ftaas and TRL's
+SFTTrainer over the base model in float32.
 
 Every run uses the same base model, the same tokenized examples (chat data whose lengths
 vary like real chat logs), the same LoRA and optimiser hyperparameters and about the same
@@ -570,12 +574,38 @@ def run_ftaas_mlp_checkpointed(spec_path: Path) -> dict[str, Any]:
     return run_ftaas(spec_path)
 
 
+def float32_base() -> None:
+    """Every model this process loads through training.lora in float32, wherever it runs
+    (on a CPU with bf16 arithmetic a model stored in bf16 otherwise trains in bf16:
+    training.lora.training_dtype)."""
+    import torch
+
+    import training.lora
+
+    training.lora.training_dtype = lambda device, stored=None: torch.float32  # type: ignore[assignment]
+
+
+def run_ftaas_float32(spec_path: Path) -> dict[str, Any]:
+    """ftaas with the base model in float32."""
+    float32_base()
+    return run_ftaas(spec_path)
+
+
+def run_trl_sft_float32(spec_path: Path) -> dict[str, Any]:
+    """TRL's SFTTrainer over the base model in float32 (its bf16 autocast still on, as
+    SFTConfig defaults to)."""
+    float32_base()
+    return run_trl_sft(spec_path)
+
+
 RUNNERS = {
     "ftaas": run_ftaas,
     "ftaas-mlp-ckpt": run_ftaas_mlp_checkpointed,
     "ftaas-plain": run_ftaas_plain,
     "ftaas-ckpt": run_ftaas_checkpointed,
+    "ftaas-fp32": run_ftaas_float32,
     "trl": run_trl_sft,
+    "trl-fp32": run_trl_sft_float32,
     "baseline": run_baseline,
     "trl-dpo": run_trl,
 }

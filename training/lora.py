@@ -11,11 +11,38 @@ from training.attention import packed_attention_implementation
 from training.hyperparameters import ResolvedHyperparameters
 
 
-def training_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the GPU has it; float32 elsewhere (CPUs and older GPUs)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+def training_dtype(device: torch.device, stored: torch.dtype | None = None) -> torch.dtype:
+    """The base model's dtype for training on `device` (LoRA adapters train in float32
+    whatever it is). A GPU with bf16: bf16. A CPU with native bf16 arithmetic (AVX512-BF16,
+    AMX) and a model stored in bf16 (`stored`, SmolLM2's and most released models'): bf16,
+    which loses nothing of the weights and halves the weights' and activations' memory, and
+    whose matrix products run faster than float32's there (bench/train_throughput.py's
+    ftaas-fp32 row).
+    Otherwise float32: a model stored in float32 (ftaas-tiny) keeps its precision, and a CPU
+    without bf16 arithmetic would emulate it, slower than float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if stored == torch.bfloat16 and cpu_has_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 matrix products natively on this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def stored_dtype(base_model_path: str) -> torch.dtype | None:
+    """The dtype a model's weights are saved in, as its config says."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(base_model_path), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def load_base_model(
@@ -26,7 +53,7 @@ def load_base_model(
     transformers' default, for callers that pad batches with an attention mask."""
     from transformers import AutoModelForCausalLM
 
-    dtype = training_dtype(device)
+    dtype = training_dtype(device, stored_dtype(base_model_path))
     attention = packed_attention_implementation(device, dtype) if packed_attention else None
     model = AutoModelForCausalLM.from_pretrained(
         base_model_path, dtype=dtype, attn_implementation=attention

@@ -73,7 +73,9 @@ class LinearTokenLogps(torch.autograd.Function):
             if not bool(valid.any()):
                 continue
             target = label.clamp(min=0).unsqueeze(1)
-            logits = F.linear(hidden[start:end], weight).float()
+            # (The hidden states may be float32 over a bf16 head: norms kept in float32, as
+            # TRL's trainer leaves them.)
+            logits = F.linear(hidden[start:end].to(weight.dtype), weight).float()
             log_probs = torch.log_softmax(logits, dim=-1)
             del logits
             logps[start:end] = torch.where(valid, log_probs.gather(1, target).squeeze(1), 0.0)

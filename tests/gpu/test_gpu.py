@@ -4,11 +4,12 @@
     .venv/bin/python -m pytest -m gpu tests/gpu -v
 
 The CPU runs of the same code are the reference: training on a GPU (bf16 where it has
-it, flash attention's varlen kernel when installed) must follow the CPU's float32 loss
-curve, data parallelism over NCCL must give the loss of one worker, and vLLM's GPU
-engine must answer as transformers + peft do with the same adapter. Each on ftaas-tiny
-(fast, exact) and on the real default model, SmolLM2-135M-Instruct, in bf16 (built from
-its installed package, about a minute).
+it, flash attention's varlen kernel when installed) must follow the CPU's loss curve
+(float32; bf16 for SmolLM2 on a CPU with bf16 arithmetic: training.lora.training_dtype),
+data parallelism over NCCL must give the loss of one worker, and vLLM's GPU engine must
+answer as transformers + peft do with the same adapter. Each on ftaas-tiny (fast, exact)
+and on the real default model, SmolLM2-135M-Instruct, in bf16 (built from its installed
+package, about a minute).
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def test_vllms_gpu_engine_answers_as_transformers_and_peft(tmp_path, tiny_model_
 
 
 # The real model, SmolLM2-135M-Instruct, in bf16 on the GPU (the dtype it is built and
-# served in): training follows the CPU's float32 curve, and the engine serving the tuned
+# served in): training follows the CPU's curve, and the engine serving the tuned
 # adapter answers as transformers + peft do in bf16.
 
 

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training.data.batching import collate
 from training.data.tokenize import IGNORE_INDEX, TokenizedExample
 from training.hyperparameters import ResolvedHyperparameters
 from training.lora import build_lora_model
-from training.token_logps import packed_logits, packed_token_logps
+from training.token_logps import LinearTokenLogps, packed_logits, packed_token_logps
 
 
 def lora_model(model_dir: Path, **overrides: Any) -> Any:
@@ -124,3 +125,18 @@ def test_a_lora_on_the_output_projection_takes_the_plain_path_and_learns_it(
     torch.testing.assert_close(chunked.logps, plain)
     grads = lora_gradients(model, -chunked.logps.sum())
     assert any("lm_head" in name and grad.abs().sum() > 0 for name, grad in grads.items())
+
+
+def test_float32_hidden_states_over_a_bf16_head_are_projected_in_the_heads_precision():
+    """A bf16 model whose last norm stays in float32 (as TRL's trainer leaves it) hands
+    float32 hidden states to a bf16 output projection."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(32, 16, generator=generator).bfloat16()
+    labels = torch.tensor([3, IGNORE_INDEX, 7, 0, 31])
+    logps, _ = LinearTokenLogps.apply(hidden, weight, labels, 2)
+    expected = torch.log_softmax(F.linear(hidden.detach().bfloat16(), weight).float(), dim=-1)
+    valid = labels != IGNORE_INDEX
+    torch.testing.assert_close(logps[valid], expected[valid, labels[valid]])
+    logps.sum().backward()
+    assert hidden.grad is not None and hidden.grad.dtype == torch.float32
