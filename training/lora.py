@@ -17,9 +17,8 @@ def training_dtype(device: torch.device, stored: torch.dtype | None = None) -> t
     AMX) and a model stored in bf16 (`stored`, SmolLM2's and most released models'): bf16,
     which loses nothing of the weights and halves the weights' and activations' memory, and
     whose matrix products run faster than float32's there (bench/train_throughput.py's
-    ftaas-fp32 row).
-    Otherwise float32: a model stored in float32 (ftaas-tiny) keeps its precision, and a CPU
-    without bf16 arithmetic would emulate it, slower than float32."""
+    ftaas-fp32 row). Otherwise float32: a model stored in float32 (ftaas-tiny) keeps its
+    precision, and a CPU without bf16 arithmetic would emulate it, slower than float32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if stored == torch.bfloat16 and cpu_has_bf16():

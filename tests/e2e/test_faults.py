@@ -23,11 +23,9 @@ def server_processes(server: RunningServer) -> list[psutil.Process]:
     FTAAS_HOME)."""
     found = []
     for process in psutil.process_iter():
-        try:
+        with contextlib.suppress(psutil.Error):  # gone, or not ours to read
             if process.environ().get("FTAAS_HOME") == str(server.home):
                 found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
     return found
 
 
