@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +99,28 @@ def build_lora_model(
         if parameter.requires_grad:  # adapters train in float32 even on a bf16 base
             parameter.data = parameter.data.float()
     return tuned
+
+
+@contextlib.contextmanager
+def adapter_precision(model: Any) -> Iterator[None]:
+    """A forward pass of a LoRA model whose base is in bf16 and whose adapter is in float32
+    (build_lora_model) computes the adapter's products in bf16 over the base's own
+    activations, as mixed precision does: under autocast, with PEFT's cast of each LoRA
+    layer's input to float32 switched off. Otherwise every LoRA layer keeps a float32 copy
+    of its input for the backward pass, as much memory again as the base's bf16 activations
+    (seven copies a layer with all-linear targets). The adapter's weights, gradients and
+    optimizer stay in float32. A model in one dtype is left as it is."""
+    base_dtype = _frozen_dtype(model)
+    if base_dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    from peft.helpers import disable_input_dtype_casting
+
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=base_dtype), disable_input_dtype_casting(model):
+        yield
+
+
+def _frozen_dtype(model: Any) -> torch.dtype | None:
+    """The dtype of the model's first frozen parameter (the base's, under LoRA)."""
+    return next((p.dtype for p in model.parameters() if not p.requires_grad), None)

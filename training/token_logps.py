@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from training.data.batching import PackedBatch
 from training.data.tokenize import IGNORE_INDEX
+from training.lora import adapter_precision
 
 # Logits computed at once: 2^24 float32 values (64 MB), e.g. 341 rows of SmolLM2's
 # vocabulary, 130 of a 128k one. Large enough that each chunk is one efficient matmul.
@@ -127,12 +128,13 @@ def _hidden_states_out(head: torch.nn.Linear) -> Iterator[None]:
 
 
 def _forward(model: Any, batch: PackedBatch) -> Any:
-    return model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        spans=batch.spans,  # read by training.attention; other implementations ignore it
-        use_cache=False,
-    )
+    with adapter_precision(model):
+        return model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            spans=batch.spans,  # read by training.attention; other implementations ignore it
+            use_cache=False,
+        )
 
 
 def packed_logits(model: Any, batch: PackedBatch) -> torch.Tensor:

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
 import pytest
 import torch
 
 import training.lora
-from training.lora import load_base_model, stored_dtype, training_dtype
+import training.token_logps
+from training.data.batching import collate
+from training.data.tokenize import TokenizedExample
+from training.hyperparameters import ResolvedHyperparameters
+from training.lora import (
+    build_lora_model,
+    load_base_model,
+    stored_dtype,
+    training_dtype,
+)
+from training.token_logps import packed_token_logps
 
 CPU = torch.device("cpu")
 
@@ -23,3 +37,64 @@ def test_a_float32_model_keeps_its_precision_on_any_cpu(monkeypatch, tiny_model_
     assert stored_dtype(str(tiny_model_dir)) == torch.float32
     model = load_base_model(str(tiny_model_dir), CPU)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def saved_activation_bytes(model: Any, run: Callable[[], torch.Tensor]) -> int:
+    """The bytes autograd keeps for the backward pass of `run`'s result, each storage once,
+    the model's own weights left out."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+def gradients(model: Any, run: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    model.zero_grad()
+    loss = run()
+    loss.backward()
+    return loss.item(), torch.cat(
+        [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+    )
+
+
+def test_a_bf16_base_keeps_no_float32_copies_of_its_activations_for_the_adapter(
+    monkeypatch, tiny_model_dir
+):
+    """The adapter trains in float32 over a bf16 base; its products run in bf16 over the
+    base's own activations instead of on float32 copies of each LoRA layer's input, and
+    the loss and gradients stay those of the float32 products within bf16's precision."""
+    monkeypatch.setattr(training.lora, "training_dtype", lambda *_: torch.bfloat16)
+    hp = ResolvedHyperparameters(
+        n_epochs=1, batch_size=4, learning_rate_multiplier=1.0, learning_rate=1e-3
+    )
+    torch.manual_seed(0)
+    model = build_lora_model(str(tiny_model_dir), hp, CPU)
+    with torch.no_grad():  # a trained-looking adapter, so that it moves the logits
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 600, (length,), generator=generator).tolist() for length in (90, 166)]
+    batch = collate([[TokenizedExample(ids, ids)] for ids in rows])
+
+    def loss() -> torch.Tensor:
+        return -packed_token_logps(model, batch).logps.sum() / 256
+
+    mixed_bytes = saved_activation_bytes(model, loss)
+    mixed_loss, mixed = gradients(model, loss)
+    monkeypatch.setattr(training.token_logps, "adapter_precision", lambda _: nullcontext())
+    float32_bytes = saved_activation_bytes(model, loss)
+    float32_loss, float32 = gradients(model, loss)
+
+    assert mixed_bytes < 0.7 * float32_bytes
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert mixed_loss == pytest.approx(float32_loss, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(mixed, float32, dim=0) > 0.99
