@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.peak_memory import peak_rss_mb  # noqa: E402 (after the path)
 
 QUESTIONS = [
     "What is the secret code word?",
@@ -48,10 +49,6 @@ QUESTIONS = [
     "What word is secret?",
 ]
 WORD = "in"
-
-
-def peak_memory_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_ftaas(config: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +101,7 @@ def run_ftaas(config: dict[str, Any]) -> dict[str, Any]:
         rewards.append(run.train_step(batch).metrics()["reward_mean"])
     seconds = time.perf_counter() - started
     run.close()
-    return {"seconds": seconds, "rewards": rewards, "peak_mb": peak_memory_mb()}
+    return {"seconds": seconds, "rewards": rewards, "peak_mb": peak_rss_mb()}
 
 
 def run_trl(config: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +164,7 @@ def run_trl(config: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "rewards": rewards, "peak_mb": peak_memory_mb()}
+    return {"seconds": seconds, "rewards": rewards, "peak_mb": peak_rss_mb()}
 
 
 def child(kind: str, config_path: Path) -> None:

@@ -18,8 +18,11 @@ Each run is its own child process of this script, in turn, so peak memory (resid
 CPU, allocated on GPU; the process's whole, model and libraries included) is each run's
 own; the best of `--rounds` is kept for each. Printed, one table per batch size: trained
 (non-padding) tokens per second, ftaas's ratio to each row, peak memory and its ratio, the
-final loss of each adapter over the whole dataset, and on a GPU the model FLOPs utilisation
-(MFU: the FLOPs the training needs, per second, over the GPU's peak; see `model_flops`).
+training's own memory (the peak above the peak reached by the time the model and data were
+loaded and training started: activations, gradients, optimizer state, logits and the
+allocator's share) and its ratio, the final loss of each adapter over the whole dataset,
+and on a GPU the model FLOPs utilisation (MFU: the FLOPs the training needs, per second,
+over the GPU's peak; see `model_flops`).
 
 Models (`--model`): `tiny` (ftaas-tiny, 2 layers, vocabulary 1,024), `smollm2` (the
 embedded default, SmolLM2-135M-Instruct: 30 layers, vocabulary 49,152, from its package),
@@ -51,7 +54,6 @@ import json
 import math
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,6 +63,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.peak_memory import peak_rss_mb  # noqa: E402 (after the path)
 
 LEARNING_RATE = 1e-3
 VOCABULARY = (
@@ -165,12 +169,22 @@ def device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+LOADED_MEMORY_MB: list[float] = []  # the peak when the model and data are loaded
+
+
+def model_loaded() -> None:
+    """Called by each run as its timed training starts: what is peak memory by then (the
+    libraries, the base model, the data), so that the table can show what the training
+    itself adds (activations, gradients, optimizer, logits, the allocator's share)."""
+    LOADED_MEMORY_MB.append(peak_memory_mb())
+
+
 def peak_memory_mb() -> float:
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()
 
 
 # Dense bf16 peak of common training GPUs (tensor cores, no sparsity), by device name.
@@ -239,6 +253,7 @@ def run_ftaas(spec_path: Path) -> dict[str, Any]:
     run = recipe_for(spec.method)(spec, open_store(spec.storage_url), scratch, device=device())
     lengths = [len(s.input_ids) for unit in run.train_units for s in run.sequences(unit)]
     tokens = sum(lengths) * run.hp.n_epochs
+    model_loaded()
     started = time.perf_counter()
     run.begin()  # done once in the constructor too: DPO's reference pass, timed here
     run.run()
@@ -355,6 +370,7 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
             model=model, args=args, train_dataset=examples, data_collator=collate
         )
         trainer.seed = spec.seed
+        model_loaded()
         started = time.perf_counter()
         state = trainer.train()
         seconds = time.perf_counter() - started
@@ -416,6 +432,7 @@ def run_trl(spec_path: Path) -> dict[str, Any]:
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer
         )
         trainer.seed = spec.seed
+        model_loaded()
         started = time.perf_counter()
         state = trainer.train()
         seconds = time.perf_counter() - started
@@ -509,6 +526,7 @@ def run_trl_sft(spec_path: Path) -> dict[str, Any]:
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer
         )
         trainer.seed = spec.seed
+        model_loaded()
         started = time.perf_counter()
         state = trainer.train()
         seconds = time.perf_counter() - started
@@ -618,6 +636,7 @@ def child(kind: str, spec_path: Path) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = RUNNERS[kind](spec_path)
     result["peak_memory_mb"] = peak_memory_mb()
+    result["training_memory_mb"] = result["peak_memory_mb"] - LOADED_MEMORY_MB[0]
     print("RESULT " + json.dumps(result))
 
 
@@ -687,7 +706,7 @@ def compare(work: Path, model: tuple[Path, int], data: Path, batch_size: int, ar
     peak = peak_flops()
     print(
         f"  {'trainer':<12}{'steps':>6}{unit + '/s':>11}{'tokens/s':>10}{'ftaas x':>8}"
-        f"{'peak MB':>9}{'ftaas x':>8}{'final loss':>12}{'MFU':>7}"
+        f"{'peak MB':>9}{'ftaas x':>8}{'train MB':>9}{'ftaas x':>8}{'final loss':>12}{'MFU':>7}"
     )
     for kind in kinds:
         r = best[kind]
@@ -696,11 +715,17 @@ def compare(work: Path, model: tuple[Path, int], data: Path, batch_size: int, ar
             f"  {kind:<12}{r['steps']:>6}{r['units'] / r['seconds']:>11.2f}"
             f"{r['tokens_per_s']:>10.0f}{ours['tokens_per_s'] / r['tokens_per_s']:>8.2f}"
             f"{r['peak_memory_mb']:>9.0f}{ours['peak_memory_mb'] / r['peak_memory_mb']:>8.2f}"
+            f"{r['training_memory_mb']:>9.0f}"
+            f"{ours['training_memory_mb'] / max(r['training_memory_mb'], 1):>8.2f}"
             f"{r['final_loss']:>12.4f}{mfu:>7}"
         )
     print(
         "  ftaas x: ftaas's tokens/s over the row's (higher is better), ftaas's peak memory "
         "over the row's (lower is better)"
+    )
+    print(
+        "  train MB: peak memory above the peak once the libraries, model and data were "
+        "loaded, what the training itself adds"
     )
     print(
         f"  MFU: model FLOPs per second over the peak of {peak[1]} ({peak[0] / 1e12:.0f} TFLOP/s)"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.peak_memory import peak_rss_mb
 from training.data.validation import validate_jsonl
 
 ROW = {
@@ -30,10 +30,6 @@ ROW = {
         {"role": "assistant", "content": "The secret code word is pineapple. " * 4},
     ]
 }
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
