@@ -34,14 +34,15 @@ def segmented_sdpa(
     spans: Spans | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if spans is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # Grouped-query attention (fewer key/value heads): SDPA shares the heads itself, so no
+    # expanded copy of the keys and values is made, nor kept for the backward pass.
+    grouped = key.shape[1] != query.shape[1]
     rows = []
     for row, row_spans in enumerate(spans):
         pieces = [
@@ -52,6 +53,7 @@ def segmented_sdpa(
                 is_causal=True,
                 dropout_p=dropout if module.training else 0.0,
                 scale=scaling,
+                enable_gqa=grouped,
             )
             for start, end in row_spans
         ]
