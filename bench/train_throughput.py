@@ -15,14 +15,15 @@ Every run uses the same base model, the same tokenized examples (chat data whose
 vary like real chat logs), the same LoRA and optimiser hyperparameters and about the same
 number of optimizer steps (TRL's SFT packs bins of about a step's tokens, one bin a step).
 Each run is its own child process of this script, in turn, so peak memory (resident set on
-CPU, allocated on GPU; the process's whole, model and libraries included) is each run's
-own; the best of `--rounds` is kept for each. Printed, one table per batch size: trained
-(non-padding) tokens per second, ftaas's ratio to each row, peak memory and its ratio, the
-training's own memory (the peak above the peak reached by the time the model and data were
-loaded and training started: activations, gradients, optimizer state, logits and the
-allocator's share) and its ratio, the final loss of each adapter over the whole dataset,
-and on a GPU the model FLOPs utilisation (MFU: the FLOPs the training needs, per second,
-over the GPU's peak; see `model_flops`).
+CPU, the process's own high-water mark, bench/peak_memory.py; allocated on GPU; the
+process's whole, model and libraries included) is each run's own; the best of `--rounds`
+is kept for each. Printed, one table per batch size: trained (non-padding) tokens per
+second, ftaas's ratio to each row, peak memory and its ratio, the training's own memory
+(the peak above the peak reached by the time the model and data were loaded and training
+started: activations, gradients, optimizer state, logits and the allocator's share) and
+its ratio, the final loss of each adapter over the whole dataset, and on a GPU the model
+FLOPs utilisation (MFU: the FLOPs the training needs, per second, over the GPU's peak;
+see `model_flops`).
 
 Models (`--model`): `tiny` (ftaas-tiny, 2 layers, vocabulary 1,024), `smollm2` (the
 embedded default, SmolLM2-135M-Instruct: 30 layers, vocabulary 49,152, from its package),
