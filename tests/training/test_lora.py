@@ -1,4 +1,5 @@
-"""The dtype a base model trains in: its own precision where the hardware computes in it."""
+"""The dtype a base model trains in: its own precision where the hardware computes in it;
+over a bf16 base, the float32 adapter computes in bf16 on the base's own activations."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import torch
 
 import training.lora
 import training.token_logps
+from tests.training.test_token_logps import lora_gradients, lora_model
 from training.data.batching import collate
 from training.data.tokenize import TokenizedExample
-from training.hyperparameters import ResolvedHyperparameters
 from training.lora import (
-    build_lora_model,
     load_base_model,
     stored_dtype,
     training_dtype,
@@ -56,15 +56,6 @@ def saved_activation_bytes(model: Any, run: Callable[[], torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def gradients(model: Any, run: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-    model.zero_grad()
-    loss = run()
-    loss.backward()
-    return loss.item(), torch.cat(
-        [p.grad.flatten() for p in model.parameters() if p.grad is not None]
-    )
-
-
 def test_a_bf16_base_keeps_no_float32_copies_of_its_activations_for_the_adapter(
     monkeypatch, tiny_model_dir
 ):
@@ -72,15 +63,7 @@ def test_a_bf16_base_keeps_no_float32_copies_of_its_activations_for_the_adapter(
     base's own activations instead of on float32 copies of each LoRA layer's input, and
     the loss and gradients stay those of the float32 products within bf16's precision."""
     monkeypatch.setattr(training.lora, "training_dtype", lambda *_: torch.bfloat16)
-    hp = ResolvedHyperparameters(
-        n_epochs=1, batch_size=4, learning_rate_multiplier=1.0, learning_rate=1e-3
-    )
-    torch.manual_seed(0)
-    model = build_lora_model(str(tiny_model_dir), hp, CPU)
-    with torch.no_grad():  # a trained-looking adapter, so that it moves the logits
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    model = lora_model(tiny_model_dir)
     generator = torch.Generator().manual_seed(1)
     rows = [torch.randint(3, 600, (length,), generator=generator).tolist() for length in (90, 166)]
     batch = collate([[TokenizedExample(ids, ids)] for ids in rows])
@@ -88,11 +71,15 @@ def test_a_bf16_base_keeps_no_float32_copies_of_its_activations_for_the_adapter(
     def loss() -> torch.Tensor:
         return -packed_token_logps(model, batch).logps.sum() / 256
 
+    def loss_and_gradients() -> tuple[float, torch.Tensor]:
+        value = loss()
+        return value.item(), torch.cat([g.flatten() for g in lora_gradients(model, value).values()])
+
     mixed_bytes = saved_activation_bytes(model, loss)
-    mixed_loss, mixed = gradients(model, loss)
+    mixed_loss, mixed = loss_and_gradients()
     monkeypatch.setattr(training.token_logps, "adapter_precision", lambda _: nullcontext())
     float32_bytes = saved_activation_bytes(model, loss)
-    float32_loss, float32 = gradients(model, loss)
+    float32_loss, float32 = loss_and_gradients()
 
     assert mixed_bytes < 0.7 * float32_bytes
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
