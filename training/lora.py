@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,21 +107,41 @@ def adapter_precision(model: Any) -> Iterator[None]:
     """A forward pass of a LoRA model whose base is in bf16 and whose adapter is in float32
     (build_lora_model) computes the adapter's products in bf16 over the base's own
     activations, as mixed precision does: under autocast, with PEFT's cast of each LoRA
-    layer's input to float32 switched off. Otherwise every LoRA layer keeps a float32 copy
-    of its input for the backward pass, as much memory again as the base's bf16 activations
-    (seven copies a layer with all-linear targets). The adapter's weights, gradients and
-    optimizer stay in float32. A model in one dtype is left as it is."""
-    base_dtype = _frozen_dtype(model)
-    if base_dtype not in (torch.bfloat16, torch.float16):
+    layer's input to float32 switched off (as peft.helpers.disable_input_dtype_casting
+    does, on layers found once per model rather than at every pass). Otherwise every LoRA
+    layer keeps a float32 copy of its input for the backward pass, as much memory again as
+    the base's bf16 activations (seven copies a layer with all-linear targets). The
+    adapter's weights, gradients and optimizer stay in float32. A model in one dtype is
+    left as it is."""
+    base_dtype, layers = _adapter_layout(model)
+    if base_dtype not in (torch.bfloat16, torch.float16) or not layers:
         yield
         return
-    from peft.helpers import disable_input_dtype_casting
-
+    casting = [layer.cast_input_dtype_enabled for layer in layers]
     device_type = next(model.parameters()).device.type
-    with torch.autocast(device_type, dtype=base_dtype), disable_input_dtype_casting(model):
-        yield
+    try:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = False
+        with torch.autocast(device_type, dtype=base_dtype):
+            yield
+    finally:
+        for layer, enabled in zip(layers, casting, strict=True):
+            layer.cast_input_dtype_enabled = enabled
 
 
-def _frozen_dtype(model: Any) -> torch.dtype | None:
-    """The dtype of the model's first frozen parameter (the base's, under LoRA)."""
-    return next((p.dtype for p in model.parameters() if not p.requires_grad), None)
+_ADAPTER_LAYOUTS: weakref.WeakKeyDictionary[Any, tuple[torch.dtype | None, list[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _adapter_layout(model: Any) -> tuple[torch.dtype | None, list[Any]]:
+    """The dtype of the model's first frozen parameter (the base's, under LoRA) and its
+    PEFT layers, found once per model."""
+    layout = _ADAPTER_LAYOUTS.get(model)
+    if layout is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        frozen = next((p.dtype for p in model.parameters() if not p.requires_grad), None)
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        layout = _ADAPTER_LAYOUTS[model] = (frozen, layers)
+    return layout
