@@ -15,11 +15,7 @@ import training.token_logps
 from tests.training.test_token_logps import lora_gradients, lora_model
 from training.data.batching import collate
 from training.data.tokenize import TokenizedExample
-from training.lora import (
-    load_base_model,
-    stored_dtype,
-    training_dtype,
-)
+from training.lora import load_base_model, stored_dtype, training_dtype
 from training.token_logps import packed_token_logps
 
 CPU = torch.device("cpu")
