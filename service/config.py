@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.engine import host_memory_adapters
 from serving.names import app_name
+from training.allocator import Allocator
 from training.smollm2 import (
     SMOLLM2_ID,
     SMOLLM2_LEARNING_RATE,
@@ -232,6 +233,12 @@ class Settings(BaseSettings):
         default=900.0,
         gt=0,
         description="seconds a warm trainer waits for its next job before it is released",
+    )
+    trainer_allocator: Allocator = Field(
+        default="jemalloc",
+        description="C memory allocator of the training processes: `jemalloc` (the copy in "
+        "Ray's wheel; on CPUs a quarter less peak memory than glibc's, training.allocator) or "
+        "`system` (glibc's)",
     )
     training_worker_resources: dict[str, float] | None = Field(
         default=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from openai import APIStatusError, OpenAI
 from openai.types.fine_tuning import FineTuningJob
@@ -116,6 +118,16 @@ class RunningServer:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
         }
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process the server started, its embedded Ray's included (they inherit its
+        FTAAS_HOME)."""
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):  # gone, or not ours to read
+                if process.environ().get("FTAAS_HOME") == str(self.home):
+                    found.append(process)
+        return found
 
     def client(self, api_key: str = API_KEY, max_retries: int = 0, **options: Any) -> OpenAI:
         return OpenAI(

@@ -18,23 +18,12 @@ from tests.e2e.conftest import TERMINAL, RunningServer, greedy, wait_for_job, wa
 pytestmark = pytest.mark.e2e
 
 
-def server_processes(server: RunningServer) -> list[psutil.Process]:
-    """Every process the server started, its embedded Ray's included (they inherit its
-    FTAAS_HOME)."""
-    found = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):  # gone, or not ours to read
-            if process.environ().get("FTAAS_HOME") == str(server.home):
-                found.append(process)
-    return found
-
-
 def trainers(server: RunningServer) -> list[psutil.Process]:
     """The server's processes that train: a cold attempt's `training.entrypoint` or Ray
     Train worker, or a warm trainer that is computing (an idle one waits for the next job
     and uses no CPU; a cancelled job's is killed)."""
     found, warm = [], []
-    for process in server_processes(server):
+    for process in server.processes():
         try:
             cmdline = " ".join(process.cmdline())
         except psutil.Error:
@@ -60,7 +49,7 @@ def the_machine_dies(server: RunningServer) -> None:
     trainers, engine): nothing of the old head lives on to finish the job."""
     server.kill()
     for _ in range(2):  # a process forked while the first pass ran
-        for process in server_processes(server):
+        for process in server.processes():
             with contextlib.suppress(psutil.Error):
                 process.kill()
         time.sleep(0.5)
@@ -200,7 +189,7 @@ def test_a_job_survives_the_ray_head_going_away_and_serving_comes_back(server: R
     job_id = past_its_first_checkpoint(client, "head")
     the_machine_dies(server)
     server.shutdown()
-    assert server_processes(server) == []
+    assert server.processes() == []
     server.start()  # a new head; the job's Ray submission is gone with the old one
     client = server.client()
     finished = wait_for_job(client, job_id, timeout=900)
