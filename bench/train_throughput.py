@@ -11,6 +11,13 @@ on a CPU with bf16 arithmetic a model stored in bf16 trains in bf16
 (training.lora.training_dtype); `ftaas-fp32` and `trl-fp32` (on request) are ftaas and TRL's
 SFTTrainer over the base model in float32.
 
+ftaas's rows run with the C allocator the service gives its trainers (jemalloc, the copy in
+Ray's wheel: training/allocator.py); `ftaas-system` and `ftaas-ckpt-system` (on request) are
+the same with glibc's, as TRL's rows run, and `trl-jemalloc` (on request) is TRL's
+SFTTrainer with jemalloc too. `--live-memory` (CPU) runs each row once more under torch's
+profiler for its peak of live tensors, what a GPU's allocated-memory figure counts: on CPU
+the resident set also holds the allocator's free blocks.
+
 Every run uses the same base model, the same tokenized examples (chat data whose lengths
 vary like real chat logs), the same LoRA and optimiser hyperparameters and about the same
 number of optimizer steps (TRL's SFT packs bins of about a step's tokens, one bin a step).
@@ -42,7 +49,7 @@ final DPO loss of each adapter over every pair, scored alike.
 
     .venv/bin/python bench/train_throughput.py [--method supervised|dpo|rft]
         [--model tiny|smollm2|llama-128k|small] [--examples 256] [--batch-sizes 8,16]
-        [--rounds 2] [--peers trl,baseline,ftaas-plain]
+        [--rounds 2] [--peers trl,baseline,ftaas-plain] [--live-memory]
 
 On SmolLM2 here (2 cores, about 130 tokens/s): `--model smollm2 --examples 64
 --batch-sizes 8 --rounds 1` takes about ten minutes.
@@ -65,7 +72,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.peak_memory import peak_rss_mb  # noqa: E402 (after the path)
+from bench.peak_memory import LiveTensorPeak, peak_rss_mb  # noqa: E402 (after the path)
 
 LEARNING_RATE = 1e-3
 VOCABULARY = (
@@ -171,6 +178,7 @@ def device() -> Any:
 
 
 LOADED_MEMORY_MB: list[float] = []  # the peak when the model and data are loaded
+LIVE_TENSORS: list[LiveTensorPeak] = []  # in a `--live-memory` child: watching from the start
 
 
 def model_loaded() -> None:
@@ -178,6 +186,8 @@ def model_loaded() -> None:
     libraries, the base model, the data), so that the table can show what the training
     itself adds (activations, gradients, optimizer, logits, the allocator's share)."""
     LOADED_MEMORY_MB.append(peak_memory_mb())
+    for tracker in LIVE_TENSORS:
+        tracker.start()
 
 
 def peak_memory_mb() -> float:
@@ -623,22 +633,48 @@ RUNNERS = {
     "ftaas-plain": run_ftaas_plain,
     "ftaas-ckpt": run_ftaas_checkpointed,
     "ftaas-fp32": run_ftaas_float32,
+    "ftaas-system": run_ftaas,
+    "ftaas-ckpt-system": run_ftaas_checkpointed,
     "trl": run_trl_sft,
     "trl-fp32": run_trl_sft_float32,
+    "trl-jemalloc": run_trl_sft,
     "baseline": run_baseline,
     "trl-dpo": run_trl,
 }
+# The rows whose process has the trainers' C allocator (training.allocator), as the
+# service starts them: ftaas's own rows, and TRL's `trl-jemalloc`; `-system` rows and the
+# peers keep glibc's, as a user's own process would.
+TRAINER_ALLOCATOR_KINDS = {
+    kind for kind in RUNNERS if kind.startswith("ftaas") and not kind.endswith("-system")
+} | {"trl-jemalloc"}
 DEFAULT_PEERS = {"supervised": "trl,baseline,ftaas-plain", "dpo": "trl-dpo,ftaas-plain"}
 
 
-def child(kind: str, spec_path: Path) -> None:
+def child(kind: str, spec_path: Path, live_memory: bool) -> None:
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if live_memory:
+        LIVE_TENSORS.append(LiveTensorPeak())
     result = RUNNERS[kind](spec_path)
     result["peak_memory_mb"] = peak_memory_mb()
     result["training_memory_mb"] = result["peak_memory_mb"] - LOADED_MEMORY_MB[0]
+    if live_memory:
+        result["live_memory_mb"] = LIVE_TENSORS[0].stop()
     print("RESULT " + json.dumps(result))
+
+
+def run_child(kind: str, spec_path: Path, live_memory: bool = False) -> dict[str, Any]:
+    """One run of `kind` in a process of its own; its result."""
+    from training.allocator import allocator_env
+
+    command = [sys.executable, __file__, "--child", kind, "--spec", str(spec_path)]
+    allocator = allocator_env("jemalloc" if kind in TRAINER_ALLOCATOR_KINDS else "system")
+    out = subprocess.run(
+        [*command, *(["--live-memory"] if live_memory else [])],
+        capture_output=True, text=True, check=True, cwd=ROOT, env=os.environ | allocator,
+    ).stdout  # fmt: skip
+    return json.loads(out.rsplit("RESULT ", 1)[1])  # type: ignore[no-any-return]
 
 
 def machine() -> str:
@@ -688,15 +724,17 @@ def compare(work: Path, model: tuple[Path, int], data: Path, batch_size: int, ar
     best: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):
         for kind in kinds:
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", kind, "--spec", str(spec_path)],
-                capture_output=True, text=True, check=True, cwd=ROOT,
-            ).stdout  # fmt: skip
-            result = json.loads(out.rsplit("RESULT ", 1)[1])
+            result = run_child(kind, spec_path)
             result["tokens_per_s"] = result["tokens"] / result["seconds"]
             if kind not in best or result["tokens_per_s"] > best[kind]["tokens_per_s"]:
                 best[kind] = result
 
+    # Live tensors, each run once more under the profiler (slower: not timed).
+    live = (
+        {kind: run_child(kind, spec_path, live_memory=True)["live_memory_mb"] for kind in kinds}
+        if args.live_memory
+        else {}
+    )
     ours = best["ftaas"]
     unit = "pairs" if dpo else "examples"
     print(
@@ -706,19 +744,22 @@ def compare(work: Path, model: tuple[Path, int], data: Path, batch_size: int, ar
     )
     peak = peak_flops()
     print(
-        f"  {'trainer':<12}{'steps':>6}{unit + '/s':>11}{'tokens/s':>10}{'ftaas x':>8}"
-        f"{'peak MB':>9}{'ftaas x':>8}{'train MB':>9}{'ftaas x':>8}{'final loss':>12}{'MFU':>7}"
+        f"  {'trainer':<18}{'steps':>6}{unit + '/s':>11}{'tokens/s':>10}{'ftaas x':>8}"
+        f"{'peak MB':>9}{'ftaas x':>8}{'train MB':>9}{'ftaas x':>8}"
+        + (f"{'live MB':>9}{'ftaas x':>8}" if live else "")
+        + f"{'final loss':>12}{'MFU':>7}"
     )
     for kind in kinds:
         r = best[kind]
         mfu = f"{r['model_flops'] / r['seconds'] / peak[0]:.1%}" if peak else "n/a"
         print(
-            f"  {kind:<12}{r['steps']:>6}{r['units'] / r['seconds']:>11.2f}"
+            f"  {kind:<18}{r['steps']:>6}{r['units'] / r['seconds']:>11.2f}"
             f"{r['tokens_per_s']:>10.0f}{ours['tokens_per_s'] / r['tokens_per_s']:>8.2f}"
             f"{r['peak_memory_mb']:>9.0f}{ours['peak_memory_mb'] / r['peak_memory_mb']:>8.2f}"
             f"{r['training_memory_mb']:>9.0f}"
             f"{ours['training_memory_mb'] / max(r['training_memory_mb'], 1):>8.2f}"
-            f"{r['final_loss']:>12.4f}{mfu:>7}"
+            + (f"{live[kind]:>9.0f}{live['ftaas'] / max(live[kind], 1):>8.2f}" if live else "")
+            + f"{r['final_loss']:>12.4f}{mfu:>7}"
         )
     print(
         "  ftaas x: ftaas's tokens/s over the row's (higher is better), ftaas's peak memory "
@@ -728,6 +769,12 @@ def compare(work: Path, model: tuple[Path, int], data: Path, batch_size: int, ar
         "  train MB: peak memory above the peak once the libraries, model and data were "
         "loaded, what the training itself adds"
     )
+    if live:
+        print(
+            "  live MB: peak of live tensors above those at the training's start (the "
+            "allocator's free blocks left out, as a GPU's allocated memory counts), each run "
+            "once more under the profiler"
+        )
     print(
         f"  MFU: model FLOPs per second over the peak of {peak[1]} ({peak[0] / 1e12:.0f} TFLOP/s)"
         if peak
@@ -756,6 +803,11 @@ def main() -> None:
         "--learning-rate", type=float, default=LEARNING_RATE, help="(DPO uses a tenth of it)"
     )
     parser.add_argument("--peers", help=f"comma-separated, of {', '.join(RUNNERS)}")
+    parser.add_argument(
+        "--live-memory",
+        action="store_true",
+        help="on CPU, also run each trainer under the profiler for its peak of live tensors",
+    )
     parser.add_argument("--child", choices=list(RUNNERS))
     parser.add_argument("--spec")
     args, rest = parser.parse_known_args()
@@ -767,7 +819,7 @@ def main() -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.child:
-        child(args.child, Path(args.spec))
+        child(args.child, Path(args.spec), args.live_memory)
         return
     args.peers = args.peers or DEFAULT_PEERS[args.method]
 
