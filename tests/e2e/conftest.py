@@ -119,13 +119,15 @@ class RunningServer:
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
         }
 
-    def processes(self) -> list[psutil.Process]:
+    def processes(self, named: str = "") -> list[psutil.Process]:
         """Every process the server started, its embedded Ray's included (they inherit its
-        FTAAS_HOME)."""
+        FTAAS_HOME), whose command line contains `named`."""
         found = []
         for process in psutil.process_iter():
             with contextlib.suppress(psutil.Error):  # gone, or not ours to read
-                if process.environ().get("FTAAS_HOME") == str(self.home):
+                if process.environ().get("FTAAS_HOME") == str(self.home) and (
+                    not named or named in " ".join(process.cmdline())
+                ):
                     found.append(process)
         return found
 

@@ -71,7 +71,7 @@ def test_the_trainer_runs_on_rays_jemalloc(server: RunningServer, tuned: TunedJo
     """The warm trainer that trained the job (kept for the next one) allocates with the
     jemalloc of Ray's wheel (training.allocator: on a CPU about a quarter less peak memory
     than glibc's malloc), given to it by the service at its start."""
-    warm = [p for p in server.processes() if "WarmTrainer" in " ".join(p.cmdline())]
+    warm = server.processes(named="WarmTrainer")
     assert warm, "no warm trainer"
     for trainer in warm:
         assert any("libjemalloc" in region.path for region in trainer.memory_maps())
