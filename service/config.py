@@ -237,7 +237,7 @@ class Settings(BaseSettings):
     trainer_allocator: Allocator = Field(
         default="jemalloc",
         description="C memory allocator of the training processes: `jemalloc` (the copy in "
-        "Ray's wheel; on CPUs a quarter less peak memory than glibc's, training.allocator) or "
+        "Ray's wheel; on CPUs 13-27% less peak memory than glibc's, training.allocator) or "
         "`system` (glibc's)",
     )
     training_worker_resources: dict[str, float] | None = Field(

@@ -5,7 +5,7 @@ frees in its heaps rather than giving them back, and a step frees and asks again
 blocks of ever-changing sizes (each batch's packed length differs): on SmolLM2 with
 gradient checkpointing a step's live tensors peak about 270 MB above the model while the
 process grows by 750 MB. jemalloc reuses and returns such blocks by size class; over the
-same runs the peak resident set is 23-27 % lower, at the same speed
+same runs the peak resident set is 13-27 % lower, at the same speed or faster
 (bench/train_throughput.py, rows `ftaas` and `ftaas-system`). Ray builds and ships
 jemalloc in its own wheel (`ray/core/libjemalloc.so`, for its raylet and GCS), so every
 node with Ray has it.

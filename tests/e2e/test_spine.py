@@ -69,7 +69,7 @@ def test_job_moves_to_succeeded_with_resolved_numbers(tuned: TunedJob):
 
 def test_the_trainer_runs_on_rays_jemalloc(server: RunningServer, tuned: TunedJob):
     """The warm trainer that trained the job (kept for the next one) allocates with the
-    jemalloc of Ray's wheel (training.allocator: on a CPU about a quarter less peak memory
+    jemalloc of Ray's wheel (training.allocator: on a CPU 13-27 % less peak memory
     than glibc's malloc), given to it by the service at its start."""
     warm = server.processes(named="WarmTrainer")
     assert warm, "no warm trainer"
