@@ -9,7 +9,8 @@ sampling round); both sample with transformers' `generate` on the policy in the 
 process (TRL without vLLM). The reward: 1 when the answer says "in" (ftaas: OpenAI's
 `string_check` grader, `ilike`; TRL: the same test as a Python reward function). Each run
 is a child process of this script, alternating, best of `--rounds`; ftaas's with the C
-allocator the service gives its trainers (jemalloc, training/allocator.py), TRL's with glibc's.
+memory environment the service gives its trainers (jemalloc, oneDNN's caches bounded:
+training/native_memory.py), TRL's as a user's own process would.
 
 Printed per trainer: prompts and sampled answers per second, peak memory, the train reward
 of the first and last steps, and the ratio ftaas / TRL. States the machine (cores, torch
@@ -175,16 +176,16 @@ def child(kind: str, config_path: Path) -> None:
 
 
 def measure(kind: str, config_path: Path) -> dict[str, Any]:
-    from training.allocator import allocator_env
+    from training.native_memory import native_memory_env
 
-    # ftaas runs with the trainers' C allocator, as the service starts them; TRL with glibc's.
-    allocator = allocator_env("jemalloc" if kind == "ftaas" else "system")
+    # ftaas runs in the trainers' native memory environment, as the service starts them.
+    native = native_memory_env("jemalloc") if kind == "ftaas" else {}
     out = subprocess.run(
         [sys.executable, __file__, "--child", kind, str(config_path)],
         capture_output=True,
         text=True,
         check=False,
-        env=os.environ | allocator,
+        env=os.environ | native,
     )
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):

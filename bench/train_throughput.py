@@ -11,10 +11,11 @@ on a CPU with bf16 arithmetic a model stored in bf16 trains in bf16
 (training.lora.training_dtype); `ftaas-fp32` and `trl-fp32` (on request) are ftaas and TRL's
 SFTTrainer over the base model in float32.
 
-ftaas's rows run with the C allocator the service gives its trainers (jemalloc, the copy in
-Ray's wheel: training/allocator.py); `ftaas-system` and `ftaas-ckpt-system` (on request) are
-the same with glibc's, as TRL's rows run, and `trl-jemalloc` (on request) is TRL's
-SFTTrainer with jemalloc too. `--live-memory` (CPU) runs each row once more under torch's
+ftaas's rows run in the native memory environment the service gives its trainers
+(training/native_memory.py: jemalloc, the copy in Ray's wheel, and oneDNN's per-shape caches
+bounded); `ftaas-system` and `ftaas-ckpt-system` (on request) are the same with glibc's
+malloc, as TRL's rows run, and `trl-jemalloc` (on request) is TRL's SFTTrainer in the
+trainers' environment too. `--live-memory` (CPU) runs each row once more under torch's
 profiler for its peak of live tensors, what a GPU's allocated-memory figure counts: on CPU
 the resident set also holds the allocator's free blocks.
 
@@ -641,12 +642,12 @@ RUNNERS = {
     "baseline": run_baseline,
     "trl-dpo": run_trl,
 }
-# The rows whose process has the trainers' C allocator (training.allocator), as the
-# service starts them: ftaas's own rows, and TRL's `trl-jemalloc`; `-system` rows and the
-# peers keep glibc's, as a user's own process would.
-TRAINER_ALLOCATOR_KINDS = {
-    kind for kind in RUNNERS if kind.startswith("ftaas") and not kind.endswith("-system")
-} | {"trl-jemalloc"}
+# The rows whose process starts with the trainers' native memory environment
+# (training.native_memory: jemalloc, oneDNN's caches bounded), as the service starts them:
+# ftaas's own rows, and TRL's `trl-jemalloc`; the `-system` rows with glibc's malloc
+# instead of jemalloc; the other peers with neither, as a user's own process would.
+TRAINER_ENV_KINDS = {kind for kind in RUNNERS if kind.startswith("ftaas")} | {"trl-jemalloc"}
+TRAINER_ALLOCATOR_KINDS = {kind for kind in TRAINER_ENV_KINDS if not kind.endswith("-system")}
 DEFAULT_PEERS = {"supervised": "trl,baseline,ftaas-plain", "dpo": "trl-dpo,ftaas-plain"}
 
 
@@ -666,13 +667,17 @@ def child(kind: str, spec_path: Path, live_memory: bool) -> None:
 
 def run_child(kind: str, spec_path: Path, live_memory: bool = False) -> dict[str, Any]:
     """One run of `kind` in a process of its own; its result."""
-    from training.allocator import allocator_env
+    from training.native_memory import native_memory_env
 
     command = [sys.executable, __file__, "--child", kind, "--spec", str(spec_path)]
-    allocator = allocator_env("jemalloc" if kind in TRAINER_ALLOCATOR_KINDS else "system")
+    native = (
+        native_memory_env("jemalloc" if kind in TRAINER_ALLOCATOR_KINDS else "system")
+        if kind in TRAINER_ENV_KINDS
+        else {}
+    )
     out = subprocess.run(
         [*command, *(["--live-memory"] if live_memory else [])],
-        capture_output=True, text=True, check=True, cwd=ROOT, env=os.environ | allocator,
+        capture_output=True, text=True, check=True, cwd=ROOT, env=os.environ | native,
     ).stdout  # fmt: skip
     return json.loads(out.rsplit("RESULT ", 1)[1])  # type: ignore[no-any-return]
 

@@ -60,7 +60,7 @@ from service.uploads.service import MAX_PART_BYTES, UploadService
 from service.webhooks.endpoints import WebhookEndpoints
 from service.webhooks.router import router as webhooks_router
 from service.webhooks.sender import WebhookSender
-from training.allocator import allocator_env
+from training.native_memory import native_memory_env
 from training.storage import ArtifactStore, open_store
 
 logger = logging.getLogger("ftaas")
@@ -216,7 +216,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         )
         base_models, db, gpus, blobs = ready.base_models, ready.db, ready.use_gpu, ready.store
         auth_env = ray_auth_env(settings)
-        trainer_env = runtime_env_vars(auth_env) | allocator_env(settings.trainer_allocator)
+        trainer_env = runtime_env_vars(auth_env) | native_memory_env(settings.trainer_allocator)
         cold = RayLauncher(ready.cluster.dashboard_url, env=trainer_env)
         launcher: Launcher = cold
         if settings.warm_trainers_per_model:  # one-worker jobs start on warm trainers

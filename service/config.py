@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.engine import host_memory_adapters
 from serving.names import app_name
-from training.allocator import Allocator
+from training.native_memory import Allocator
 from training.smollm2 import (
     SMOLLM2_ID,
     SMOLLM2_LEARNING_RATE,
@@ -237,7 +237,7 @@ class Settings(BaseSettings):
     trainer_allocator: Allocator = Field(
         default="jemalloc",
         description="C memory allocator of the training processes: `jemalloc` (the copy in "
-        "Ray's wheel; on CPUs 13-27% less peak memory than glibc's, training.allocator) or "
+        "Ray's wheel; on CPUs 13-27% less peak memory than glibc's, training.native_memory) or "
         "`system` (glibc's)",
     )
     training_worker_resources: dict[str, float] | None = Field(

@@ -69,12 +69,16 @@ def test_job_moves_to_succeeded_with_resolved_numbers(tuned: TunedJob):
 
 def test_the_trainer_runs_on_rays_jemalloc(server: RunningServer, tuned: TunedJob):
     """The warm trainer that trained the job (kept for the next one) allocates with the
-    jemalloc of Ray's wheel (training.allocator: on a CPU 13-27 % less peak memory
-    than glibc's malloc), given to it by the service at its start."""
+    jemalloc of Ray's wheel (training.native_memory: on a CPU 13-27 % less peak memory
+    than glibc's malloc) and bounds oneDNN's caches (else a CPU trainer grows at every new
+    batch length), given to it by the service at its start."""
+    from training.native_memory import primitive_cache_env
+
     warm = server.processes(named="WarmTrainer")
     assert warm, "no warm trainer"
     for trainer in warm:
         assert any("libjemalloc" in region.path for region in trainer.memory_maps())
+        assert primitive_cache_env().items() <= trainer.environ().items()
 
 
 def test_events_tell_the_jobs_life(server: RunningServer, tuned: TunedJob):
