@@ -9,8 +9,9 @@ step's memory and much of its time, which is where Liger's and Unsloth's fused l
 cut-cross-entropy get their gains.
 
 Here the model's forward stops at the last hidden states (its output projection returns
-its input for the pass), and `LinearTokenLogps` projects them a chunk of rows at a time:
-for each chunk it computes the logits, the label's log-probability, whether the argmax is
+its input for the pass), and `LinearTokenLogps` projects those of the positions that have
+a label (a prompt's have none: in chat data a third of the tokens or more), a chunk of rows
+at a time: for each chunk it computes the logits, the label's log-probability, whether the argmax is
 the label, and, when a gradient is wanted, the gradient of the log-probability with
 respect to the chunk's hidden states (W[label] - softmax · W), then drops the logits.
 Backward only scales that stored gradient by the incoming one. Peak extra memory is one
@@ -67,28 +68,27 @@ class LinearTokenLogps(torch.autograd.Function):
         logps = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         correct = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        for start in range(0, n, rows):
-            end = min(start + rows, n)
-            label = labels[start:end]
-            valid = label != IGNORE_INDEX
-            if not bool(valid.any()):
-                continue
-            target = label.clamp(min=0).unsqueeze(1)
+        # Only the rows with a label are projected (a prompt's rows have none): their
+        # log-probability is 0 and they get no gradient, as in the plain computation.
+        labelled = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        for start in range(0, labelled.numel(), rows):
+            index = labelled[start : start + rows]
+            label = labels[index]
+            target = label.unsqueeze(1)
             # (The hidden states may be float32 over a bf16 head: norms kept in float32, as
             # TRL's trainer leaves them.)
-            logits = F.linear(hidden[start:end].to(weight.dtype), weight).float()
+            logits = F.linear(hidden[index].to(weight.dtype), weight).float()
             log_probs = torch.log_softmax(logits, dim=-1)
             del logits
-            logps[start:end] = torch.where(valid, log_probs.gather(1, target).squeeze(1), 0.0)
-            correct[start:end] = (log_probs.argmax(-1) == label) & valid
+            logps[index] = log_probs.gather(1, target).squeeze(1)
+            correct[index] = log_probs.argmax(-1) == label
             if grad_hidden is not None:
                 # d log p[label] / d logits = onehot(label) - softmax; through the
                 # projection: (onehot - softmax) · W, in the weights' precision as autograd
                 # would do it for the plain logits.
                 probs = log_probs.exp_()
                 probs.scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
-                probs.mul_(valid.unsqueeze(1).to(probs.dtype))
-                grad_hidden[start:end] = -(probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[index] = -(probs.to(weight.dtype) @ weight).to(hidden.dtype)
             del log_probs
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else hidden.new_empty(0))
         ctx.mark_non_differentiable(correct)
