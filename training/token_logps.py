@@ -10,15 +10,15 @@ cut-cross-entropy get their gains.
 
 Here the model's forward stops at the last hidden states (its output projection returns
 its input for the pass), and `LinearTokenLogps` projects those of the positions that have
-a label (a prompt's have none: in chat data a third of the tokens or more), a chunk of rows
-at a time: for each chunk it computes the logits, the label's log-probability, whether the argmax is
-the label, and, when a gradient is wanted, the gradient of the log-probability with
-respect to the chunk's hidden states (W[label] - softmax · W), then drops the logits.
-Backward only scales that stored gradient by the incoming one. Peak extra memory is one
-chunk's logits (`CHUNK_LOGITS` elements) plus the hidden states' gradient. The values and
-gradients are those of the plain computation (tests/training/test_token_logps.py); the
-output projection must be frozen (it is under LoRA unless a job targets it, and then the
-plain path is taken).
+a label (a prompt's have none: in chat data a third of the tokens or more), a chunk of
+rows at a time: for each chunk it computes the logits, the label's log-probability,
+whether the argmax is the label, and, when a gradient is wanted, the gradient of the
+log-probability with respect to the chunk's hidden states (W[label] - softmax · W), then
+drops the logits. Backward only scales that stored gradient by the incoming one. Peak
+extra memory is one chunk's logits (`chunk_rows`) plus the hidden states' gradient. The
+values and gradients are those of the plain computation
+(tests/training/test_token_logps.py); the output projection must be frozen (it is under
+LoRA unless a job targets it, and then the plain path is taken).
 """
 
 from __future__ import annotations
@@ -35,9 +35,16 @@ from training.data.batching import PackedBatch
 from training.data.tokenize import IGNORE_INDEX
 from training.lora import adapter_precision
 
-# Logits computed at once: 2^24 float32 values (64 MB), e.g. 341 rows of SmolLM2's
-# vocabulary, 130 of a 128k one. Large enough that each chunk is one efficient matmul.
-CHUNK_LOGITS = 2**24
+# Logits computed at once, by device type, and the fewest rows a chunk takes. Each chunk
+# reads the whole output projection (SmolLM2's 56 MB, a 128k vocabulary's 0.25-1 GB), so a
+# chunk of few rows spends its time reading it. A GPU takes 2^24 float32 values (64 MB,
+# small next to its memory): 341 rows of SmolLM2's vocabulary, 130 of a 128k one. A CPU
+# takes 2^22 (16 MB) but at least 128 rows: on SmolLM2 (85 rows at 2^22) the same speed as
+# 2^24 and 80-90 MB less peak memory with checkpointing, on a 128k vocabulary (32 rows at
+# 2^22) 13 % slower than 2^24, which the floor avoids (bench/train_throughput.py,
+# ftaas-ckpt, llama-128k).
+CHUNK_LOGITS = {"cuda": 2**24, "cpu": 2**22}
+CHUNK_MIN_ROWS = 128
 
 # Architectures whose causal-LM forward is exactly `lm_head(last hidden states)`, with no
 # scaling or soft-capping after it (Gemma 2's softcap, Cohere's logit_scale, Granite's
@@ -143,8 +150,16 @@ def packed_logits(model: Any, batch: PackedBatch) -> torch.Tensor:
     return _forward(model, batch).logits.float()  # type: ignore[no-any-return]
 
 
+def chunk_rows(vocabulary: int, device: torch.device, chunk_logits: int | None = None) -> int:
+    """Rows of logits a chunk takes: `chunk_logits` values, else the device's default
+    (`CHUNK_LOGITS`, at least `CHUNK_MIN_ROWS` rows)."""
+    if chunk_logits is not None:
+        return max(1, chunk_logits // vocabulary)
+    return max(CHUNK_MIN_ROWS, CHUNK_LOGITS.get(device.type, CHUNK_LOGITS["cuda"]) // vocabulary)
+
+
 def packed_token_logps(
-    model: Any, batch: PackedBatch, chunk_logits: int = CHUNK_LOGITS
+    model: Any, batch: PackedBatch, chunk_logits: int | None = None
 ) -> TokenLogps:
     """Each target token's log-probability for a packed batch, each sequence seeing only
     itself (training.attention)."""
@@ -162,7 +177,7 @@ def packed_token_logps(
         return TokenLogps(log_probs, correct)
     with _hidden_states_out(head):
         hidden = _forward(model, batch).logits
-    rows = max(1, chunk_logits // head.weight.size(0))
+    rows = chunk_rows(head.weight.size(0), hidden.device, chunk_logits)
     logps, correct = LinearTokenLogps.apply(
         hidden.reshape(-1, hidden.size(-1)), head.weight, labels.reshape(-1), rows
     )
