@@ -17,12 +17,15 @@ from openai.types import Model
 
 from service.config import Settings
 from tests.adapters import archive, random_adapter
-from tests.e2e.conftest import OTHER_API_KEY, RunningServer, wait_for_serving
+from tests.e2e.conftest import OTHER_API_KEY, REAL, TINY, RunningServer, wait_for_serving
 from training.storage import open_store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
-TOKENS = 400  # every stream runs this long (min_tokens = max_tokens): seconds on ftaas-tiny
+# Every stream runs this long (min_tokens = max_tokens), on the real model: 10 s or more
+# on two cores, where a delete takes about a second. (ftaas-tiny decodes 400 tokens in about
+# as long as a delete takes on a loaded machine: the answer was often whole before it landed.)
+TOKENS = 200
 LONG: dict[str, Any] = {
     "prompt": "Once upon a time",
     "max_tokens": TOKENS,
@@ -36,15 +39,16 @@ BASE_STREAMS = 3  # from another organization, spread over the replicas
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> OpenAI:
     client = server.client()
-    wait_for_serving(client, "ftaas-tiny")
+    wait_for_serving(client, TINY)
     return client
 
 
 def stream_whole(client: OpenAI, results: list[Any]) -> None:
-    """One base-model stream to its end: its usage, or the exception that cut it."""
+    """One stream from the real base model to its end: its usage, or the exception that
+    cut it."""
     try:
         usage, finish = None, None
-        for chunk in client.completions.create(model="ftaas-tiny", **LONG):
+        for chunk in client.completions.create(model=REAL, **LONG):
             if chunk.usage is not None:
                 usage = chunk.usage
             for choice in chunk.choices:
@@ -55,15 +59,16 @@ def stream_whole(client: OpenAI, results: list[Any]) -> None:
 
 
 def delete_mid_stream(
-    server: RunningServer, client: OpenAI, tiny_model_dir: Any, work: Any, seed: int
+    server: RunningServer, client: OpenAI, work: Any, seed: int
 ) -> dict[str, Any]:
-    """Stream from a tuned model and delete it after five tokens, while another
-    organization streams from the base: what each saw, and where the files went."""
-    folder = random_adapter(tiny_model_dir, work / f"adapter-{seed}", seed=seed)
+    """Stream from a tuned model of the real base and delete it after five tokens, while
+    another organization streams from the base on the same engine: what each saw, and
+    where the files went."""
+    folder = random_adapter(server.home / "models" / REAL, work / f"adapter-{seed}", seed=seed)
     upload = client.files.create(file=("a.tar.gz", archive(folder)), purpose="user_data")
     tuned = client.post(
         "/models",
-        body={"base_model": "ftaas-tiny", "adapter_file": upload.id, "suffix": "doomed"},
+        body={"base_model": REAL, "adapter_file": upload.id, "suffix": "doomed"},
         cast_to=Model,
     ).id
     store = open_store(Settings(home=server.home).resolved_storage_url)
@@ -108,13 +113,13 @@ def delete_mid_stream(
 
 
 def test_a_model_deleted_while_it_streams_never_hurts_the_engine(
-    server: RunningServer, client: OpenAI, tiny_model_dir, tmp_path
+    server: RunningServer, client: OpenAI, tmp_path
 ):
-    # On a loaded machine the whole answer (seconds on ftaas-tiny) may be out before the
-    # delete reaches the replicas: then the delete did not land mid-stream, which is what
-    # this test is about, and it tries again with another model.
+    wait_for_serving(client, REAL)
+    # Should the whole answer be out before the delete reaches the replicas, the delete
+    # did not land mid-stream, which is what this test is about: it tries again.
     for seed in (21, 23, 25):
-        seen = delete_mid_stream(server, client, tiny_model_dir, tmp_path, seed)
+        seen = delete_mid_stream(server, client, tmp_path, seed)
         assert seen["deleted"] and seen["files_left"] == []
         assert seen["base_results"] == [(TOKENS, "length")] * BASE_STREAMS, seen
         if seen["finish"] != "length":
@@ -128,10 +133,10 @@ def test_a_model_deleted_while_it_streams_never_hurts_the_engine(
     # The engine still answers, every replica healthy.
     other = server.client(OTHER_API_KEY)
     for _ in range(4):
-        answer = other.completions.create(model="ftaas-tiny", prompt="Hello", max_tokens=4)
+        answer = other.completions.create(model=REAL, prompt="Hello", max_tokens=4)
         assert answer.choices[0].finish_reason in {"length", "stop"}
     with urllib.request.urlopen(f"{server.base_url}/health", timeout=10) as response:
-        assert json.loads(response.read())["serving"]["ftaas-tiny"] == "ready"
+        assert json.loads(response.read())["serving"][REAL] == "ready"
     models = {m.id for m in client.models.list()}
     assert tuned not in models
 
