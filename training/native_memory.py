@@ -26,7 +26,7 @@ caches are full. A step reuses its own primitives across the model's layers, whi
 oneDNN's cache to hold one step's set (64 entries were too few on SmolLM2 and halved the
 speed; 128 and more ran at full speed), and ideep's ran at full speed with as few as 8
 entries. Bounded at 256 and 16 entries, a SmolLM2 trainer stops growing after its
-first steps, at the same speed (48 examples: peak 1.48 → 1.15-1.20 GB with checkpointing,
+first steps, at the same speed (48 examples: peak 1.48 → 1.15-1.22 GB with checkpointing,
 1.98 → 1.88 GB without). A value set in the service's own environment is passed on instead.
 GPUs' matmuls (cuBLAS) have no such caches; the variables change nothing there.
 """
@@ -39,8 +39,9 @@ from typing import Literal
 
 Allocator = Literal["jemalloc", "system"]
 
-# Entries of each cache (see above): oneDNN's holds a step's primitives 4x over, ideep's
-# only what the layers above it ask for again within a pass.
+# Entries of each cache (see above): oneDNN's 4x the 64 that thrashed on SmolLM2 (about 7x
+# the 37 primitives one new length builds there); ideep's 2x the 8 that still ran at full
+# speed.
 PRIMITIVE_CACHE_CAPACITIES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": 256, "LRU_CACHE_CAPACITY": 16}
 
 
