@@ -355,7 +355,9 @@ def run_baseline(spec_path: Path) -> dict[str, Any]:
     data = open_store(spec.storage_url).local_file(spec.training_file, Path(tempfile.mkdtemp()))
     examples, _ = load_tokenized(data, spec.data_format, tokenizer, spec.max_length)
     torch.manual_seed(spec.seed)
-    model = build_lora_model(spec.base_model_path, hp, device(), packed_attention=False)
+    model = build_lora_model(
+        spec.base_model_path, hp, device(), packed_attention=False, fused_adapter_output=False
+    )
     pad = tokenizer.pad_token_id or 0
 
     padded_lengths: list[int] = []
@@ -431,7 +433,9 @@ def run_trl(spec_path: Path) -> dict[str, Any]:
         ]
     )
     torch.manual_seed(spec.seed)
-    model = build_lora_model(spec.base_model_path, hp, device(), packed_attention=False)
+    model = build_lora_model(
+        spec.base_model_path, hp, device(), packed_attention=False, fused_adapter_output=False
+    )
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
             **trainer_arguments(spec, len(rows), out),
@@ -529,7 +533,9 @@ def run_trl_sft(spec_path: Path) -> dict[str, Any]:
         max(lengths), math.ceil(sum(lengths) / math.ceil(len(lengths) / hp.batch_size))
     )
     torch.manual_seed(spec.seed)
-    model = build_lora_model(spec.base_model_path, hp, device(), packed_attention=False)
+    model = build_lora_model(
+        spec.base_model_path, hp, device(), packed_attention=False, fused_adapter_output=False
+    )
     with tempfile.TemporaryDirectory() as out:
         arguments = trainer_arguments(spec, len(examples), out)
         arguments["per_device_train_batch_size"] = 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import types
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,11 +72,14 @@ def build_lora_model(
     start_adapter: str | Path | None = None,
     packed_attention: bool = True,
     base: Any | None = None,
+    fused_adapter_output: bool = True,
 ) -> Any:
     """`start_adapter`: a PEFT adapter folder to go on training (its own rank and target
     modules, not `hp`'s); a new adapter from `hp` when unset. `base`: the base model as
     load_base_model gives it, already loaded (a warm trainer's copy), which this run then
-    owns and changes; loaded from `base_model_path` when unset."""
+    owns and changes; loaded from `base_model_path` when unset. `fused_adapter_output`:
+    LoRA layers add their scaled update inside the adapter's last matrix product
+    (fuse_adapter_output); off, PEFT's own forward (the bench's peers, as their users run)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model = base if base is not None else load_base_model(base_model_path, device, packed_attention)
@@ -99,7 +103,59 @@ def build_lora_model(
     for parameter in tuned.parameters():
         if parameter.requires_grad:  # adapters train in float32 even on a bf16 base
             parameter.data = parameter.data.float()
+    if fused_adapter_output:
+        fuse_adapter_output(tuned)
     return tuned
+
+
+def fuse_adapter_output(model: Any) -> int:
+    """Give each plain LoRA linear layer of `model` a forward that adds its scaled update
+    to the base layer's output in the adapter's B product (`addmm(base, A(x), Bᵀ, alpha=
+    scaling)`, one kernel), where PEFT multiplies the update by the scaling and then adds
+    it, two more passes over an output-sized tensor each way (for SmolLM2's 1,536-wide MLP
+    products, slower on a CPU than the rank-16 products themselves). Values and gradients
+    are PEFT's (test_lora). Layers PEFT gives more (DoRA, several adapters, merged weights,
+    a bias on B, mixed-adapter batches) keep PEFT's forward, per call. Returns the number of
+    layers given it."""
+    from peft.tuners.lora.layer import Linear
+
+    layers = [m for m in model.modules() if type(m) is Linear]
+    for layer in layers:
+        layer.forward = types.MethodType(_fused_lora_forward, layer)  # type: ignore[method-assign]
+    return len(layers)
+
+
+def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    adapters = layer.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    plain = (
+        name is not None
+        and not args
+        and not kwargs
+        and not layer.disable_adapters
+        and not layer.merged
+        and name in layer.lora_A
+        and name not in layer.lora_variant
+        and layer.lora_B[name].bias is None
+    )
+    if not plain:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x)
+    update = layer.lora_A[name](
+        layer.lora_dropout[name](layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype))
+    )
+    weight = layer.lora_B[name].weight
+    if not torch.is_autocast_enabled(x.device.type) and not (
+        result.dtype == update.dtype == weight.dtype
+    ):  # PEFT's own type promotion decides, as without this
+        return (result + layer.lora_B[name](update) * layer.scaling[name]).to(result.dtype)
+    fused = torch.addmm(
+        result.reshape(-1, result.shape[-1]),
+        update.reshape(-1, update.shape[-1]),
+        weight.t(),
+        alpha=layer.scaling[name],
+    )
+    return fused.view(result.shape)
 
 
 @contextlib.contextmanager

@@ -81,3 +81,40 @@ def test_a_bf16_base_keeps_no_float32_copies_of_its_activations_for_the_adapter(
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert mixed_loss == pytest.approx(float32_loss, rel=1e-2)
     assert torch.nn.functional.cosine_similarity(mixed, float32, dim=0) > 0.99
+
+
+def peft_forward(model: Any) -> None:
+    """PEFT's own forward back on each LoRA layer (training.lora.fuse_adapter_output undone)."""
+    from peft.tuners.lora.layer import Linear
+
+    for layer in model.modules():
+        if type(layer) is Linear:
+            vars(layer).pop("forward", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_fused_adapter_output_gives_pefts_loss_and_gradients(
+    monkeypatch, tiny_model_dir, dtype, dora
+):
+    """The trainer's LoRA layers add the scaled update inside the B product; a DoRA adapter
+    keeps PEFT's forward. Either way: PEFT's loss and gradients, float32 base or bf16."""
+    monkeypatch.setattr(training.lora, "training_dtype", lambda *_: dtype)
+    model = lora_model(tiny_model_dir, use_dora=dora)
+    generator = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 600, (length,), generator=generator).tolist() for length in (40, 71)]
+    batch = collate([[TokenizedExample(ids, ids)] for ids in rows])
+
+    def loss_and_gradients() -> tuple[torch.Tensor, torch.Tensor]:
+        loss = -packed_token_logps(model, batch).logps.sum() / 111
+        grads = lora_gradients(model, loss)
+        return loss.detach(), torch.cat([g.flatten() for g in grads.values()])
+
+    fused_loss, fused = loss_and_gradients()
+    peft_forward(model)
+    peft_loss, peft = loss_and_gradients()
+
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused_loss, peft_loss, rtol=tolerance, atol=tolerance)
+    assert torch.nn.functional.cosine_similarity(fused, peft, dim=0) > 1 - tolerance
+    assert training.lora.fuse_adapter_output(model) > 0
