@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from training.attention import cpu_flash_backward_in_float32, segmented_sdpa
+from training.attention import packed_cpu_attention_serves, segmented_sdpa
 
 
 def test_grouped_query_attention_in_packed_rows_equals_each_example_with_repeated_heads():
@@ -57,7 +57,7 @@ def test_grouped_query_attention_in_packed_rows_equals_each_example_with_repeate
 
 
 def test_bf16_attention_on_a_cpu_differentiates_in_float32():
-    """The trainer's bf16 attention on a CPU (CpuFlashAttention): the answers of bf16 SDPA,
+    """The trainer's bf16 attention on a CPU (PackedCpuAttention): the answers of bf16 SDPA,
     gradients at least as close to float32's as bf16 SDPA's own, for grouped heads."""
     generator = torch.Generator().manual_seed(1)
     heads, kv_heads, width, dim = 6, 2, 48, 16
@@ -68,7 +68,7 @@ def test_bf16_attention_on_a_cpu_differentiates_in_float32():
     module = SimpleNamespace(training=True, num_key_value_groups=heads // kv_heads)
     upstream = torch.randn(1, width, heads, dim, generator=generator)
 
-    assert cpu_flash_backward_in_float32(half[0], 0.0)
+    assert packed_cpu_attention_serves(half[0], 0.0)
     packed, _ = segmented_sdpa(module, *half, None, spans=spans)
     (packed.float() * upstream).sum().backward()
 
