@@ -8,6 +8,7 @@ examples per base model, one after another, through the official `openai` SDK. F
 job, seen from the client (events polled every 0.1 s):
 
 - create → first metrics event;
+- first metrics event → last step's (the training's compute, as the client sees it);
 - last step's metrics event → `succeeded`;
 - create → `succeeded`;
 - `succeeded` → the tuned model's first answer token, and its whole answer (8 tokens, a
@@ -59,6 +60,7 @@ def twenty_examples() -> bytes:
 @dataclass
 class Turnaround:
     first_metrics_s: float
+    first_to_last_step_s: float  # the training's compute, as the client sees it
     last_step_to_succeeded_s: float
     total_s: float
     first_token_s: float
@@ -103,6 +105,7 @@ def one_job(client: OpenAI, model: str, file_id: str, seed: int) -> Turnaround:
     answered = time.monotonic()
     return Turnaround(
         first_metrics - created,
+        (last_step or succeeded) - first_metrics,
         succeeded - (last_step or succeeded),
         succeeded - created,
         (first_token or answered) - succeeded,
@@ -140,7 +143,14 @@ def main() -> None:
     )
     cold = measure(False, args.jobs)
     warm = measure(True, args.jobs)
-    fields = ("first_metrics_s", "last_step_to_succeeded_s", "total_s", "first_token_s", "answer_s")
+    fields = (
+        "first_metrics_s",
+        "first_to_last_step_s",
+        "last_step_to_succeeded_s",
+        "total_s",
+        "first_token_s",
+        "answer_s",
+    )
     print(
         f"\n{'model':<24}{'measure':<28}{'cold':>9}{'warm':>9}{'cold/warm':>11}{'first warm':>12}"
     )
