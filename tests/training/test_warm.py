@@ -4,6 +4,7 @@ run in a fresh process gets, whatever another tenant's job did on it before."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from training.recipes import recipe_for
 from training.spec import TrainingSpec
 from training.storage import LocalStore, open_store
 from training.warm import WarmBase
+from training.warm_trainer import WarmTrainer
 
 
 def other_tenants_jsonl() -> bytes:
@@ -87,3 +89,27 @@ def test_a_job_on_a_warm_trainer_trains_as_in_a_fresh_process_after_another_tena
     assert kept.keys() == fresh.keys()
     assert all(torch.equal(kept[name], fresh[name]) for name in fresh)
     assert warm._tokenizer.chat_template != tenant_a.chat_template
+
+
+def test_a_warm_trainer_runs_every_job_on_the_one_thread_it_warmed_up_on(tiny_model_dir):
+    """Ray hands an actor's calls to any of its threads; the trainer's jobs all run on one,
+    where its torch threads were set (each computing thread has an OpenMP team of its own,
+    and more teams than cores made jobs 30% slower: training/warm_trainer.py)."""
+    trainer = WarmTrainer(str(tiny_model_dir), use_gpu=False, torch_threads=1)
+    ran_on: list[int] = []
+
+    def record(storage_url: str, spec_key: str) -> tuple[str, str]:
+        ran_on.append(threading.get_ident())
+        return "SUCCEEDED", ""
+
+    trainer._run = record  # type: ignore[method-assign]
+    callers = [
+        threading.Thread(target=trainer.run, args=(f"attempt-{i}", "url", "key")) for i in range(3)
+    ]
+    for caller in callers:
+        caller.start()
+        caller.join()
+    assert trainer.ready()
+    assert len(ran_on) == 3 and len(set(ran_on)) == 1
+    assert ran_on[0] not in {caller.ident for caller in callers}
+    assert trainer.state_of("attempt-2") == ("SUCCEEDED", "")
