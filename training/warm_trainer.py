@@ -17,13 +17,14 @@ service/fine_tuning/warm_pool.py; this class only runs what it is given, one att
 time. It warms up and trains in one thread of its own, so that it answers questions about
 its attempts while it loads or trains; `run` waits for the warm-up.
 
-One thread, always the same, runs every job: each thread that computes with torch on a CPU
-gets an OpenMP team of its own, and once a trainer holds more teams than the machine has
-cores, GNU OpenMP stops spinning between parallel regions and puts its workers to sleep,
-waking them for each of the thousands of small regions of a step. Ray hands an actor's
-calls to any of its threads, so jobs that landed on a second thread ran on 1.36 cores
-instead of 1.97 and took 30% longer (SmolLM2, 2 cores; 24-27 s against 17-19 s a
-20-example job through the API).
+One thread, always the same, runs every job. Ray hands an actor's calls to any of its
+threads, and each thread that computes with torch on a CPU gets an OpenMP team of its own:
+jobs that landed on a second thread while the first one's team lived on ran on 1.36 cores
+instead of 1.97 (an in-process reproduction, SmolLM2 on 2 cores), and through the API a
+20-example job's steps took 24-27 s instead of 17-21 s. Our reading, not verified in
+libgomp's code: with more threads to manage than cores, GNU OpenMP stops spinning between
+parallel regions and puts its workers to sleep, waking them for each of a step's thousands
+of small regions.
 """
 
 from __future__ import annotations
