@@ -137,22 +137,23 @@ def _fused_lora_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) 
         and name in layer.lora_A
         and name not in layer.lora_variant
         and layer.lora_B[name].bias is None
+        # One dtype for every product, as autocast gives; otherwise PEFT's type promotion.
+        and (
+            torch.is_autocast_enabled(x.device.type)
+            or x.dtype
+            == getattr(layer.base_layer, "weight", x).dtype
+            == layer.lora_A[name].weight.dtype
+            == layer.lora_B[name].weight.dtype
+        )
     )
     if not plain:
         return type(layer).forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x)
-    update = layer.lora_A[name](
-        layer.lora_dropout[name](layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype))
-    )
-    weight = layer.lora_B[name].weight
-    if not torch.is_autocast_enabled(x.device.type) and not (
-        result.dtype == update.dtype == weight.dtype
-    ):  # PEFT's own type promotion decides, as without this
-        return (result + layer.lora_B[name](update) * layer.scaling[name]).to(result.dtype)
+    update = layer.lora_A[name](layer.lora_dropout[name](x))
     fused = torch.addmm(
         result.reshape(-1, result.shape[-1]),
         update.reshape(-1, update.shape[-1]),
-        weight.t(),
+        layer.lora_B[name].weight.t(),
         alpha=layer.scaling[name],
     )
     return fused.view(result.shape)
